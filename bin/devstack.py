@@ -1,0 +1,149 @@
+"""Runs the whole stack for development (called by bin/run inside .venv).
+
+1. an embedded broker (unless CELERY_BROKER_URL is set),
+2. the Procfile's `release` step (migrations) and an admin user,
+3. every other Procfile process under honcho: web, workers, beat, Flower.
+
+Ctrl-C (or SIGTERM) stops the Procfile processes, then the broker. State that
+must survive a restart (secret key, admin password, broker data, Flower's
+database) lives in .run/, which git ignores.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / ".run"
+sys.path.insert(0, str(ROOT))
+
+from honcho.environ import parse_procfile  # noqa: E402
+from honcho.manager import Manager  # noqa: E402
+
+from config.embedded_broker import BrokerUnavailable, EmbeddedBroker  # noqa: E402
+
+WORKER_NODES = ("email", "general")  # the -n names in the Procfile's worker lines
+
+
+def remembered_secret(name: str, length: int = 24) -> str:
+    """A random value generated on first run and kept in .run/ (mode 600)."""
+    path = STATE / name
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(length))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def prepare_environment() -> dict[str, str]:
+    STATE.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("DJANGO_DEBUG", "true")
+    env.setdefault("DJANGO_SECRET_KEY", remembered_secret("secret_key", 48))
+    env.setdefault("DJANGO_SUPERUSER_USERNAME", "admin")
+    env.setdefault("DJANGO_SUPERUSER_EMAIL", "admin@localhost")
+    env.setdefault("DJANGO_SUPERUSER_PASSWORD", remembered_secret("admin_password", 12))
+    env.setdefault(
+        "FLOWER_BASIC_AUTH", f"{env['DJANGO_SUPERUSER_USERNAME']}:{env['DJANGO_SUPERUSER_PASSWORD']}"
+    )
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_release(env: dict[str, str], procfile: dict[str, str]) -> None:
+    print(f"==> release: {procfile['release']}", flush=True)
+    subprocess.run(procfile["release"], shell=True, check=True, env=env, cwd=ROOT)
+    created = subprocess.run(
+        [sys.executable, "manage.py", "createsuperuser", "--noinput"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if created.returncode != 0 and "already taken" not in created.stderr:
+        sys.exit(f"could not create the admin user: {created.stderr.strip()}")
+
+
+def report_when_ready(env: dict[str, str], started: float, stop: threading.Event) -> None:
+    """Prints the banner once web, Flower and every worker answer."""
+    os.environ.update(env)
+    from config.celery_app import app
+
+    web, flower = "http://127.0.0.1:8000", "http://127.0.0.1:5555"
+    pending = {"web", "flower", *WORKER_NODES}
+    while pending and not stop.wait(1.0):
+        for name, url in (("web", f"{web}/admin/login/"), ("flower", f"{flower}/healthcheck")):
+            if name in pending:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        if response.status == 200:
+                            pending.discard(name)
+                except OSError:
+                    pass
+        if pending & set(WORKER_NODES):
+            replies = app.control.ping(timeout=1.0) or []
+            for reply in replies:
+                for node in reply:
+                    pending.discard(node.split("@", 1)[0])
+    if pending:
+        return
+    user, password = env["DJANGO_SUPERUSER_USERNAME"], env["DJANGO_SUPERUSER_PASSWORD"]
+    flower_user = env["FLOWER_BASIC_AUTH"].split(",")[0].split(":", 1)[0]
+    print(
+        "\n"
+        f"==> stack ready in {time.monotonic() - started:.1f}s\n"
+        f"    admin:  {web}/admin/   user {user!r}, password {password!r}\n"
+        f"    flower: {flower}/   user {flower_user!r} (FLOWER_BASIC_AUTH; same password by default)\n"
+        f"    broker: {env['CELERY_BROKER_URL']}\n"
+        "    Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def main() -> int:
+    started = time.monotonic()
+    env = prepare_environment()
+    procfile = parse_procfile((ROOT / "Procfile").read_text()).processes
+
+    broker: EmbeddedBroker | None = None
+    if not env.get("CELERY_BROKER_URL"):
+        port = int(env.get("EMBEDDED_BROKER_PORT", "6390"))
+        broker = EmbeddedBroker(port, STATE / "broker", persist=True)
+        try:
+            broker.start()
+        except BrokerUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        env["CELERY_BROKER_URL"] = broker.url
+        print(f"==> embedded broker (Valkey) on {broker.url}, data in {broker.data_dir}", flush=True)
+
+    stop = threading.Event()
+    try:
+        run_release(env, procfile)
+        manager = Manager()
+        for name, command in procfile.items():
+            if name != "release":
+                manager.add_process(name, command, env=env, cwd=str(ROOT))
+        threading.Thread(target=report_when_ready, args=(env, started, stop), daemon=True).start()
+        manager.loop()
+        return manager.returncode or 0
+    except subprocess.CalledProcessError as exc:
+        print(f"error: release step failed with exit code {exc.returncode}", file=sys.stderr)
+        return exc.returncode
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop.set()
+        if broker is not None:
+            broker.stop()
+            print("==> embedded broker stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The one Celery app, configured from Django settings (CELERY_ namespace)."""
+
+from __future__ import annotations
+
+import logging.config
+import os
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+
+app = Celery("config")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+# Task modules are listed in CELERY_IMPORTS (a top-level `tasks` package is
+# not found by autodiscovery); any Django app's own tasks.py still is.
+app.autodiscover_tasks()
+
+
+@setup_logging.connect
+def configure_logging_from_django(**kwargs: Any) -> None:
+    """Celery's logging goes through Django's LOGGING instead of Celery's own setup."""
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)

@@ -1,0 +1,122 @@
+"""Typed readers for environment variables.
+
+Every setting that comes from the environment goes through one of these, so a
+bad value fails at start-up with ``ImproperlyConfigured`` naming the variable
+instead of surfacing later as a confusing error deep inside a worker.
+
+URL parsing for databases and SMTP is delegated to django-environ, which knows
+every backend's scheme; the wrappers here only add strictness and the variable
+name to the error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Env:
+    """Reads variables from a mapping (``os.environ`` unless told otherwise)."""
+
+    def __init__(self, environ_: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ_ is None else environ_
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return None if value is None else value.strip()
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._raw(name)
+        if value:
+            return value
+        if required or default is None:
+            raise ImproperlyConfigured(f"{name} must be set (it has no default).")
+        return default
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a boolean; use one of true/false, yes/no, on/off, 1/0."
+        )
+
+    def int(
+        self, name: str, default: int, *, min_value: int | None = None, max_value: int | None = None
+    ) -> int:
+        value = self._raw(name)
+        if not value:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}={value!r} is not an integer.") from None
+        if min_value is not None and number < min_value:
+            raise ImproperlyConfigured(f"{name}={number} is too small (minimum {min_value}).")
+        if max_value is not None and number > max_value:
+            raise ImproperlyConfigured(f"{name}={number} is too large (maximum {max_value}).")
+        return number
+
+    def list(self, name: str, default: list[str]) -> list[str]:
+        value = self._raw(name)
+        if value is None:
+            return list(default)
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    def choice(self, name: str, default: str, choices: list[str]) -> str:
+        value = self._raw(name) or default
+        if value not in choices:
+            raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}.")
+        return value
+
+    def database(self, name: str, default: str) -> dict[str, Any]:
+        url = self._raw(name) or default
+        try:
+            config: dict[str, Any] = environ.Env.db_url_config(url)
+        except Exception as exc:  # django-environ raises several types for bad URLs
+            raise ImproperlyConfigured(f"{name} is not a valid database URL: {exc}") from None
+        engines = set(environ.Env.DB_SCHEMES.values())
+        if config.get("ENGINE") not in engines:
+            scheme = urlsplit(url).scheme
+            raise ImproperlyConfigured(
+                f"{name} has an unsupported database scheme {scheme!r}; "
+                "use postgres://user@host:port/name or sqlite:////absolute/path."
+            )
+        return config
+
+    def email(self, name: str, default: str) -> dict[str, Any]:
+        url = self._raw(name) or default
+        try:
+            config: dict[str, Any] = environ.Env.email_url_config(url)
+        except Exception as exc:
+            raise ImproperlyConfigured(f"{name} is not a valid email URL: {exc}") from None
+        if not config.get("EMAIL_BACKEND"):
+            raise ImproperlyConfigured(f"{name} has an unsupported email scheme.")
+        # Unset parts stay at Django's defaults instead of becoming None.
+        return {key: value for key, value in config.items() if value not in (None, "")}
+
+    def broker_url(self, name: str, default: str) -> str:
+        url = self._raw(name) or default
+        scheme = urlsplit(url).scheme
+        if scheme not in {"redis", "rediss", "valkey", "amqp", "amqps", "pyamqp"}:
+            raise ImproperlyConfigured(
+                f"{name}={scheme + '://...' if scheme else repr(url)} is not a supported broker URL; "
+                "use redis://, rediss:// or amqp://."
+            )
+        # kombu knows Valkey by the Redis name: it speaks the same protocol.
+        if scheme == "valkey":
+            url = "redis" + url[len("valkey") :]
+        return url

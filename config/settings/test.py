@@ -1,0 +1,23 @@
+"""Settings for the test suite: the base settings plus speed-ups that change no behaviour."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
+
+from config.settings.base import *  # noqa: E402,F403
+from config.settings.base import DATABASES  # noqa: E402
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Mail sent by code under test is captured unless a test points EMAIL_* at its own SMTP server.
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not :memory:, so worker subprocesses started by the tests see the same database.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.environ.get(
+            "TEST_SQLITE_PATH", os.path.join(tempfile.gettempdir(), f"jobs-test-{os.getpid()}.sqlite3")
+        )
+    }

@@ -1,0 +1,1 @@
+"""Schedules: defaults in code, synced into django-celery-beat."""

@@ -1,0 +1,1 @@
+"""Task families. Each module registers its tasks under its queue's name prefix."""
