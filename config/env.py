@@ -11,6 +11,7 @@ name to the error.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -26,14 +27,16 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Env:
     """Reads variables from a mapping (``os.environ`` unless told otherwise)."""
 
-    def __init__(self, environ_: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ_: Mapping[builtins.str, builtins.str] | None = None) -> None:
         self._environ = os.environ if environ_ is None else environ_
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: builtins.str) -> builtins.str | None:
         value = self._environ.get(name)
         return None if value is None else value.strip()
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+    def str(
+        self, name: builtins.str, default: builtins.str | None = None, *, required: builtins.bool = False
+    ) -> builtins.str:
         value = self._raw(name)
         if value:
             return value
@@ -41,7 +44,7 @@ class Env:
             raise ImproperlyConfigured(f"{name} must be set (it has no default).")
         return default
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._raw(name)
         if value is None:
             return default
@@ -55,37 +58,78 @@ class Env:
         )
 
     def int(
-        self, name: str, default: int, *, min_value: int | None = None, max_value: int | None = None
-    ) -> int:
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        min_value: builtins.int | None = None,
+        max_value: builtins.int | None = None,
+    ) -> builtins.int:
+        return builtins.int(self._number(name, default, builtins.int, "an integer", min_value, max_value))
+
+    def float(
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        *,
+        min_value: builtins.float | None = None,
+        max_value: builtins.float | None = None,
+    ) -> builtins.float:
+        return builtins.float(self._number(name, default, builtins.float, "a number", min_value, max_value))
+
+    def _number(
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        kind: type[builtins.int] | type[builtins.float],
+        described: builtins.str,
+        min_value: builtins.float | None,
+        max_value: builtins.float | None,
+    ) -> builtins.float:
         value = self._raw(name)
         if not value:
             return default
         try:
-            number = int(value)
+            number = kind(value)
         except ValueError:
-            raise ImproperlyConfigured(f"{name}={value!r} is not an integer.") from None
+            raise ImproperlyConfigured(f"{name}={value!r} is not {described}.") from None
         if min_value is not None and number < min_value:
             raise ImproperlyConfigured(f"{name}={number} is too small (minimum {min_value}).")
         if max_value is not None and number > max_value:
             raise ImproperlyConfigured(f"{name}={number} is too large (maximum {max_value}).")
         return number
 
-    def list(self, name: str, default: list[str]) -> list[str]:
+    def list(self, name: builtins.str, default: builtins.list[builtins.str]) -> builtins.list[builtins.str]:
         value = self._raw(name)
         if value is None:
             return list(default)
         return [item.strip() for item in value.split(",") if item.strip()]
 
-    def choice(self, name: str, default: str, choices: list[str]) -> str:
+    def rate(self, name: builtins.str, default: builtins.str) -> builtins.str:
+        """A rate such as `10/second` or `600/minute` (the `limits` library's notation)."""
+        from limits import parse
+
+        value = self._raw(name) or default
+        try:
+            parse(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is not a rate; write it as N/second, N/minute or N/hour."
+            ) from None
+        return value
+
+    def choice(
+        self, name: builtins.str, default: builtins.str, choices: builtins.list[builtins.str]
+    ) -> builtins.str:
         value = self._raw(name) or default
         if value not in choices:
             raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}.")
         return value
 
-    def database(self, name: str, default: str) -> dict[str, Any]:
+    def database(self, name: builtins.str, default: builtins.str) -> dict[builtins.str, Any]:
         url = self._raw(name) or default
         try:
-            config: dict[str, Any] = environ.Env.db_url_config(url)
+            config: dict[builtins.str, Any] = environ.Env.db_url_config(url)
         except Exception as exc:  # django-environ raises several types for bad URLs
             raise ImproperlyConfigured(f"{name} is not a valid database URL: {exc}") from None
         engines = set(environ.Env.DB_SCHEMES.values())
@@ -97,10 +141,10 @@ class Env:
             )
         return config
 
-    def email(self, name: str, default: str) -> dict[str, Any]:
+    def email(self, name: builtins.str, default: builtins.str) -> dict[builtins.str, Any]:
         url = self._raw(name) or default
         try:
-            config: dict[str, Any] = environ.Env.email_url_config(url)
+            config: dict[builtins.str, Any] = environ.Env.email_url_config(url)
         except Exception as exc:
             raise ImproperlyConfigured(f"{name} is not a valid email URL: {exc}") from None
         if not config.get("EMAIL_BACKEND"):
@@ -108,7 +152,7 @@ class Env:
         # Unset parts stay at Django's defaults instead of becoming None.
         return {key: value for key, value in config.items() if value not in (None, "")}
 
-    def broker_url(self, name: str, default: str) -> str:
+    def broker_url(self, name: builtins.str, default: builtins.str) -> builtins.str:
         url = self._raw(name) or default
         scheme = urlsplit(url).scheme
         if scheme not in {"redis", "rediss", "valkey", "amqp", "amqps", "pyamqp"}:

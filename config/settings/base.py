@@ -135,6 +135,8 @@ EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10, min_value=1)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="jobs@localhost")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 ADMINS = [("Admin", address) for address in env.list("DJANGO_ADMINS", default=[])]
+# Messages per period for all workers together (newsletters), e.g. "10/second", "600/minute".
+EMAIL_SEND_RATE = env.rate("EMAIL_SEND_RATE", default="10/second")
 
 # --- Celery -------------------------------------------------------------------
 # Read by config/celery_app.py through the CELERY_ namespace. Each choice says why.
@@ -142,6 +144,12 @@ ADMINS = [("Admin", address) for address in env.list("DJANGO_ADMINS", default=[]
 # The run command starts an embedded Valkey on this address when no broker is set.
 EMBEDDED_BROKER_URL = "redis://127.0.0.1:6390/0"
 CELERY_BROKER_URL = env.broker_url("CELERY_BROKER_URL", default=EMBEDDED_BROKER_URL)
+# Shared counters (the global email send rate) live in Redis: the broker's when
+# it is Redis, else RATE_LIMIT_STORAGE_URL must name one (memory:// is per process).
+RATE_LIMIT_STORAGE_URL = env.str(
+    "RATE_LIMIT_STORAGE_URL",
+    default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "memory://",
+)
 # Results live in the database (django-celery-results): they survive a broker
 # restart or flush, and the API can list them with the ORM.
 CELERY_RESULT_BACKEND = "django-db"
@@ -228,10 +236,81 @@ CELERY_IMPORTS = (
     "tasks.images",
     "tasks.data_sync",
     "tasks.analytics",
+    "tasks.maintenance",
 )
+
+# --- The shared task policy (tasks/base.py) -----------------------------------
+
+# Attempts in all (first run + retries) before a task goes to the dead letters.
+JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_value=100)
+# Retry n waits uniform(0, min(max, base * 2**n)) seconds: exponential with full jitter.
+JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
+JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
 
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
+
+# --- data_sync (tasks/data_sync.py) -------------------------------------------
+
+# The fetcher refuses loopback, private, link-local, multicast, reserved and
+# cloud-metadata addresses (SSRF guard); hosts listed here ("host" or
+# "host:port", as written in the source URL) are let through, e.g. an internal API.
+DATA_SYNC_ALLOWED_HOSTS = env.list("DATA_SYNC_ALLOWED_HOSTS", default=[])
+# Seconds to open a connection / to wait for each read: a dead upstream fails fast and is retried.
+DATA_SYNC_CONNECT_TIMEOUT = env.float("DATA_SYNC_CONNECT_TIMEOUT", default=5.0, min_value=0.1)
+DATA_SYNC_READ_TIMEOUT = env.float("DATA_SYNC_READ_TIMEOUT", default=30.0, min_value=0.1)
+# Seconds for a whole page, redirects included: a server dripping bytes cannot hold a worker forever.
+DATA_SYNC_PAGE_TIMEOUT = env.float("DATA_SYNC_PAGE_TIMEOUT", default=120.0, min_value=1)
+# Bytes of one (decompressed) response body; the fetch stops at the cap, so memory stays bounded.
+DATA_SYNC_MAX_RESPONSE_BYTES = env.int(
+    "DATA_SYNC_MAX_RESPONSE_BYTES", default=20 * 1024 * 1024, min_value=1024
+)
+# Redirects followed per page, each hop checked again by the SSRF guard.
+DATA_SYNC_MAX_REDIRECTS = env.int("DATA_SYNC_MAX_REDIRECTS", default=5, min_value=0, max_value=20)
+# Pages per sync: a `next` link that never ends cannot keep a sync going (or its memory growing).
+DATA_SYNC_MAX_PAGES = env.int("DATA_SYNC_MAX_PAGES", default=10_000, min_value=1)
+# Where `data_sync.export` writes its JSON Lines files.
+DATA_SYNC_EXPORT_DIR = Path(env.str("DATA_SYNC_EXPORT_DIR", default=str(MEDIA_ROOT / "exports")))
+# An export covers changes up to `now - lag`: a batch that set changed_at just
+# before the export but commits just after is picked up by the next export, not lost.
+DATA_SYNC_EXPORT_LAG_SECONDS = env.int("DATA_SYNC_EXPORT_LAG_SECONDS", default=60, min_value=0)
+
+# --- analytics (tasks/analytics.py) -------------------------------------------
+
+# Events per INSERT statement when ingesting: large enough to amortise round trips,
+# small enough to keep each statement's memory modest (SQLite caps it lower by itself).
+ANALYTICS_INGEST_CHUNK_SIZE = env.int("ANALYTICS_INGEST_CHUNK_SIZE", default=2000, min_value=1)
+# Days an ingested batch's key is kept so a redelivered or resent batch is recognised
+# (redeliveries and retries come within hours; producers resend within minutes).
+ANALYTICS_INGEST_KEY_RETENTION_DAYS = env.int("ANALYTICS_INGEST_KEY_RETENTION_DAYS", default=7, min_value=1)
+# Days raw events are kept by `default.cleanup`; 0 keeps them forever. Daily metrics are
+# kept either way, and days older than this can no longer be recomputed (their events are gone).
+ANALYTICS_EVENT_RETENTION_DAYS = env.int("ANALYTICS_EVENT_RETENTION_DAYS", default=0, min_value=0)
+# Event names listed in the daily report email (the busiest first).
+ANALYTICS_REPORT_TOP_N = env.int("ANALYTICS_REPORT_TOP_N", default=10, min_value=1, max_value=100)
+
+# --- maintenance (tasks/maintenance.py) ---------------------------------------
+
+# Rows per DELETE statement: each batch is a short transaction, so a large clean-up
+# neither holds long locks nor reads a table into memory.
+MAINTENANCE_BATCH_SIZE = env.int("MAINTENANCE_BATCH_SIZE", default=1000, min_value=1, max_value=100_000)
+# Retention per kind in days, by age; 0 keeps that kind forever. Task results and group
+# results follow CELERY_RESULT_EXPIRES. Email logs: only rows in a final state (sent, failed, unknown).
+MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = env.int(
+    "MAINTENANCE_DEAD_LETTER_RETENTION_DAYS", default=30, min_value=0
+)
+MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = env.int(
+    "MAINTENANCE_EMAIL_LOG_RETENTION_DAYS", default=90, min_value=0
+)
+MAINTENANCE_SYNC_RUN_RETENTION_DAYS = env.int("MAINTENANCE_SYNC_RUN_RETENTION_DAYS", default=90, min_value=0)
+# Seconds one clean-up run may spend deleting before it stops between batches (the next
+# run goes on from there): it must finish well inside the task's soft time limit.
+MAINTENANCE_TIME_BUDGET_SECONDS = env.int(
+    "MAINTENANCE_TIME_BUDGET_SECONDS",
+    default=max(CELERY_TASK_SOFT_TIME_LIMIT - 60, CELERY_TASK_SOFT_TIME_LIMIT // 2, 1),
+    min_value=1,
+    max_value=CELERY_TASK_SOFT_TIME_LIMIT,
+)
 
 # --- Flower -------------------------------------------------------------------
 
@@ -239,9 +318,7 @@ FLOWER_URL = env.str("FLOWER_URL", default="http://127.0.0.1:5555")
 
 # --- Logging ------------------------------------------------------------------
 
-LOG_LEVEL = env.choice(
-    "LOG_LEVEL", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-)
+LOG_LEVEL = env.choice("LOG_LEVEL", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -260,7 +337,9 @@ LOGGING = {
 
 SENTRY_DSN = env.str("SENTRY_DSN", default="")
 SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="development" if DEBUG else "production")
-SENTRY_TRACES_SAMPLE_RATE = float(env.int("SENTRY_TRACES_SAMPLE_PERCENT", default=0, min_value=0, max_value=100)) / 100
+SENTRY_TRACES_SAMPLE_RATE = (
+    float(env.int("SENTRY_TRACES_SAMPLE_PERCENT", default=0, min_value=0, max_value=100)) / 100
+)
 
 if SENTRY_DSN:
     from config.sentry import init_sentry

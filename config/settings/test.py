@@ -6,9 +6,12 @@ import os
 import tempfile
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
+# Retries in tests wait tenths of a second, not minutes; the policy itself is unchanged.
+os.environ.setdefault("JOBS_RETRY_BACKOFF_SECONDS", "0.05")
+os.environ.setdefault("JOBS_RETRY_BACKOFF_MAX_SECONDS", "1")
 
-from config.settings.base import *  # noqa: E402,F403
-from config.settings.base import DATABASES  # noqa: E402
+from config.settings.base import *  # noqa: F403
+from config.settings.base import DATABASES
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Mail sent by code under test is captured unless a test points EMAIL_* at its own SMTP server.

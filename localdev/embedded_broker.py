@@ -97,6 +97,8 @@ class EmbeddedBroker:
             "--save", "",
             # Persist queued jobs across a restart of the development stack.
             "--appendonly", "yes" if self.persist else "no",
+            # ...every accepted message on disk before the broker answers: a crash loses none.
+            "--appendfsync", "always",
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "server.log"),
         ]  # fmt: skip

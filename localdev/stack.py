@@ -1,4 +1,4 @@
-"""Runs the whole stack for development (called by bin/run inside .venv).
+"""Runs the whole stack for development (`bin/run` calls `python -m localdev.stack` in .venv).
 
 1. an embedded broker (unless CELERY_BROKER_URL is set),
 2. the Procfile's `release` step (migrations) and an admin user,
@@ -20,14 +20,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from honcho.environ import parse_procfile
+from honcho.manager import Manager
+
+from localdev.embedded_broker import BrokerUnavailable, EmbeddedBroker
+
 ROOT = Path(__file__).resolve().parent.parent
-STATE = ROOT / ".run"
-sys.path.insert(0, str(ROOT))
-
-from honcho.environ import parse_procfile  # noqa: E402
-from honcho.manager import Manager  # noqa: E402
-
-from config.embedded_broker import BrokerUnavailable, EmbeddedBroker  # noqa: E402
+# Where state that must survive a restart lives; tests point it elsewhere.
+STATE = Path(os.environ.get("STACK_STATE_DIR", ROOT / ".run"))
 
 WORKER_NODES = ("email", "general")  # the -n names in the Procfile's worker lines
 
@@ -42,7 +42,7 @@ def remembered_secret(name: str, length: int = 24) -> str:
 
 
 def prepare_environment() -> dict[str, str]:
-    STATE.mkdir(exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("DJANGO_DEBUG", "true")
     env.setdefault("DJANGO_SECRET_KEY", remembered_secret("secret_key", 48))
@@ -52,13 +52,16 @@ def prepare_environment() -> dict[str, str]:
     env.setdefault(
         "FLOWER_BASIC_AUTH", f"{env['DJANGO_SUPERUSER_USERNAME']}:{env['DJANGO_SUPERUSER_PASSWORD']}"
     )
+    env.setdefault("FLOWER_DB", str(STATE / "flower"))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Procfile lines say `python`, `celery`, `gunicorn`: the ones installed beside this Python.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
 def run_release(env: dict[str, str], procfile: dict[str, str]) -> None:
     print(f"==> release: {procfile['release']}", flush=True)
-    subprocess.run(procfile["release"], shell=True, check=True, env=env, cwd=ROOT)
+    subprocess.run(procfile["release"], shell=True, check=True, env=env, cwd=ROOT)  # noqa: S602 (a Procfile line is a shell command)
     created = subprocess.run(
         [sys.executable, "manage.py", "createsuperuser", "--noinput"],
         env=env,
@@ -75,13 +78,14 @@ def report_when_ready(env: dict[str, str], started: float, stop: threading.Event
     os.environ.update(env)
     from config.celery_app import app
 
-    web, flower = "http://127.0.0.1:8000", "http://127.0.0.1:5555"
+    web = "http://" + env.get("WEB_BIND", "127.0.0.1:8000").replace("0.0.0.0", "127.0.0.1")  # noqa: S104
+    flower = f"http://127.0.0.1:{env.get('FLOWER_PORT', '5555')}"
     pending = {"web", "flower", *WORKER_NODES}
     while pending and not stop.wait(1.0):
         for name, url in (("web", f"{web}/admin/login/"), ("flower", f"{flower}/healthcheck")):
             if name in pending:
                 try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
+                    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (our own http:// URLs)
                         if response.status == 200:
                             pending.discard(name)
                 except OSError:

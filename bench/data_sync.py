@@ -1,0 +1,254 @@
+"""Records per second of `data_sync.sync` through a real worker process, on PostgreSQL.
+
+    .venv/bin/python bench/data_sync.py [--records 100000] [--page-size 1000] [--batch-size 500]
+        [--database-url postgres://postgres@127.0.0.1:5432/bench_data_sync]
+        [--broker-url redis://127.0.0.1:6379/6] [--concurrency 2]
+
+Serves N records as JSON pages from an HTTP server on loopback (pages built in
+advance, so the server is not what is measured), starts
+`celery -A config worker -Q data_sync` as a process, and times from sending
+`data_sync.sync` until its SyncRun is finished, four times: the first sync
+(everything created), a no-op re-sync (everything unchanged), then re-syncs
+with 1% and with 99% of the records changed. Prints records/second for each, how long fetching
+took (the sync task: pages, parsing, sending the batches) against upserting
+(the chord, from the sync task's end to the run's end), and peak RSS: of the
+largest worker process (getrusage of the waited-for children) and of the whole
+worker process tree (sampled every 50 ms).
+
+The database given is created if missing (PostgreSQL) and migrated; the
+benchmark's source is deleted first, so runs start from empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def ensure_database(url: str) -> None:
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        return
+    import psycopg
+
+    name = parts.path.lstrip("/")
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as connection:
+        exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+
+def make_pages(count: int, page_size: int, changed_every: int = 0) -> dict[str, bytes]:
+    pages: dict[str, bytes] = {}
+    total_pages = (count + page_size - 1) // page_size
+    for page in range(1, total_pages + 1):
+        start = (page - 1) * page_size
+        records = [
+            {
+                "id": number,
+                "sku": f"SKU-{number:08d}",
+                "name": f"Product {number}",
+                "price": round(number * 0.37, 2)
+                + (1 if changed_every and number % changed_every == 0 else 0),
+                "stock": number % 97,
+                "tags": ["bench", f"group-{number % 10}"],
+                "updated": "2026-11-22T12:00:00Z",
+            }
+            for number in range(start + 1, min(start + page_size, count) + 1)
+        ]
+        following = f"/records?page={page + 1}" if page < total_pages else None
+        pages[f"/records?page={page}"] = json.dumps({"results": records, "next": following}).encode()
+    return pages
+
+
+class PageServer:
+    def __init__(self) -> None:
+        self.pages: dict[str, bytes] = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = server.pages.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                body = body or b"{}"
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
+
+
+class TreeSampler:
+    """Peak of the summed RSS of a process and its descendants, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for process in processes:
+                    with contextlib.suppress(psutil.Error):  # a child that just exited
+                        total += process.memory_info().rss
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench_data_sync"),
+    )
+    parser.add_argument("--broker-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/6"))
+    options = parser.parse_args()
+
+    ensure_database(options.database_url)
+    server = PageServer()
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DATABASE_URL=options.database_url,
+        CELERY_BROKER_URL=options.broker_url,
+        DATA_SYNC_ALLOWED_HOSTS=server.host,
+        LOG_LEVEL="WARNING",
+    )
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    from config.celery_app import app
+    from tasks import data_sync
+    from tasks.models import DataSource, SyncedRecord, SyncRun
+
+    call_command("migrate", verbosity=0)
+    DataSource.objects.filter(name="bench").delete()
+    source = DataSource.objects.create(
+        name="bench", url=f"http://{server.host}/records?page=1", batch_size=options.batch_size
+    )
+    app.control.purge()
+
+    log = Path(tempfile.gettempdir()) / "bench_data_sync_worker.log"
+    with log.open("w") as log_file:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                "data_sync",
+                "-n",
+                "bench@%h",
+                "-c",
+                str(options.concurrency),
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(
+            name.startswith("bench@") for reply in app.control.ping(timeout=0.5) or [] for name in reply
+        ):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not start; see {log}")
+        sampler = TreeSampler(worker.pid)
+        print(
+            f"{options.records} records, pages of {options.page_size}, batches of {options.batch_size}; "
+            f"worker -c {options.concurrency}; "
+            f"database {connection.vendor} ({connection.settings_dict['NAME']})"
+        )
+
+        def run(label: str, changed_every: int = 0) -> None:
+            server.pages = make_pages(options.records, options.page_size, changed_every)
+            started = time.perf_counter()
+            result = data_sync.sync.delay(source_id=source.pk)
+            outcome = result.get(timeout=600, interval=0.02)
+            fetched = time.perf_counter() - started
+            while True:
+                sync_run = SyncRun.objects.get(pk=outcome["run_id"])
+                if sync_run.status != SyncRun.Status.RUNNING:
+                    break
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            assert sync_run.status == SyncRun.Status.SUCCEEDED, sync_run.error
+            print(
+                f"{label:<22} {options.records / elapsed:>9,.0f} records/s  {elapsed:6.2f} s "
+                f"(fetch {fetched:5.2f} s, upsert {elapsed - fetched:5.2f} s)  "
+                f"created {sync_run.created} updated {sync_run.updated} unchanged {sync_run.unchanged} "
+                f"failed {sync_run.failed}"
+            )
+
+        run("first sync")
+        run("no-op re-sync")
+        run("re-sync, 1% changed", changed_every=100)
+        run("re-sync, 99% changed", changed_every=1)
+        assert SyncedRecord.objects.filter(source=source).count() == options.records
+        tree_peak = sampler.stop()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    print(
+        f"peak RSS: largest worker process {largest / 1024:.0f} MiB; "
+        f"worker process tree {tree_peak / 2**20:.0f} MiB (sampled); "
+        f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Emails per second through one SMTP connection to a local SMTP server.
+
+    .venv/bin/python bench/email_smtp.py [--messages 2000] [--database-url postgres://...]
+
+Starts an aiosmtpd server on loopback, then sends N messages three ways, one
+SMTP connection each: (1) pre-rendered messages straight through Django's SMTP
+backend (the transport's ceiling), (2) `send_batch` as a newsletter batch runs
+it (render + EmailLog row per message + rate limiter in memory), (3) the same
+with the global rate limiter in Redis (REDIS_URL, default the local Redis).
+Prints messages/s, per-message latency percentiles and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--database-url", default=f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9"))
+    options = parser.parse_args()
+
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings.base",
+        DJANGO_DEBUG="1",
+        DATABASE_URL=options.database_url,
+        CELERY_BROKER_URL=options.redis_url,
+        LOG_LEVEL="WARNING",
+    )
+    import django
+
+    django.setup()
+    from aiosmtpd.controller import Controller
+    from django.core.mail import get_connection
+    from django.core.management import call_command
+    from django.test.utils import override_settings
+
+    from localdev.embedded_broker import free_port
+    from tasks.models import EmailLog
+    from tasks.services import email as service
+
+    call_command("migrate", verbosity=0)
+    EmailLog.objects.all().delete()
+
+    class Counter:
+        received = 0
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            Counter.received += 1
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Counter(), hostname="127.0.0.1", port=port)
+    controller.start()
+    smtp = {
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "EMAIL_HOST": "127.0.0.1",
+        "EMAIL_PORT": port,
+        "EMAIL_USE_TLS": False,
+        "EMAIL_USE_SSL": False,
+        "EMAIL_HOST_USER": "",
+        "EMAIL_HOST_PASSWORD": "",
+    }
+    n = options.messages
+    recipients = [f"reader{i}@example.com" for i in range(n)]
+    print(f"SMTP server 127.0.0.1:{port}; {n} messages per run; database {django.db.connection.vendor}")
+
+    def report(label: str, seconds: float, latencies: list[float]) -> None:
+        cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+        print(
+            f"{label:<44} {n / seconds:8.0f} msg/s   p50 {cuts[49] * 1000:6.2f} ms   "
+            f"p95 {cuts[94] * 1000:6.2f} ms   p99 {cuts[98] * 1000:6.2f} ms"
+        )
+
+    with override_settings(**smtp):
+        messages = [
+            service.build_message(to, "newsletter", {"body": "Hello"}, f"raw:{to}") for to in recipients
+        ]
+        connection = get_connection(fail_silently=False)
+        connection.open()
+        latencies = []
+        started = time.perf_counter()
+        for message in messages:
+            t0 = time.perf_counter()
+            connection.send_messages([message])
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        connection.close()
+        report("1. SMTP backend only (pre-rendered)", elapsed, latencies)
+
+        for label, limiter in (
+            ("2. send_batch, limiter in memory", service.SendRateLimiter("1000000/second", "memory://")),
+            (
+                "3. send_batch, global limiter in Redis",
+                service.SendRateLimiter("1000000/second", options.redis_url),
+            ),
+        ):
+            EmailLog.objects.all().delete()
+            stamps: list[float] = []
+            started = time.perf_counter()
+            outcome = service.send_batch(
+                campaign=f"bench-{label[0]}",
+                template="newsletter",
+                recipients=recipients,
+                context={"title": "Bench", "body": "Hello"},
+                limiter=limiter,
+                on_progress=lambda *_, stamps=stamps: stamps.append(time.perf_counter()),
+            )
+            elapsed = time.perf_counter() - started
+            assert outcome.sent == n, outcome
+            per_message = [elapsed / n] * 2
+            if len(stamps) > 2:  # progress fires every 10 messages: latency per message from the gaps
+                per_message = [(b - a) / 10 for a, b in itertools.pairwise(stamps)]
+            report(label, elapsed, per_message)
+
+    controller.stop()
+    print(f"received by the server: {Counter.received} (expected {3 * n})")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""One policy for every task: validation, retries, progress, dead letters.
+
+A task opts in with `@app.task(base=JobTask, name="family.verb", schema=..., idempotency="...")`:
+
+- arguments are validated against `schema` (a pydantic model whose fields are
+  the task's parameters) when the task is sent and again when it starts;
+- `TransientJobError` (and whatever the task adds to `autoretry_for`) is retried
+  with exponential backoff and full jitter, capped at `retry_backoff_max`
+  seconds, for at most `max_attempts` attempts in all;
+- `PermanentJobError` (bad arguments, a missing row, a 4xx answer, an
+  undecodable file) fails at once;
+- a task that fails for good leaves a dead letter (tasks.deadletters) holding
+  its arguments and traceback, which can be replayed;
+- arguments named in `masked` are shown masked in Flower, events, logs and
+  the result backend; the dead letter keeps them as given, for replay.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from celery import Task
+from celery._state import _task_stack  # type: ignore[attr-defined]  # what Task.__call__ uses
+from django.conf import settings
+from django.utils import timezone
+from pydantic import BaseModel, ValidationError
+
+logger = logging.getLogger(__name__)
+
+# Message headers this module adds; they travel with retries and replays.
+FIRST_FAILURE_HEADER = "x_first_failure_at"
+REPLAY_HEADER = "x_dead_letter_id"
+
+
+class PermanentJobError(Exception):
+    """The task cannot succeed by trying again: fail now, no retry."""
+
+
+class InvalidArguments(PermanentJobError):
+    """The arguments do not match the task's schema."""
+
+
+class TransientJobError(Exception):
+    """Something outside the task failed and may work later: retry with backoff."""
+
+
+def mask_email(address: str) -> str:
+    """`alice@example.com` -> `a***@e***.com`: enough to tell messages apart, not to read them."""
+    local, _, domain = str(address).rpartition("@")
+    if not local:
+        return "***"
+    host, dot, tld = domain.rpartition(".")
+    return f"{local[0]}***@{(host or tld)[:1]}***{dot}{tld if host else ''}"
+
+
+def mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_email(value) if "@" in value else "***"
+    if isinstance(value, list | tuple):
+        return [mask_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: mask_value(item) for key, item in value.items()}
+    return "***"
+
+
+def describe_validation_error(task_name: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(arguments)"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"field '{field}': {message}")
+    return f"{task_name}: invalid arguments: " + "; ".join(problems)
+
+
+def backoff_countdown(
+    retries: int, *, base: float, maximum: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retry number `retries + 1`: full jitter over an exponential cap.
+
+    The ceiling doubles with each retry (base, 2*base, 4*base, ...) up to
+    `maximum`; the wait is uniform in [0, ceiling] so workers that failed together
+    do not retry together.
+    """
+    ceiling = min(maximum, base * (2**retries))
+    return (rng or random).uniform(0, ceiling)
+
+
+class JobTask(Task):
+    """The base class of every task in this project (see the module docstring)."""
+
+    abstract = True
+
+    schema: ClassVar[type[BaseModel] | None] = None
+    # How a second run with the same arguments does no harm; every task says it.
+    idempotency: ClassVar[str] = ""
+    masked: ClassVar[frozenset[str]] = frozenset()
+
+    autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (TransientJobError,)
+    dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (PermanentJobError,)
+    max_attempts: ClassVar[int] = settings.JOBS_MAX_ATTEMPTS
+    retry_backoff_base: ClassVar[float] = settings.JOBS_RETRY_BACKOFF_SECONDS
+    retry_backoff_max: ClassVar[int] = settings.JOBS_RETRY_BACKOFF_MAX_SECONDS
+    # Countdowns are ours (backoff_countdown): Celery's own backoff is whole seconds only.
+    retry_backoff = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.max_attempts < 1:
+            raise ValueError(f"{cls.__name__}.max_attempts must be at least 1")
+        cls.max_retries = cls.max_attempts - 1
+
+    # --- arguments ----------------------------------------------------------
+
+    def bind_arguments(self, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        run = self._orig_run if hasattr(self, "_orig_run") else self.run
+        try:
+            bound = inspect.signature(run).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(f"{self.name}: {exc}") from None
+        return dict(bound.arguments)
+
+    def validate_arguments(
+        self, args: tuple[Any, ...] | list[Any] | None, kwargs: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """The arguments as keyword arguments, checked (and normalised) by the schema."""
+        arguments = self.bind_arguments(args or (), kwargs or {})
+        if self.schema is None:
+            return arguments
+        try:
+            validated = self.schema.model_validate(arguments)
+        except ValidationError as exc:
+            raise InvalidArguments(describe_validation_error(self.name, exc)) from None
+        return {name: getattr(validated, name) for name in type(validated).model_fields}
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:  # type: ignore[override]
+        """Sends the task after checking its arguments; masked ones are shown masked."""
+        self.validate_arguments(args, kwargs)
+        if self.masked:
+            arguments = self.bind_arguments(args or (), kwargs or {}) if args or kwargs else {}
+            shown = {k: mask_value(v) if k in self.masked else v for k, v in arguments.items()}
+            options.setdefault("argsrepr", "()")
+            options.setdefault("kwargsrepr", repr(shown))
+        return super().apply_async(args, kwargs, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Checked again where it runs: the message may come from an older sender, or by hand.
+        validated = self.validate_arguments(args, kwargs)
+        # As Task.__call__, except that `run` gets the validated values while the
+        # request keeps the arguments as they came: a retry re-sends those (JSON),
+        # never the parsed objects.
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            return self.run(**validated)
+        finally:
+            self.pop_request()
+            _task_stack.pop()
+
+    # --- progress -----------------------------------------------------------
+
+    def report_progress(self, percent: float, message: str = "") -> None:
+        """Records progress (0-100) in the result backend, state PROGRESS."""
+        percent = max(0.0, min(100.0, float(percent)))
+        if self.request.id and not self.request.called_directly:
+            self.update_state(state="PROGRESS", meta={"percent": round(percent, 1), "message": message})
+
+    # --- retries ------------------------------------------------------------
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        if countdown is None and eta is None:
+            countdown = backoff_countdown(
+                self.request.retries, base=self.retry_backoff_base, maximum=self.retry_backoff_max
+            )
+        headers = dict(self.request.headers or {})
+        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER):
+            value = getattr(self.request, name, None) or headers.get(name)
+            if value is not None:
+                headers[name] = value
+        headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
+        options["headers"] = {**headers, **options.get("headers", {})}
+        return super().retry(
+            args,
+            kwargs,
+            exc=exc,
+            throw=throw,
+            eta=eta,
+            countdown=countdown,
+            max_retries=max_retries,
+            **options,
+        )
+
+    def request_header(self, name: str) -> Any:
+        return getattr(self.request, name, None) or (self.request.headers or {}).get(name)
+
+    # --- outcomes -----------------------------------------------------------
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        from tasks import deadletters
+
+        try:
+            deadletters.record_failure(self, exc, task_id, args, kwargs, einfo)
+        except Exception:  # never let bookkeeping hide the task's own failure
+            logger.exception("could not store a dead letter for %s[%s]", self.name, task_id)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        dead_letter_id = self.request_header(REPLAY_HEADER)
+        if dead_letter_id is None:
+            return
+        from tasks import deadletters
+
+        try:
+            deadletters.record_replay_success(int(dead_letter_id))
+        except Exception:
+            logger.exception("could not mark dead letter %s as replayed", dead_letter_id)

@@ -1,0 +1,129 @@
+"""The dead-letter store: tasks that failed for good, kept for a person to look at and replay."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery.utils import uuid
+from django.db.models import F, QuerySet
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from tasks.base import FIRST_FAILURE_HEADER, REPLAY_HEADER, PermanentJobError
+from tasks.models import DeadLetter
+from tasks.services.maintenance import delete_in_batches
+
+if TYPE_CHECKING:
+    from tasks.base import JobTask
+
+logger = logging.getLogger(__name__)
+
+
+def _first_failure(task: JobTask, now: datetime) -> datetime:
+    stamped = task.request_header(FIRST_FAILURE_HEADER)
+    parsed = parse_datetime(stamped) if isinstance(stamped, str) else None
+    return parsed or now
+
+
+def record_failure(
+    task: JobTask, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+) -> None:
+    """Stores (or, for a failed replay, updates) the dead letter of a task that failed for good."""
+    now = timezone.now()
+    details = {
+        "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception_message": str(exc)[:10_000],
+        "traceback": str(getattr(einfo, "traceback", "") or ""),
+        "last_failed_at": now,
+    }
+    attempts = (task.request.retries or 0) + 1
+    replayed = task.request_header(REPLAY_HEADER)
+    if replayed is not None:
+        updated = DeadLetter.objects.filter(pk=int(replayed)).update(
+            replay_status=DeadLetter.ReplayStatus.FAILED, replay_task_id=task_id, **details
+        )
+        if updated:
+            logger.warning("replay of dead letter %s failed again: %s", replayed, details["exception_type"])
+            return
+    queue = (task.request.delivery_info or {}).get("routing_key") or ""
+    letter, _ = DeadLetter.objects.update_or_create(
+        task_id=task_id,
+        defaults={
+            "task_name": task.name,
+            "queue": queue,
+            "args": list(args or []),
+            "kwargs": dict(kwargs or {}),
+            "attempts": attempts,
+            "first_failed_at": _first_failure(task, now),
+            **details,
+        },
+    )
+    logger.warning(
+        "%s[%s] failed for good after %d attempt(s) (%s); dead letter %d",
+        task.name,
+        task_id,
+        attempts,
+        details["exception_type"],
+        letter.pk,
+    )
+
+
+def record_replay_success(dead_letter_id: int) -> None:
+    DeadLetter.objects.filter(pk=dead_letter_id).update(replay_status=DeadLetter.ReplayStatus.SUCCEEDED)
+
+
+def replay(letter: DeadLetter) -> str:
+    """Sends the task again with the same arguments; returns the new task id.
+
+    The new run carries the dead letter's id, so its outcome is written back here.
+    Raises PermanentJobError when the task no longer exists or its arguments are
+    no longer valid.
+    """
+    from config.celery_app import app
+
+    task = app.tasks.get(letter.task_name)
+    if task is None:
+        raise PermanentJobError(f"task {letter.task_name!r} is not registered; it cannot be replayed")
+    # Recorded before sending: the replay may finish, and write its outcome, before apply_async returns.
+    task_id = uuid()
+    DeadLetter.objects.filter(pk=letter.pk).update(
+        replay_count=F("replay_count") + 1,
+        replayed_at=timezone.now(),
+        replay_task_id=task_id,
+        replay_status=DeadLetter.ReplayStatus.SENT,
+    )
+    try:
+        task.apply_async(
+            args=letter.args, kwargs=letter.kwargs, task_id=task_id, headers={REPLAY_HEADER: str(letter.pk)}
+        )
+    except Exception:
+        DeadLetter.objects.filter(pk=letter.pk).update(
+            replay_count=F("replay_count") - 1,
+            replayed_at=letter.replayed_at,
+            replay_task_id=letter.replay_task_id,
+            replay_status=letter.replay_status,
+        )
+        raise
+    return task_id
+
+
+def replay_many(letters: Iterable[DeadLetter]) -> tuple[list[str], list[str]]:
+    """Replays each; returns (new task ids, error messages). One bad letter does not stop the rest."""
+    sent, errors = [], []
+    for letter in letters:
+        try:
+            sent.append(replay(letter))
+        except PermanentJobError as exc:
+            errors.append(f"dead letter {letter.pk}: {exc}")
+    return sent, errors
+
+
+def purge(queryset: QuerySet[DeadLetter] | None = None, *, older_than: timedelta | None = None) -> int:
+    """Deletes dead letters (all of `queryset`, or those last failed before now - older_than)."""
+    letters = DeadLetter.objects.all() if queryset is None else queryset
+    if older_than is not None:
+        letters = letters.filter(last_failed_at__lt=timezone.now() - older_than)
+    return delete_in_batches(letters)

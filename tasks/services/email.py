@@ -1,0 +1,285 @@
+"""Templated email over Django's email backend, logged per message so nothing is sent twice.
+
+A template is a folder under `templates/email/<name>/` holding `subject.txt`,
+`body.txt` and `body.html`. Every message has a row in `EmailLog` keyed by an
+idempotency key: a retry, a redelivery after a crash or a second newsletter
+run finds the row and does not send again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import smtplib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives, get_connection
+from django.core.mail.backends.base import BaseEmailBackend
+from django.core.mail.utils import DNS_NAME
+from django.db import transaction
+from django.template import TemplateDoesNotExist
+from django.template.loader import render_to_string
+from django.utils import timezone
+from limits import RateLimitItem, parse, storage, strategies
+
+from tasks.base import PermanentJobError, TransientJobError, mask_email
+from tasks.models import EmailLog
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(/[a-z0-9][a-z0-9_-]*)*$")
+_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+
+
+def mask_addresses(text: str) -> str:
+    """Masks every email address in a piece of text (SMTP replies quote the recipient)."""
+    return _ADDRESS.sub(lambda found: mask_email(found.group(0)), text)
+
+
+# --- rendering ------------------------------------------------------------------
+
+
+def render(template: str, context: dict[str, Any]) -> tuple[str, str, str]:
+    """(subject, text body, HTML body) of a template pair."""
+    if not TEMPLATE_NAME.match(template):
+        raise PermanentJobError(f"template {template!r} is not a valid template name")
+    try:
+        subject = render_to_string(f"email/{template}/subject.txt", context)
+        text = render_to_string(f"email/{template}/body.txt", context)
+        html = render_to_string(f"email/{template}/body.html", context)
+    except TemplateDoesNotExist as exc:
+        raise PermanentJobError(f"email template {template!r} is missing {exc}") from None
+    # A header injection through the context must not survive into the subject.
+    return " ".join(subject.split()), text, html
+
+
+def message_id_for(key: str) -> str:
+    """The same key always gives the same Message-ID, so a duplicate is recognisable downstream."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"<{digest}@{DNS_NAME}>"
+
+
+def build_message(to: str, template: str, context: dict[str, Any], key: str) -> EmailMultiAlternatives:
+    subject, text, html = render(template, context)
+    message = EmailMultiAlternatives(
+        subject=subject,
+        body=text,
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        to=[to],
+        headers={"Message-ID": message_id_for(key)},
+    )
+    message.attach_alternative(html, "text/html")
+    return message
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+def classify_smtp_error(exc: BaseException) -> Exception:
+    """TransientJobError for what may work later (connection trouble, 4xx), else PermanentJobError."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        reply = "; ".join(f"{code} {msg!r}" for code, msg in exc.recipients.values())
+        text = mask_addresses(f"recipient refused: {reply}")
+        if codes and all(400 <= code < 500 for code in codes):
+            return TransientJobError(text)
+        return PermanentJobError(text)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        detail = (
+            exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+        )
+        text = mask_addresses(f"SMTP {exc.smtp_code}: {detail}")
+        if 400 <= exc.smtp_code < 500:
+            return TransientJobError(text)
+        return PermanentJobError(text)
+    if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError | OSError | TimeoutError):
+        return TransientJobError(f"SMTP connection failed: {type(exc).__name__}: {mask_addresses(str(exc))}")
+    return PermanentJobError(f"SMTP error: {type(exc).__name__}: {mask_addresses(str(exc))}")
+
+
+# --- the sent-message log -------------------------------------------------------
+
+
+def send_logged(
+    *,
+    key: str,
+    to: str,
+    template: str,
+    context: dict[str, Any],
+    campaign: str = "",
+    connection: BaseEmailBackend | None = None,
+    replay: bool = False,
+) -> str:
+    """Sends one message unless its log row says it went already; returns the outcome.
+
+    "sent", or "already-sent" when an earlier attempt delivered it. A row left
+    in SENDING means an earlier attempt died inside the SMTP conversation: it
+    may or may not have been delivered, so it is not sent again unless a person
+    replays it from the dead letters (`replay=True`).
+    """
+    with transaction.atomic():
+        log, _ = EmailLog.objects.select_for_update().get_or_create(
+            key=key, defaults={"recipient": to, "template": template, "campaign": campaign}
+        )
+        if log.status == EmailLog.Status.SENT:
+            return "already-sent"
+        cut_off = log.status in (EmailLog.Status.SENDING, EmailLog.Status.UNKNOWN) and not replay
+        if cut_off:
+            log.status = EmailLog.Status.UNKNOWN
+            log.save(update_fields=["status", "updated_at"])
+        else:
+            message = build_message(to, template, context, key)
+            log.subject = str(message.subject)
+            log.message_id = message.extra_headers["Message-ID"]
+            log.status = EmailLog.Status.SENDING
+            log.attempts += 1
+            log.save(update_fields=["subject", "message_id", "status", "attempts", "updated_at"])
+    if cut_off:
+        raise PermanentJobError(
+            f"email {mask_addresses(key)}: an earlier attempt was cut off while sending, so it may have been "
+            "delivered; not sending again. Check with the recipient, then replay the dead letter."
+        )
+
+    try:
+        (connection or get_connection(fail_silently=False)).send_messages([message])
+    except Exception as exc:
+        error = classify_smtp_error(exc)
+        failed = isinstance(error, PermanentJobError)
+        EmailLog.objects.filter(pk=log.pk).update(
+            status=EmailLog.Status.FAILED if failed else EmailLog.Status.PENDING,
+            last_error=str(error)[:2000],
+            updated_at=timezone.now(),
+        )
+        logger.warning("email %s to %s not sent: %s", mask_addresses(key), mask_email(to), error)
+        raise error from exc
+    EmailLog.objects.filter(pk=log.pk).update(
+        status=EmailLog.Status.SENT, sent_at=timezone.now(), last_error="", updated_at=timezone.now()
+    )
+    logger.info("email %s sent to %s", mask_addresses(key), mask_email(to))
+    return "sent"
+
+
+# --- the global send rate ---------------------------------------------------------
+
+
+class SendRateLimiter:
+    """A send rate shared by every worker on every machine.
+
+    Celery's `rate_limit` is per worker process; this one keeps its moving
+    window in Redis (the `limits` library, an atomic Lua script), so N workers
+    together never exceed EMAIL_SEND_RATE.
+    """
+
+    def __init__(self, rate: str, storage_url: str, name: str = "email") -> None:
+        self.item: RateLimitItem = parse(rate)
+        self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_url))
+        self.name = name
+
+    def try_acquire(self) -> bool:
+        return bool(self.limiter.hit(self.item, self.name))
+
+    def acquire(self, timeout: float = 60.0) -> None:
+        """Waits for a slot; TransientJobError if none comes within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            reset_at = self.limiter.get_window_stats(self.item, self.name).reset_time
+            wait = min(max(reset_at - time.time(), 0.01), 1.0)
+            if time.monotonic() + wait > deadline:
+                raise TransientJobError(f"no send slot within {timeout:.0f}s (EMAIL_SEND_RATE)")
+            time.sleep(wait)
+
+
+_limiters: dict[tuple[str, str], SendRateLimiter] = {}
+
+
+def send_rate_limiter() -> SendRateLimiter:
+    """The process's limiter for the current settings (one Redis connection pool per process)."""
+    config = (settings.EMAIL_SEND_RATE, settings.RATE_LIMIT_STORAGE_URL)
+    if config not in _limiters:
+        _limiters[config] = SendRateLimiter(*config)
+    return _limiters[config]
+
+
+# --- newsletters ------------------------------------------------------------------
+
+
+def plan_batches(
+    recipients: Iterable[str], batch_size: int, window_seconds: float
+) -> list[tuple[float, list[str]]]:
+    """Splits recipients into batches and gives each a start offset, spread evenly over the window.
+
+    The first batch starts at once and the last at most `window_seconds` later;
+    duplicates (case-insensitive) are dropped, first one kept.
+    """
+    seen: set[str] = set()
+    unique = []
+    for address in recipients:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            unique.append(address)
+    batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
+    spacing = window_seconds / len(batches) if batches else 0.0
+    return [(round(index * spacing, 3), batch) for index, batch in enumerate(batches)]
+
+
+@dataclass
+class BatchOutcome:
+    sent: int = 0
+    already_sent: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent": self.sent, "already_sent": self.already_sent, "failed": len(self.failed)}
+
+
+def send_batch(
+    *,
+    campaign: str,
+    template: str,
+    recipients: list[str],
+    context: dict[str, Any],
+    limiter: SendRateLimiter | None = None,
+    on_progress: Any = None,
+) -> BatchOutcome:
+    """Sends one batch over a single SMTP connection, at the global rate.
+
+    A recipient refused for good (5xx) is logged as failed and the batch goes
+    on; anything transient stops the batch so the task is retried, and the
+    retry skips everyone already sent.
+    """
+    limiter = limiter or send_rate_limiter()
+    outcome = BatchOutcome()
+    connection = get_connection(fail_silently=False)
+    try:
+        connection.open()
+    except Exception as exc:
+        raise classify_smtp_error(exc) from exc
+    try:
+        for index, address in enumerate(recipients, start=1):
+            limiter.acquire()
+            try:
+                result = send_logged(
+                    key=f"{campaign}:{address.lower()}",
+                    to=address,
+                    template=template,
+                    context={**context, "recipient": address},
+                    campaign=campaign,
+                    connection=connection,
+                )
+            except PermanentJobError:
+                outcome.failed.append(address)
+                continue
+            if result == "sent":
+                outcome.sent += 1
+            else:
+                outcome.already_sent += 1
+            if on_progress and (index % 10 == 0 or index == len(recipients)):
+                on_progress(100 * index / len(recipients), f"{index}/{len(recipients)} recipients")
+    finally:
+        connection.close()
+    return outcome

@@ -1,0 +1,93 @@
+"""How the Celery app is configured: the choices production depends on."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from django.conf import settings
+
+import tasks
+
+FAMILIES = ("email", "images", "data_sync", "analytics")
+
+
+def test_it_accepts_and_sends_json_only(celery_app: Celery) -> None:
+    conf = celery_app.conf
+    assert conf.accept_content == ["json"]
+    assert conf.result_accept_content == ["json"]
+    assert (conf.task_serializer, conf.result_serializer, conf.event_serializer) == ("json",) * 3
+
+
+def test_it_loses_no_accepted_job_when_a_worker_dies(celery_app: Celery) -> None:
+    conf = celery_app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    assert conf.broker_connection_retry_on_startup is True
+
+
+def test_the_visibility_timeout_outlasts_the_hard_time_limit(celery_app: Celery) -> None:
+    conf = celery_app.conf
+    assert conf.task_soft_time_limit < conf.task_time_limit
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+
+
+def test_events_are_on_for_flower_and_monitoring(celery_app: Celery) -> None:
+    assert celery_app.conf.worker_send_task_events is True
+    assert celery_app.conf.task_send_sent_event is True
+
+
+def test_results_are_stored_in_the_database_with_an_expiry(celery_app: Celery) -> None:
+    assert celery_app.conf.result_backend == "django-db"
+    assert celery_app.conf.result_expires > 0
+    assert type(celery_app.backend).__name__ == "DatabaseBackend"
+
+
+def test_the_five_queues_are_declared_once(celery_app: Celery) -> None:
+    assert sorted(celery_app.amqp.queues) == sorted([*FAMILIES, "default"])
+    assert celery_app.conf.task_default_queue == "default"
+
+
+@pytest.mark.parametrize(
+    ("task_name", "queue"),
+    [
+        ("email.send", "email"),
+        ("email.newsletter", "email"),
+        ("images.process", "images"),
+        ("data_sync.sync", "data_sync"),
+        ("analytics.rollup", "analytics"),
+        ("default.ping", "default"),
+        ("celery.backend_cleanup", "default"),
+        ("emailish.task", "default"),
+    ],
+)
+def test_tasks_are_routed_by_name_prefix(celery_app: Celery, task_name: str, queue: str) -> None:
+    route = celery_app.amqp.router.route({}, task_name)
+    assert route["queue"].name == queue
+
+
+def test_every_task_module_is_imported_by_workers() -> None:
+    """Autodiscovery would not find modules of a top-level `tasks` package: each must be listed."""
+    root = Path(tasks.__file__).parent
+    defining_tasks = {
+        "tasks." + ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in root.rglob("*.py")
+        if re.search(r"^@app\.task", path.read_text(), re.MULTILINE)
+    }
+    assert defining_tasks <= set(settings.CELERY_IMPORTS)
+    for family in FAMILIES:
+        assert f"tasks.{family}" in settings.CELERY_IMPORTS
+
+
+def test_the_imported_modules_register_their_tasks(celery_app: Celery) -> None:
+    celery_app.loader.import_default_modules()
+    for module in settings.CELERY_IMPORTS:
+        importlib.import_module(module)
+    assert "default.ping" in celery_app.tasks
+    for name in celery_app.tasks:
+        prefix = name.split(".", 1)[0]
+        assert prefix in {*FAMILIES, "default", "celery"}, f"task {name} has no queue prefix"

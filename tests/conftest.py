@@ -1,0 +1,139 @@
+"""Fixtures shared by the whole suite: the real Celery app, real workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from django.db import connection
+
+from config.celery_app import app as project_app
+from tests.smtp import SmtpServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def celery_app() -> Celery:
+    """The project's own app, configured from the test settings: no eager mode, real broker."""
+    assert not project_app.conf.task_always_eager
+    return project_app
+
+
+@pytest.fixture
+def empty_queues(celery_app: Celery) -> None:
+    """Starts a test with no messages left in any project queue by an earlier one."""
+    celery_app.control.purge()
+
+
+@pytest.fixture(scope="module")
+def celery_worker(celery_app: Celery, django_db_setup: None, django_db_blocker) -> Iterator[object]:
+    """A real worker in a thread of this process, consuming every project queue.
+
+    It stores results through the database backend, so tests that use it must be
+    `django_db(transaction=True)`: the worker's connection sees only committed rows.
+    """
+    import celery.contrib.testing.tasks  # noqa: F401  (registers celery.ping for the start-up check)
+
+    with django_db_blocker.unblock():
+        celery_app.control.purge()
+        with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=True) as worker:
+            yield worker
+
+
+def database_url_for_subprocess() -> str:
+    """DATABASE_URL naming the *test* database, for workers started as processes."""
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{Path(db['NAME']).resolve()}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class WorkerProcess:
+    """`celery -A config worker ...` as a real process, as a user would start it."""
+
+    def __init__(self, node: str, args: list[str], log: Path, broker_url: str | None = None) -> None:
+        env = dict(os.environ)
+        env.update(
+            DJANGO_SETTINGS_MODULE="config.settings.test",
+            DATABASE_URL=database_url_for_subprocess(),
+            PYTHONUNBUFFERED="1",
+        )
+        if broker_url:
+            env["CELERY_BROKER_URL"] = broker_url
+        self.broker_url = broker_url
+        self.node = node
+        self.log = log
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config", "worker", "-n", f"{node}@%h", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits for the worker's own "ready" line: connected, queues declared, consuming."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.node} exited early:\n{self.log.read_text()[-3000:]}")
+            if f" {self.node}@" in self.log.read_text() and " ready." in self.log.read_text():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.node} was not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown, as a deploy would do
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def worker_process(
+    celery_app: Celery, tmp_path: Path, django_db_blocker
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts worker processes on demand; every one is stopped at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(node: str, *args: str, wait: bool = True, broker_url: str | None = None) -> WorkerProcess:
+        with django_db_blocker.unblock():
+            worker = WorkerProcess(node, list(args), tmp_path / f"{node}.log", broker_url)
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def smtp_server(settings) -> Iterator[SmtpServer]:
+    """A real SMTP server on loopback (tests/smtp.py), with Django's SMTP backend pointed at it.
+
+    It accepts everything; `smtp_server.set_failure(rcpt=(451, "try later"), times=2)` makes
+    it refuse the next commands, or build an `SmtpServer(...)` of your own for other needs.
+    The settings change is process-wide, so the in-process `celery_worker` sends through it too.
+    """
+    with SmtpServer() as server:
+        for name, value in server.django_settings().items():
+            setattr(settings, name, value)
+        yield server

@@ -1,0 +1,221 @@
+"""The first quick-start command: the whole stack from the Procfile, then Ctrl-C.
+
+Runs `python -m localdev.stack` (what `bin/run` executes once its virtualenv is
+ready) exactly as a developer does, on free ports, its own SQLite file and its
+own embedded broker, then checks what a person would check: the admin asks for
+a login and accepts the printed credentials, Flower refuses strangers and shows
+both workers, a task goes through, and Ctrl-C leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.cookiejar
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from localdev.embedded_broker import free_port, is_listening
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, whatever session it moved itself into."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.web_port, self.flower_port, self.broker_port = free_port(), free_port(), free_port()
+        self.log = tmp / "stack.log"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in {"DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "REDIS_URL", "DATABASE_URL"}
+        }
+        env.update(
+            STACK_STATE_DIR=str(tmp / "state"),
+            DATABASE_URL=f"sqlite:///{tmp / 'stack.sqlite3'}",
+            EMBEDDED_BROKER_PORT=str(self.broker_port),
+            WEB_BIND=f"127.0.0.1:{self.web_port}",
+            WEB_CONCURRENCY="1",
+            FLOWER_PORT=str(self.flower_port),
+            CELERY_WORKER_CONCURRENCY="1",
+        )
+        self.env = env
+        self._log_file = self.log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localdev.stack"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self, timeout: float = 120) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.output()
+            if "stack ready" in text:
+                found = re.search(r"admin:\s+\S+\s+user '([^']+)', password '([^']+)'", text)
+                assert found, text
+                return {"user": found[1], "password": found[2]}
+            if self.process.poll() is not None:
+                raise AssertionError(f"the stack exited early:\n{text[-4000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"the stack was not ready in {timeout}s:\n{self.output()[-4000:]}")
+
+    def ctrl_c(self, timeout: float = 60) -> int:
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        for pid in descendants(self.process.pid) | {self.process.pid}:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    running = Stack(tmp_path)
+    yield running
+    if running.process.poll() is None:
+        running.kill()
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def log_into_admin(base: str, user: str, password: str) -> str:
+    """Logs in through the real login form; returns the admin index page."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = opener.open(f"{base}/admin/login/?next=/admin/", timeout=10).read().decode()
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
+    assert csrf, form
+    body = urllib.parse.urlencode(
+        {"csrfmiddlewaretoken": csrf[1], "username": user, "password": password, "next": "/admin/"}
+    ).encode()
+    with opener.open(f"{base}/admin/login/?next=/admin/", data=body, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_the_stack_starts_serves_and_stops_cleanly_on_ctrl_c(stack: Stack) -> None:
+    credentials = stack.wait_ready()
+    web = f"http://127.0.0.1:{stack.web_port}"
+    flower = f"http://127.0.0.1:{stack.flower_port}"
+
+    # The admin is behind a login, and the printed credentials open it.
+    status, page = get(f"{web}/admin/")
+    assert status == 200 and "Log in" in page  # urllib followed the redirect to the login page
+    assert "Site administration" in log_into_admin(web, credentials["user"], credentials["password"])
+
+    # Flower refuses strangers and knows both workers.
+    assert get(f"{flower}/api/workers")[0] == 401
+    assert get(f"{flower}/api/workers", auth=("admin", "wrong"))[0] == 401
+    status, workers = get(
+        f"{flower}/api/workers?refresh=1", auth=(credentials["user"], credentials["password"])
+    )
+    assert status == 200
+    assert "email@" in workers and "general@" in workers
+
+    # A task goes through the embedded broker and a worker, its result kept in the database.
+    ping = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from config.celery_app import app; import django; django.setup(); "
+            "print(app.send_task('default.ping').get(timeout=30)['pong'])",
+        ],
+        cwd=ROOT,
+        env={
+            **stack.env,
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{stack.broker_port}/0",
+            "DJANGO_DEBUG": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.strip().startswith("general@")
+
+    everything = descendants(stack.process.pid)
+    assert len(everything) >= 7  # broker, web (+ its worker), two workers, beat, Flower
+
+    assert stack.ctrl_c() in (0, 130), stack.output()[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in everything):
+        time.sleep(0.2)
+    assert not [pid for pid in everything if alive(pid)], stack.output()[-3000:]
+    assert not is_listening("127.0.0.1", stack.broker_port)
+    assert "embedded broker stopped" in stack.output()
+
+
+def test_the_stack_keeps_its_admin_password_across_restarts(stack: Stack, tmp_path: Path) -> None:
+    first = stack.wait_ready()
+    stack.ctrl_c()
+
+    again = Stack(tmp_path)
+    try:
+        assert again.wait_ready() == first
+    finally:
+        again.kill()

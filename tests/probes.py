@@ -1,0 +1,109 @@
+"""Tasks that exist only for routing tests: each reports which queue delivered it.
+
+Worker processes load them with `-I tests.probes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.celery_app import app
+
+
+def _where(task: Any) -> dict[str, str]:
+    info = task.request.delivery_info or {}
+    return {"task": task.name, "routing_key": info.get("routing_key", ""), "worker": task.request.hostname}
+
+
+@app.task(bind=True, name="email.probe")
+def email_probe(self: Any) -> dict[str, str]:
+    return _where(self)
+
+
+@app.task(bind=True, name="images.probe")
+def images_probe(self: Any) -> dict[str, str]:
+    return _where(self)
+
+
+# --- Probes of the shared task policy (tasks/base.py) --------------------------
+
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pydantic import BaseModel, Field  # noqa: E402
+
+from tasks.base import JobTask, PermanentJobError, TransientJobError  # noqa: E402
+
+
+class FlakySchema(BaseModel):
+    fail_times: int = Field(ge=0, le=20)
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="default.probe_flaky",
+    schema=FlakySchema,
+    idempotency="no side effects",
+    max_attempts=3,
+)
+def probe_flaky(self: JobTask, fail_times: int) -> dict[str, Any]:
+    """Fails transiently `fail_times` times, then succeeds (or runs out of attempts)."""
+    self.report_progress(50, f"attempt {self.request.retries + 1}")
+    if self.request.retries < fail_times:
+        raise TransientJobError(f"attempt {self.request.retries + 1} of a flaky probe failed")
+    return {"attempts": self.request.retries + 1}
+
+
+class NeedsFileSchema(BaseModel):
+    path: str
+
+
+@app.task(
+    bind=True, base=JobTask, name="default.probe_needs_file", schema=NeedsFileSchema, idempotency="reads only"
+)
+def probe_needs_file(self: JobTask, path: str) -> str:
+    """Fails permanently until the file exists: a cause a person can fix, then replay."""
+    if not Path(path).exists():
+        raise PermanentJobError(f"{path} does not exist")
+    return Path(path).read_text()
+
+
+class SleepSchema(BaseModel):
+    path: str
+    seconds: float = Field(ge=0, le=60)
+
+
+@app.task(
+    bind=True, base=JobTask, name="default.probe_sleep", schema=SleepSchema, idempotency="appends a line"
+)
+def probe_sleep(self: JobTask, path: str, seconds: float) -> int:
+    """Records the pid that runs it, then sleeps: a task to kill a worker under."""
+    import os
+    import time
+
+    with open(path, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return len(Path(path).read_text().splitlines())
+
+
+class Window(BaseModel):
+    start: date
+    days: int = Field(ge=1)
+
+
+class ParsedSchema(BaseModel):
+    window: Window
+    fail_times: int = Field(ge=0, le=5)
+
+
+@app.task(
+    bind=True, base=JobTask, name="default.probe_parsed", schema=ParsedSchema, idempotency="no side effects"
+)
+def probe_parsed(self: JobTask, window: Window, fail_times: int) -> str:
+    """Receives a parsed model (not JSON) and retries: the retry must re-send the JSON it came with."""
+    assert isinstance(window, Window)
+    if self.request.retries < fail_times:
+        raise TransientJobError("again")
+    return f"{window.start.isoformat()}+{window.days}"

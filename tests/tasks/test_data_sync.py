@@ -1,0 +1,638 @@
+"""Data sync without Celery: the guarded fetcher, page parsing, upserts, runs and exports.
+
+The upstream is a real HTTP server on loopback (tests/tasks/upstream.py); its
+host is let through the SSRF guard only where a test says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from tasks.admin.data_sync import DataSourceForm
+from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
+from tasks.services import data_sync as service
+from tasks.services.fetch import (
+    Fetcher,
+    FetchPolicy,
+    PermanentFetchError,
+    RefusedURL,
+    ResponseTooLarge,
+    TransientFetchError,
+    check_url,
+    parse_allowed_hosts,
+    refusal_reason,
+)
+from tests.tasks.upstream import Upstream, make_records
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    server = Upstream(make_records(7), page_size=3).start()
+    yield server
+    server.stop()
+
+
+def allowing(*hosts: str, **overrides: Any) -> FetchPolicy:
+    return FetchPolicy.from_settings(allowed_hosts=parse_allowed_hosts(hosts), **overrides)
+
+
+def get(url: str, policy: FetchPolicy) -> Any:
+    with Fetcher(policy) as fetcher:
+        return fetcher.get(url)
+
+
+def fake_resolver(answers: dict[str, list[str]], calls: list[str] | None = None) -> Any:
+    """DNS is outside the test machine's world: names resolve to what the test says."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        if calls is not None:
+            calls.append(host)
+        return answers[host]
+
+    return resolve
+
+
+# --- the SSRF guard ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("[::1]", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.1.10", "private"),
+        ("172.16.0.1", "private"),
+        ("[fd12:3456::1]", "private"),
+        ("169.254.169.254", "cloud metadata"),
+        ("[fd00:ec2::254]", "cloud metadata"),
+        ("169.254.10.1", "link-local"),
+        ("0.0.0.0", "unspecified"),  # noqa: S104 (a URL host, not a bind address)
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "not a public address"),
+        ("[::ffff:10.0.0.1]", "private"),
+    ],
+)
+def test_it_refuses_addresses_that_are_not_public(host: str, reason: str) -> None:
+    with pytest.raises(RefusedURL, match=reason):
+        get(f"http://{host}/records", FetchPolicy.from_settings())
+
+
+def test_it_refuses_loopback_before_sending_anything(upstream: Upstream) -> None:
+    with pytest.raises(RefusedURL, match=r"127\.0\.0\.1.*loopback.*DATA_SYNC_ALLOWED_HOSTS"):
+        get(upstream.url("/records"), FetchPolicy.from_settings())
+    assert upstream.requests == []
+
+
+def test_it_refuses_a_host_name_that_resolves_to_loopback(upstream: Upstream) -> None:
+    with pytest.raises(RefusedURL, match=r"localhost, which resolves to .*loopback"):
+        get(f"http://localhost:{upstream.port}/records", FetchPolicy.from_settings())
+    assert upstream.requests == []
+
+
+def test_it_refuses_a_name_when_any_of_its_addresses_is_private() -> None:
+    policy = FetchPolicy.from_settings(
+        resolver=fake_resolver({"mixed.example": ["93.184.216.34", "10.0.0.7"]})
+    )
+    with pytest.raises(RefusedURL, match=r"mixed\.example, which resolves to 10\.0\.0\.7"):
+        get("http://mixed.example/records", policy)
+
+
+def test_metadata_services_are_refused_even_when_allowed() -> None:
+    policy = allowing("metadata.google.internal", "169.254.169.254")
+    with pytest.raises(RefusedURL, match="metadata"):
+        get("http://metadata.google.internal/computeMetadata/v1/", policy)
+    with pytest.raises(RefusedURL, match="metadata"):
+        get("http://169.254.169.254/latest/meta-data/", policy)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/data.csv", "file:///etc/passwd", "gopher://example.com/"])
+def test_only_http_and_https_are_fetched(url: str) -> None:
+    with pytest.raises(RefusedURL, match="only http and https"):
+        get(url, FetchPolicy.from_settings())
+
+
+def test_an_allowed_host_is_fetched(upstream: Upstream) -> None:
+    page = get(upstream.url("/records?page=1"), allowing(upstream.host))
+
+    assert page.status == 200
+    assert json.loads(page.body)["results"][0]["id"] == 1
+
+
+def test_an_allowed_host_with_another_port_is_still_refused(upstream: Upstream) -> None:
+    with pytest.raises(RefusedURL, match="loopback"):
+        get(upstream.url("/records"), allowing(f"127.0.0.1:{upstream.port + 1}"))
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_original_host_header(upstream: Upstream) -> None:
+    # A rebinding resolver: the first answer (the one checked) is the upstream,
+    # any later lookup would say 192.0.2.1. Only one lookup may happen.
+    calls: list[str] = []
+    answers = iter([["127.0.0.1"]])
+
+    def rebinding(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return next(answers, ["192.0.2.1"])
+
+    policy = allowing(f"data.example.test:{upstream.port}", resolver=rebinding)
+    page = get(f"http://data.example.test:{upstream.port}/records?page=1", policy)
+
+    assert page.status == 200
+    assert calls == ["data.example.test"]
+    assert upstream.requests == [("/records?page=1", f"data.example.test:{upstream.port}")]
+
+
+def test_a_redirect_to_a_refused_address_is_not_followed(upstream: Upstream) -> None:
+    upstream.route(
+        "/moved",
+        lambda handler: handler.answer(
+            302, b"", headers={"Location": f"http://localhost:{upstream.port}/records?page=1"}
+        ),
+    )
+    with pytest.raises(RefusedURL, match=r"localhost, which resolves to .*loopback"):
+        get(upstream.url("/moved"), allowing(upstream.host))
+    assert [path for path, _ in upstream.requests] == ["/moved"]
+
+
+def test_a_redirect_to_the_metadata_service_is_not_followed(upstream: Upstream) -> None:
+    upstream.route(
+        "/moved",
+        lambda handler: handler.answer(301, b"", headers={"Location": "http://169.254.169.254/latest/"}),
+    )
+    with pytest.raises(RefusedURL, match="cloud metadata"):
+        get(upstream.url("/moved"), allowing(upstream.host))
+
+
+def test_redirects_within_allowed_hosts_are_followed_up_to_the_limit(upstream: Upstream) -> None:
+    upstream.route(
+        "/moved", lambda handler: handler.answer(307, b"", headers={"Location": "/records?page=2"})
+    )
+    upstream.route("/loop", lambda handler: handler.answer(302, b"", headers={"Location": "/loop"}))
+
+    page = get(upstream.url("/moved"), allowing(upstream.host))
+    assert page.url == upstream.url("/records?page=2")
+    assert json.loads(page.body)["results"][0]["id"] == 4
+
+    with pytest.raises(RefusedURL, match=r"more than 2 redirects \(DATA_SYNC_MAX_REDIRECTS\)"):
+        get(upstream.url("/loop"), allowing(upstream.host, max_redirects=2))
+    assert upstream.hits("/loop") == 3
+
+
+@pytest.mark.django_db
+def test_the_admin_form_explains_a_refused_address() -> None:
+    form = DataSourceForm(data={**SOURCE_FORM, "url": "http://10.0.0.5/feed"})
+
+    assert not form.is_valid()
+    assert "10.0.0.5 (port 80): a private address" in form.errors["url"][0]
+    assert "DATA_SYNC_ALLOWED_HOSTS" in form.errors["url"][0]
+
+
+@pytest.mark.django_db
+def test_the_admin_form_accepts_a_public_address() -> None:
+    form = DataSourceForm(data={**SOURCE_FORM, "url": "https://93.184.216.34/feed"})
+
+    assert form.is_valid(), form.errors
+
+
+SOURCE_FORM = {
+    "name": "shop",
+    "kind": "json",
+    "id_field": "id",
+    "records_path": "results",
+    "next_path": "next",
+    "batch_size": "500",
+    "enabled": "on",
+}
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e"],
+)
+def test_public_addresses_pass(address: str) -> None:
+    import ipaddress
+
+    assert refusal_reason(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("2002:a00:1::1", "private"),  # 6to4 around 10.0.0.1
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 around 127.0.0.1
+        ("fe80::1", "link-local"),
+        ("::", "unspecified"),
+        ("ff02::1", "multicast"),
+    ],
+)
+def test_ipv6_forms_of_refused_addresses_are_refused(address: str, reason: str) -> None:
+    import ipaddress
+
+    assert reason in (refusal_reason(ipaddress.ip_address(address)) or "")
+
+
+def test_allowed_host_entries_take_names_ips_and_ports() -> None:
+    assert parse_allowed_hosts(["API.internal", "127.0.0.1:8080", "[::1]:9000", "fd00::1", " "]) == {
+        ("api.internal", None),
+        ("127.0.0.1", 8080),
+        ("::1", 9000),
+        ("fd00::1", None),
+    }
+    with pytest.raises(ValueError, match="port that is not a number"):
+        parse_allowed_hosts(["example.com:http"])
+
+
+def test_check_url_returns_the_addresses_it_checked() -> None:
+    policy = FetchPolicy.from_settings(resolver=fake_resolver({"api.example": ["93.184.216.34"]}))
+    assert check_url("https://api.example/v1/items", policy) == ["93.184.216.34"]
+
+
+# --- status, size and time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "kind"), [(503, TransientFetchError), (500, TransientFetchError),
+                                              (429, TransientFetchError), (408, TransientFetchError),
+                                              (404, PermanentFetchError), (400, PermanentFetchError),
+                                              (401, PermanentFetchError)])  # fmt: skip
+def test_server_errors_and_throttling_are_transient_other_4xx_permanent(
+    upstream: Upstream, status: int, kind: type[Exception]
+) -> None:
+    upstream.fail("/records?page=1", status)
+    with pytest.raises(kind, match=f"answered {status}") as raised:
+        get(upstream.url("/records?page=1"), allowing(upstream.host))
+    if kind is PermanentFetchError:
+        assert not isinstance(raised.value, TransientFetchError)
+
+
+def test_error_messages_leave_out_query_strings_and_credentials(upstream: Upstream) -> None:
+    with pytest.raises(PermanentFetchError) as raised:
+        get(f"http://user:hunter2@{upstream.host}/missing?token=s3cret", allowing(upstream.host))
+    assert "s3cret" not in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+    assert f"http://{upstream.host}/missing?…" in str(raised.value)
+
+
+def test_a_refused_connection_is_transient(upstream: Upstream) -> None:
+    upstream.stop()
+    with pytest.raises(TransientFetchError, match="ConnectError"):
+        get(upstream.url("/records"), allowing(upstream.host))
+
+
+def test_a_body_over_the_declared_cap_is_refused(upstream: Upstream) -> None:
+    upstream.route("/big", lambda handler: handler.answer(200, b"x" * 50_000))
+    with pytest.raises(ResponseTooLarge, match=r"DATA_SYNC_MAX_RESPONSE_BYTES \(10000 bytes\)"):
+        get(upstream.url("/big"), allowing(upstream.host, max_bytes=10_000))
+
+
+def test_reading_an_endless_body_stops_at_the_cap(upstream: Upstream) -> None:
+    def endless(handler: Any) -> None:
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()  # no Content-Length: the body runs until the connection closes
+        try:
+            while not upstream.released.is_set():
+                handler.wfile.write(b"[" * 65536)
+        except OSError:
+            pass
+
+    upstream.route("/endless", endless)
+    with pytest.raises(ResponseTooLarge, match="DATA_SYNC_MAX_RESPONSE_BYTES"):
+        get(upstream.url("/endless"), allowing(upstream.host, max_bytes=1_000_000))
+
+
+def test_a_server_that_does_not_answer_times_out_as_transient(upstream: Upstream) -> None:
+    upstream.route("/slow", lambda handler: upstream.released.wait(10))
+    started = time.monotonic()
+    with pytest.raises(TransientFetchError, match="timed out"):
+        get(upstream.url("/slow"), allowing(upstream.host, read_timeout=0.2))
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_dripping_in_slowly_hits_the_page_deadline(upstream: Upstream) -> None:
+    def drip(handler: Any) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        try:
+            while not upstream.released.wait(0.02):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+        except OSError:
+            pass
+
+    upstream.route("/drip", drip)
+    with pytest.raises(TransientFetchError, match=r"DATA_SYNC_PAGE_TIMEOUT \(0.5 s\)"):
+        get(upstream.url("/drip"), allowing(upstream.host, read_timeout=2, page_timeout=0.5))
+
+
+# --- pages ----------------------------------------------------------------------
+
+
+def make_source(upstream: Upstream, **fields: Any) -> DataSource:
+    values: dict[str, Any] = {
+        "name": "shop",
+        "kind": DataSource.Kind.JSON,
+        "url": upstream.url("/records?page=1"),
+        "batch_size": 4,
+    }
+    return DataSource.objects.create(**{**values, **fields})
+
+
+@pytest.fixture
+def allow_upstream(settings: Any, upstream: Upstream) -> None:
+    settings.DATA_SYNC_ALLOWED_HOSTS = [upstream.host]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_collect_follows_next_links_through_every_page(upstream: Upstream) -> None:
+    pages_seen: list[tuple[int, int]] = []
+
+    collected = service.collect(make_source(upstream), on_page=lambda *progress: pages_seen.append(progress))
+
+    assert [record["id"] for record in collected.records] == [1, 2, 3, 4, 5, 6, 7]
+    assert (collected.pages, collected.fetched, collected.failed) == (3, 7, 0)
+    assert pages_seen == [(1, 3), (2, 6), (3, 7)]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_collect_counts_records_without_an_id_and_repeats_as_failed(upstream: Upstream) -> None:
+    upstream.records = [{"id": 1, "v": "old"}, {"name": "no id"}, {"id": ""}, {"id": 1, "v": "new"}, "x"]
+
+    collected = service.collect(make_source(upstream))
+
+    assert collected.records == [{"id": 1, "v": "new"}]
+    assert (collected.fetched, collected.failed) == (5, 4)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_collect_reads_csv(upstream: Upstream) -> None:
+    upstream.records = [{"id": "a", "name": "Ann"}, {"id": "b", "name": "Bob"}]
+
+    collected = service.collect(
+        make_source(upstream, kind=DataSource.Kind.CSV, url=upstream.url("/records.csv"))
+    )
+
+    assert collected.records == [{"id": "a", "name": "Ann"}, {"id": "b", "name": "Bob"}]
+    assert collected.pages == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_a_csv_row_with_the_wrong_number_of_cells_is_failed_not_fatal(upstream: Upstream) -> None:
+    upstream.route("/data.csv", lambda h: h.answer(200, b"\xef\xbb\xbfid,name\n1,Ann\n2,Bob,extra\n\n3,Cy\n"))
+
+    collected = service.collect(
+        make_source(upstream, kind=DataSource.Kind.CSV, url=upstream.url("/data.csv"))
+    )
+
+    assert collected.records == [{"id": "1", "name": "Ann"}, {"id": "3", "name": "Cy"}]
+    assert (collected.fetched, collected.failed) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "message"),
+    [
+        (b"{not json", DataSource.Kind.JSON, "is not valid JSON"),
+        (b'{"items": []}', DataSource.Kind.JSON, "no 'results' in the page .records_path"),
+        (b'{"results": {"id": 1}}', DataSource.Kind.JSON, "'results' is a dict, not a list"),
+        (b'{"results": [], "next": 5}', DataSource.Kind.JSON, "'next' is a int, not a URL"),
+        (b"id,name\n\xff\xfe,x\n", DataSource.Kind.CSV, "is not UTF-8"),
+        (b'id,name\n1,"unclosed\n', DataSource.Kind.CSV, "bad CSV at line"),
+        (b"id,id\n1,2\n", DataSource.Kind.CSV, "repeats a column name"),
+    ],
+)
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_a_page_that_is_not_what_the_source_says_is_a_permanent_error(
+    upstream: Upstream, body: bytes, kind: str, message: str
+) -> None:
+    upstream.route("/bad", lambda handler: handler.answer(200, body))
+    source = make_source(upstream, kind=kind, url=upstream.url("/bad"))
+
+    with pytest.raises(service.SourceDataError, match=message):
+        service.collect(source)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_nested_paths_and_absolute_next_links(upstream: Upstream) -> None:
+    def page(handler: Any) -> None:
+        number = int(handler.path.rsplit("=", 1)[1])
+        following = upstream.url(f"/nested?p={number + 1}") if number < 2 else None
+        payload = {"data": {"items": [{"meta": {"key": f"k{number}"}}]}, "links": {"next": following}}
+        handler.answer(200, json.dumps(payload).encode())
+
+    upstream.route("/nested", page)
+    source = make_source(
+        upstream,
+        url=upstream.url("/nested?p=1"),
+        records_path="data.items",
+        next_path="links.next",
+        id_field="meta.key",
+    )
+
+    collected = service.collect(source)
+
+    assert collected.records == [{"meta": {"key": "k1"}}, {"meta": {"key": "k2"}}]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_next_links_that_loop_or_never_end_are_stopped(upstream: Upstream, settings: Any) -> None:
+    upstream.route("/loop", lambda h: h.answer(200, b'{"results": [], "next": "/loop?again"}'))
+    upstream.route("/loop2", lambda h: h.answer(200, b'{"results": [], "next": "/loop2"}'))
+    with pytest.raises(service.SourceDataError, match="points back to an earlier page"):
+        service.collect(make_source(upstream, url=upstream.url("/loop2")))
+
+    settings.DATA_SYNC_MAX_PAGES = 3
+    upstream.records = make_records(20)
+    with pytest.raises(service.SourceDataError, match=r"more than 3 pages \(DATA_SYNC_MAX_PAGES"):
+        service.collect(make_source(upstream, name="other"))
+
+
+# --- upserts --------------------------------------------------------------------
+
+
+@pytest.fixture
+def source(db: None) -> DataSource:
+    return DataSource.objects.create(name="catalog", url="https://93.184.216.34/items", batch_size=100)
+
+
+def test_upsert_creates_then_leaves_unchanged_records_alone(source: DataSource) -> None:
+    records = make_records(5)
+    first = service.upsert_records(source, records)
+    stamps = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+
+    second = service.upsert_records(source, [dict(reversed(list(r.items()))) for r in records])
+
+    assert first.as_dict() == {"created": 5, "updated": 0, "unchanged": 0, "failed": 0}
+    assert second.as_dict() == {"created": 0, "updated": 0, "unchanged": 5, "failed": 0}
+    assert dict(SyncedRecord.objects.values_list("external_id", "changed_at")) == stamps
+
+
+def test_upsert_updates_exactly_the_changed_records(source: DataSource) -> None:
+    records = make_records(5)
+    service.upsert_records(source, records, now=timezone.now() - timedelta(hours=1))
+    before = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+    records[1]["price"] = 999
+    records[3]["tags"] = ["c"]
+
+    counts = service.upsert_records(source, [*records, {"id": 6, "name": "new"}])
+
+    assert counts.as_dict() == {"created": 1, "updated": 2, "unchanged": 3, "failed": 0}
+    after = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+    moved = {key for key in before if after[key] != before[key]}
+    assert moved == {"2", "4"}
+    assert SyncedRecord.objects.get(external_id="2").data["price"] == 999
+
+
+def test_records_that_cannot_be_stored_are_failed_not_fatal(source: DataSource) -> None:
+    counts = service.upsert_records(
+        source,
+        [
+            {"id": 1},
+            {"name": "no id"},
+            {"id": None},
+            {"id": True},
+            {"id": {"nested": 1}},
+            {"id": "x" * 300},
+            {"id": 2, "price": float("nan")},
+            {"id": 3, "note": "nul \x00 inside"},
+            {"id": 4, "note": "lone \ud800 surrogate"},
+            "not an object",
+        ],
+    )
+
+    assert counts.as_dict() == {"created": 1, "updated": 0, "unchanged": 0, "failed": 9}
+    assert list(SyncedRecord.objects.values_list("external_id", flat=True)) == ["1"]
+
+
+def test_ids_are_text_and_a_repeated_id_keeps_the_last_copy(source: DataSource) -> None:
+    counts = service.upsert_records(source, [{"id": 7, "v": 1}, {"id": "7", "v": 2}])
+
+    assert counts.as_dict() == {"created": 1, "updated": 0, "unchanged": 0, "failed": 1}
+    assert SyncedRecord.objects.get(external_id="7").data == {"id": "7", "v": 2}
+
+
+def test_a_batch_costs_one_select_of_checksums_and_no_writes_when_nothing_changed(source: DataSource) -> None:
+    records = make_records(300)
+    with CaptureQueriesContext(connection) as creating:
+        service.upsert_records(source, records)
+    with CaptureQueriesContext(connection) as rerun:
+        service.upsert_records(source, records)
+
+    def statements(context: CaptureQueriesContext, verb: str) -> int:
+        return sum(
+            1
+            for query in context.captured_queries
+            if query["sql"].startswith(verb) and "tasks_syncedrecord" in query["sql"]
+        )
+
+    assert statements(creating, "SELECT") == 1
+    assert statements(creating, "INSERT") >= 1
+    assert statements(rerun, "SELECT") == 1
+    assert statements(rerun, "INSERT") == statements(rerun, "UPDATE") == 0
+
+
+# --- runs -----------------------------------------------------------------------
+
+
+def test_a_run_is_found_again_by_its_task_id_and_finishes_with_the_summed_counts(source: DataSource) -> None:
+    run = service.start_run(source, "task-1")
+    assert service.start_run(source, "task-1").pk == run.pk
+
+    assert service.finish_run(
+        run.pk,
+        [
+            {"created": 3, "updated": 1, "unchanged": 0, "failed": 0},
+            {"created": 1, "updated": 0, "unchanged": 2, "failed": 1},
+        ],
+        failed_before=2,
+    )
+    run.refresh_from_db()
+    assert (run.status, run.created, run.updated, run.unchanged, run.failed) == ("succeeded", 4, 1, 2, 3)
+    assert run.finished_at is not None
+    assert not service.fail_run(run.pk, "too late")
+
+
+def test_the_first_error_of_a_failed_run_is_kept(source: DataSource) -> None:
+    run = service.start_run(source, "task-2")
+    service.note_retry(run.pk, "attempt 1 failed, retrying")
+
+    assert service.fail_run(run.pk, "batch 3 failed: boom")
+    assert not service.fail_run(run.pk, "the chord failed")
+    assert not service.finish_run(run.pk, [])
+    run.refresh_from_db()
+    assert (run.status, run.error) == (SyncRun.Status.FAILED, "batch 3 failed: boom")
+
+
+# --- exports --------------------------------------------------------------------
+
+
+def read_lines(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_export_writes_changes_since_the_last_export_then_nothing(source: DataSource, tmp_path: Path) -> None:
+    service.upsert_records(source, make_records(3), now=timezone.now() - timedelta(minutes=5))
+
+    first = service.export_changes(source, export_dir=tmp_path, lag=timedelta(0))
+    second = service.export_changes(source, export_dir=tmp_path, lag=timedelta(0))
+
+    assert first.records == 3 and first.since is None
+    lines = read_lines(first.path)
+    assert [line["external_id"] for line in lines] == ["1", "2", "3"]
+    assert lines[0]["data"] == make_records(1)[0] and lines[0]["source"] == "catalog"
+    assert (second.records, second.path, second.since) == (0, "", first.until)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [Path(first.path).name]  # no temp files
+
+
+def test_export_takes_only_records_changed_after_the_watermark(source: DataSource, tmp_path: Path) -> None:
+    records = make_records(4)
+    service.upsert_records(source, records, now=timezone.now() - timedelta(minutes=5))
+    service.export_changes(source, export_dir=tmp_path, lag=timedelta(0))
+    records[2]["price"] = 1
+
+    service.upsert_records(source, records)
+    export = service.export_changes(source, export_dir=tmp_path, lag=timedelta(0))
+
+    assert [line["external_id"] for line in read_lines(export.path)] == ["3"]
+    assert SyncExport.objects.count() == 2
+
+
+def test_export_leaves_changes_inside_the_lag_for_the_next_export(source: DataSource, tmp_path: Path) -> None:
+    service.upsert_records(source, make_records(2))
+
+    early = service.export_changes(source, export_dir=tmp_path, lag=timedelta(minutes=1))
+    later = service.export_changes(
+        source, export_dir=tmp_path, lag=timedelta(minutes=1), now=timezone.now() + timedelta(minutes=2)
+    )
+
+    assert (early.records, later.records) == (0, 2)
+
+
+def test_an_export_of_all_sources_keeps_its_own_watermark(source: DataSource, tmp_path: Path) -> None:
+    other = DataSource.objects.create(name="other", url="https://93.184.216.34/other")
+    service.upsert_records(source, make_records(2), now=timezone.now() - timedelta(minutes=5))
+    service.upsert_records(other, make_records(1), now=timezone.now() - timedelta(minutes=5))
+    service.export_changes(source, export_dir=tmp_path, lag=timedelta(0))
+
+    everything = service.export_changes(None, export_dir=tmp_path, lag=timedelta(0))
+
+    assert everything.records == 3
+    assert Path(everything.path).name.startswith("all-")

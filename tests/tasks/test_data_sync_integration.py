@@ -1,0 +1,216 @@
+"""Data sync through a real worker and broker, from a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from celery import chord
+from django.urls import reverse
+
+from tasks import data_sync
+from tasks.models import DataSource, DeadLetter, SyncedRecord, SyncExport, SyncRun
+from tests.tasks.upstream import Upstream, make_records
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def upstream(settings: Any, tmp_path: Path) -> Iterator[Upstream]:
+    server = Upstream(make_records(10), page_size=3).start()
+    settings.DATA_SYNC_ALLOWED_HOSTS = [server.host]
+    settings.DATA_SYNC_EXPORT_DIR = tmp_path / "exports"
+    settings.DATA_SYNC_EXPORT_LAG_SECONDS = 0
+    yield server
+    server.stop()
+
+
+def make_source(upstream: Upstream, **fields: Any) -> DataSource:
+    values: dict[str, Any] = {"name": "shop", "url": upstream.url("/records?page=1"), "batch_size": 4}
+    return DataSource.objects.create(**{**values, **fields})
+
+
+def finished(run_id: int) -> SyncRun:
+    return wait_for(lambda: SyncRun.objects.exclude(status=SyncRun.Status.RUNNING).filter(pk=run_id).first())
+
+
+def sync(source: DataSource) -> SyncRun:
+    outcome = data_sync.sync.delay(source_id=source.pk).get(timeout=30)
+    return finished(outcome["run_id"])
+
+
+def changed_at() -> dict[str, Any]:
+    return dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+
+
+def test_a_multi_page_sync_stores_every_record_and_counts_them(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    upstream.records.append({"name": "a record without an id"})
+    source = make_source(upstream)
+
+    run = sync(source)
+
+    assert run.status == SyncRun.Status.SUCCEEDED, run.error
+    assert (run.pages, run.fetched, run.batches) == (4, 11, 3)
+    assert (run.created, run.updated, run.unchanged, run.failed) == (10, 0, 0, 1)
+    assert run.finished_at is not None
+    assert upstream.hits("/records?page=4") == 1
+    stored = SyncedRecord.objects.get(source=source, external_id="7")
+    assert stored.data == make_records(7)[6]
+    assert SyncedRecord.objects.count() == 10
+
+
+def test_a_second_sync_of_an_unchanged_source_changes_nothing(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    source = make_source(upstream)
+    sync(source)
+    before = changed_at()
+
+    run = sync(source)
+
+    assert run.status == SyncRun.Status.SUCCEEDED
+    assert (run.created, run.updated, run.unchanged, run.failed) == (0, 0, 10, 0)
+    assert changed_at() == before
+    assert SyncRun.objects.count() == 2
+
+
+def test_an_upstream_change_updates_exactly_the_changed_records(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    source = make_source(upstream)
+    sync(source)
+    before = changed_at()
+    upstream.records[0]["price"] = 1
+    upstream.records[5]["name"] = "renamed"
+    upstream.records.pop()  # id 10 disappears upstream: kept here (a sync never deletes)
+    upstream.records.append({"id": 11, "name": "new"})
+
+    run = sync(source)
+
+    assert (run.created, run.updated, run.unchanged, run.failed) == (1, 2, 7, 0)
+    after = changed_at()
+    assert {key for key in before if after[key] != before[key]} == {"1", "6"}
+    assert set(after) - set(before) == {"11"}
+    assert SyncedRecord.objects.get(external_id="6").data["name"] == "renamed"
+
+
+def test_a_page_that_answers_503_once_is_retried_and_the_sync_completes(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    upstream.fail("/records?page=2", 503)
+    source = make_source(upstream)
+
+    run = sync(source)
+
+    assert run.status == SyncRun.Status.SUCCEEDED
+    assert run.created == 10
+    assert upstream.hits("/records?page=2") == 2
+    assert SyncRun.objects.count() == 1  # the retry reused its run
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_page_that_answers_404_fails_the_sync_at_once(celery_worker: object, upstream: Upstream) -> None:
+    upstream.fail("/records?page=3", 404)
+    source = make_source(upstream)
+
+    result = data_sync.sync.delay(source_id=source.pk)
+
+    with pytest.raises(Exception, match="answered 404"):
+        result.get(timeout=30)
+    run = finished(SyncRun.objects.get(task_id=result.id).pk)
+    assert run.status == SyncRun.Status.FAILED
+    assert "data_sync.sync failed" in run.error and "answered 404" in run.error
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert (letter.task_name, letter.attempts, letter.queue) == ("data_sync.sync", 1, "data_sync")
+    assert upstream.hits("/records?page=3") == 1
+    assert not SyncedRecord.objects.exists()  # nothing is written before every page is fetched
+
+
+def test_a_batch_that_fails_for_good_fails_the_run_instead_of_leaving_it_running(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    source = make_source(upstream)
+    run = SyncRun.objects.create(source=source, task_id="hand-made")
+    # The chord as data_sync.sync sends it, with one batch that cannot succeed
+    # (it names a run that does not exist): the chord errors, and the callback's
+    # error link must mark the run failed.
+    header = [
+        data_sync.upsert_batch.s(run_id=run.pk, records=make_records(2)),
+        data_sync.upsert_batch.s(run_id=run.pk + 1000, records=make_records(2, start=3)),
+    ]
+    chord(header)(data_sync.finishing_callback(run.pk))
+
+    run = finished(run.pk)
+
+    assert run.status == SyncRun.Status.FAILED
+    assert "failed for good" in run.error, run.error
+    assert run.finished_at is not None
+    assert wait_for(lambda: DeadLetter.objects.filter(task_name="data_sync.upsert_batch").exists())
+    assert SyncedRecord.objects.count() == 2  # the good batch is stored
+
+
+def test_a_csv_source_syncs_through_the_worker(celery_worker: object, upstream: Upstream) -> None:
+    source = make_source(upstream, kind=DataSource.Kind.CSV, url=upstream.url("/records.csv"), batch_size=100)
+
+    run = sync(source)
+
+    assert (run.status, run.pages, run.batches, run.created) == (SyncRun.Status.SUCCEEDED, 1, 1, 10)
+    assert SyncedRecord.objects.get(external_id="3").data["price"] == "30"  # CSV cells are text
+
+
+def test_the_export_writes_only_records_changed_since_the_last_one(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    source = make_source(upstream)
+    sync(source)
+    first = data_sync.export.delay(source_id=source.pk).get(timeout=30)
+    upstream.records[3]["price"] = 0
+    sync(source)
+
+    second = data_sync.export.delay(source_id=source.pk).get(timeout=30)
+    third = data_sync.export.delay(source_id=source.pk).get(timeout=30)
+
+    assert first["records"] == 10
+    assert second["records"] == 1
+    lines = [json.loads(line) for line in Path(second["path"]).read_text().splitlines()]
+    assert [(line["external_id"], line["data"]["price"]) for line in lines] == [("4", 0)]
+    assert (third["records"], third["path"]) == (0, "")
+    assert SyncExport.objects.count() == 3
+    assert len(list(Path(second["path"]).parent.iterdir())) == 2
+
+
+def test_sync_now_in_the_admin_queues_a_sync(
+    celery_worker: object, upstream: Upstream, admin_client: Any
+) -> None:
+    source = make_source(upstream)
+    disabled = make_source(upstream, name="paused", enabled=False)
+
+    response = admin_client.post(
+        reverse("admin:tasks_datasource_changelist"),
+        {"action": "sync_now", "_selected_action": [source.pk, disabled.pk]},
+        follow=True,
+    )
+
+    page = response.content.decode()
+    assert "Sync queued for shop" in page and "&#x27;paused&#x27; is disabled" in page
+    run = finished(wait_for(lambda: SyncRun.objects.filter(source=source).first()).pk)
+    assert (run.status, run.created) == (SyncRun.Status.SUCCEEDED, 10)
+    assert not SyncRun.objects.filter(source=disabled).exists()

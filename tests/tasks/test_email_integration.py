@@ -1,0 +1,108 @@
+"""The email family through a real worker, a real broker and a real SMTP server on loopback."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from django_celery_results.models import TaskResult
+
+from tasks.email import newsletter, send
+from tasks.models import DeadLetter, EmailLog
+from tests.smtp import SmtpServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def test_a_message_arrives_with_both_parts_and_the_address_stays_out_of_logs(
+    celery_worker: object, smtp_server: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    result = send.delay(to="ann.lee@example.com", template="welcome", context={"name": "Ann"})
+
+    assert result.get(timeout=30)["outcome"] == "sent"
+    [message] = smtp_server.wait_for_messages(1)
+    assert message.envelope_to == ["ann.lee@example.com"]
+    assert message.subject == "Welcome to Jobs, Ann"
+    assert "Hello Ann" in (message.text or "")
+    assert "<p>Hello Ann,</p>" in (message.html or "")
+    assert EmailLog.objects.get(recipient="ann.lee@example.com").status == "sent"
+    stored = TaskResult.objects.get(task_id=result.id)
+    assert "ann.lee@example.com" not in f"{stored.task_args}{stored.task_kwargs}{stored.result}"
+    assert "a***@e***.com" in stored.task_kwargs
+    ours = [r.getMessage() for r in caplog.records if r.name != "mail.log"]  # mail.log: the test server
+    assert any("a***@e***.com" in line for line in ours)
+    assert not [line for line in ours if "ann.lee@example.com" in line]
+
+
+def test_a_busy_server_is_retried_with_backoff_until_it_accepts(
+    celery_worker: object, smtp_server: SmtpServer
+) -> None:
+    smtp_server.set_failure(rcpt=(451, "4.3.2 try again later"), times=2)
+
+    result = send.delay(to="bob@example.com", template="welcome", context={"name": "Bob"})
+
+    assert result.get(timeout=30)["outcome"] == "sent"
+    assert len(smtp_server.refused) == 2
+    assert len(smtp_server.wait_for_messages(1)) == 1
+    log = EmailLog.objects.get(recipient="bob@example.com")
+    assert (log.status, log.attempts) == ("sent", 3)
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_refused_recipient_goes_to_the_dead_letters_at_once(
+    celery_worker: object, smtp_server: SmtpServer
+) -> None:
+    smtp_server.set_failure(rcpt=(550, "5.1.1 no such user"), times=None)
+
+    result = send.delay(to="ghost@example.com", template="welcome", context={"name": "Nobody"})
+
+    with pytest.raises(Exception, match="recipient refused: 550"):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert letter.attempts == 1
+    assert letter.kwargs["to"] == "ghost@example.com"  # kept as given, for replay
+    assert "ghost@example.com" not in letter.exception_message
+    assert len(smtp_server.refused) == 1
+    assert EmailLog.objects.get(recipient="ghost@example.com").status == "failed"
+
+
+def test_a_newsletter_reaches_every_recipient_once_even_when_run_twice(
+    celery_worker: object, smtp_server: SmtpServer
+) -> None:
+    recipients = [f"reader{i}@example.com" for i in range(25)] + ["READER0@example.com"]
+    arguments = {
+        "campaign": "2026-11-weekly",
+        "template": "newsletter",
+        "recipients": recipients,
+        "context": {"title": "Weekly", "body": "News"},
+        "batch_size": 10,
+        "window_seconds": 2,
+    }
+
+    assert newsletter.delay(**arguments).get(timeout=30) == {
+        "campaign": "2026-11-weekly",
+        "recipients": 25,
+        "batches": 3,
+    }
+    wait_for(lambda: EmailLog.objects.filter(campaign="2026-11-weekly", status="sent").count() == 25)
+    newsletter.delay(**arguments).get(timeout=30)
+    time.sleep(3)  # the second run's batches are spread over 2 s; let them all run
+
+    arrived = smtp_server.messages
+    assert sorted(address for message in arrived for address in message.envelope_to) == sorted(
+        recipients[:25]
+    )
+    assert all(message.subject == "Weekly" for message in arrived)

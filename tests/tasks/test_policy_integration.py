@@ -1,0 +1,120 @@
+"""The shared task policy through a real worker and broker: retries, dead letters, replay, progress."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from tasks import deadletters
+from tasks.models import DeadLetter
+from tests import probes
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def test_transient_errors_are_retried_until_the_task_succeeds(celery_worker: object) -> None:
+    result = probes.probe_flaky.delay(fail_times=2)
+
+    assert result.get(timeout=30) == {"attempts": 3}
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_task_that_runs_out_of_attempts_becomes_a_dead_letter(celery_worker: object) -> None:
+    result = probes.probe_flaky.delay(fail_times=5)
+
+    with pytest.raises(Exception, match="attempt 3 of a flaky probe failed"):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert letter.task_name == "default.probe_flaky"
+    assert letter.queue == "default"
+    assert letter.kwargs == {"fail_times": 5}
+    assert letter.attempts == 3
+    assert letter.exception_type == "tasks.base.TransientJobError"
+    assert "raise TransientJobError" in letter.traceback
+    assert letter.first_failed_at < letter.last_failed_at
+
+
+def test_a_permanent_error_is_not_retried_and_replay_succeeds_once_fixed(
+    celery_worker: object, tmp_path
+) -> None:
+    path = tmp_path / "needed.txt"
+    result = probes.probe_needs_file.delay(path=str(path))
+    with pytest.raises(Exception, match="does not exist"):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert letter.attempts == 1
+
+    path.write_text("here now")
+    new_id = deadletters.replay(letter)
+
+    assert AsyncResult(new_id).get(timeout=30) == "here now"
+    letter.refresh_from_db()
+    assert letter.replay_task_id == new_id
+    assert wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded")
+    assert DeadLetter.objects.count() == 1
+
+
+def test_the_admin_lists_shows_and_replays_dead_letters(
+    celery_worker: object, admin_client, tmp_path
+) -> None:
+    path = tmp_path / "needed.txt"
+    result = probes.probe_needs_file.delay(path=str(path))
+    with pytest.raises(Exception, match="does not exist"):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+
+    listing = admin_client.get("/admin/tasks/deadletter/?q=probe_needs_file&queue=default")
+    assert listing.status_code == 200 and "default.probe_needs_file" in listing.content.decode()
+    page = admin_client.get(f"/admin/tasks/deadletter/{letter.pk}/change/").content.decode()
+    assert "PermanentJobError" in page and "Traceback" in page and str(path) in page
+
+    path.write_text("fixed")
+    response = admin_client.post(
+        "/admin/tasks/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+    assert "Replayed 1 dead letter(s)." in response.content.decode()
+    assert wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded")
+
+
+def test_the_deadletters_command_lists_replays_and_purges(celery_worker: object, tmp_path) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    path = tmp_path / "needed.txt"
+    result = probes.probe_needs_file.delay(path=str(path))
+    with pytest.raises(Exception, match="does not exist"):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+
+    out = StringIO()
+    call_command("deadletters", "list", "--task", "default.probe_needs_file", stdout=out)
+    assert f"{letter.pk:>6}" in out.getvalue() and "PermanentJobError" in out.getvalue()
+
+    path.write_text("fixed")
+    call_command("deadletters", "replay", str(letter.pk), stdout=out)
+    assert wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded")
+
+    call_command("deadletters", "purge", "--all", stdout=out)
+    assert "purged 1 dead letter(s)" in out.getvalue()
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_retry_resends_the_arguments_as_they_came_not_as_parsed(celery_worker: object) -> None:
+    result = probes.probe_parsed.delay(window={"start": "2026-03-29", "days": 7}, fail_times=2)
+
+    assert result.get(timeout=30) == "2026-03-29+7"
