@@ -126,6 +126,19 @@ class Env:
             raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}.")
         return value
 
+    def subset(
+        self, name: builtins.str, default: builtins.list[builtins.str], choices: builtins.list[builtins.str]
+    ) -> builtins.tuple[builtins.str, ...]:
+        """A comma-separated list of some of `choices` (compared in upper case), at least one."""
+        values = [item.upper() for item in self.list(name, default)]
+        unknown = [item for item in values if item not in choices]
+        if unknown or not values:
+            raise ImproperlyConfigured(
+                f"{name}={self._raw(name)!r}: {', '.join(unknown) or 'empty'} is not allowed; "
+                f"choose from {', '.join(choices)}."
+            )
+        return tuple(dict.fromkeys(values))
+
     def database(self, name: builtins.str, default: builtins.str) -> dict[builtins.str, Any]:
         url = self._raw(name) or default
         try:

@@ -250,6 +250,23 @@ JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", defau
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 
+# --- images (tasks/images.py) -------------------------------------------------
+
+# Formats Pillow may parse at all (Image.open is limited to these plugins) and write.
+IMAGES_ALLOWED_FORMATS = env.subset(
+    "IMAGES_ALLOWED_FORMATS",
+    default=["JPEG", "PNG", "WEBP", "GIF"],
+    choices=["JPEG", "PNG", "WEBP", "GIF", "AVIF"],
+)
+# Pixels an image (or any intermediate result) may have: 40 MP covers camera photos and
+# is far below Pillow's 89 MP warning (the ceiling here), so a decompression bomb is
+# refused from its header.
+IMAGES_MAX_PIXELS = env.int("IMAGES_MAX_PIXELS", default=40_000_000, min_value=1, max_value=89_478_485)
+# Bytes of an uploaded file; checked before it is read.
+IMAGES_MAX_FILE_BYTES = env.int("IMAGES_MAX_FILE_BYTES", default=30 * 1024 * 1024, min_value=1024)
+# Quality of lossy outputs (JPEG, WebP, AVIF) unless a `convert` operation says otherwise.
+IMAGES_DEFAULT_QUALITY = env.int("IMAGES_DEFAULT_QUALITY", default=85, min_value=1, max_value=100)
+
 # --- data_sync (tasks/data_sync.py) -------------------------------------------
 
 # The fetcher refuses loopback, private, link-local, multicast, reserved and

@@ -12,6 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from tasks.admin.common import ReadOnlyAdmin
 from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
 from tasks.services.fetch import FetchError, check_url
 
@@ -31,19 +32,6 @@ class DataSourceForm(forms.ModelForm):
         except FetchError as exc:
             raise forms.ValidationError(str(exc)) from None
         return url
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written by tasks: staff look, nobody edits (an edit would hide what upstream said)."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
-        return False
 
 
 @admin.register(DataSource)

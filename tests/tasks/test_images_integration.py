@@ -1,0 +1,92 @@
+"""The images family through a real worker and broker: outputs on disk, hostile files dead-lettered."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django_celery_results.models import TaskResult
+from PIL import Image
+
+from tasks.images import process
+from tasks.models import DeadLetter, ImageOutput
+from tests.tasks import images as make
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def media_root(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"  # the in-process worker shares these settings
+    return settings.MEDIA_ROOT
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def test_a_pipeline_runs_on_the_images_queue_and_stores_every_rendition(celery_worker: object) -> None:
+    asset = make.asset(make.jpeg_with_exif((1200, 900)), "holiday.jpg")
+    operations = [
+        {"op": "auto_orient"},
+        {"op": "thumbnail", "width": 600, "height": 600},
+        {"op": "convert", "format": "WEBP", "quality": 80},
+        {"op": "save"},
+        {"op": "strip_metadata"},
+        {"op": "thumbnail", "width": 128, "height": 128},
+        {"op": "convert", "format": "PNG"},
+    ]
+
+    result = process.delay(asset_id=asset.pk, operations=operations)
+
+    outcome = result.get(timeout=60)
+    assert [(o["step"], o["format"], o["width"], o["height"]) for o in outcome["outputs"]] == [
+        (4, "WEBP", 600, 450),
+        (7, "PNG", 128, 96),
+    ]
+    stored = TaskResult.objects.get(task_id=result.id)
+    assert (stored.task_name, stored.status) == ("images.process", "SUCCESS")
+    for row in ImageOutput.objects.filter(asset=asset):
+        with Image.open(row.file.path) as image:
+            assert (image.format, image.size) == (row.format, (row.width, row.height))
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "error"),
+    [
+        (make.png_bomb(), "bomb.png", "decompression bomb"),
+        (make.encoded(make.picture((800, 600)), "JPEG")[:5000], "cut.jpg", "truncated or corrupt"),
+        (make.encoded(make.picture(), "BMP"), "old.bmp", "not an image in an allowed format"),
+    ],
+)
+def test_a_hostile_file_goes_to_the_dead_letters_at_once(
+    celery_worker: object, data: bytes, name: str, error: str
+) -> None:
+    asset = make.asset(data, name)
+
+    result = process.delay(asset_id=asset.pk, operations=[{"op": "thumbnail", "width": 64, "height": 64}])
+
+    with pytest.raises(Exception, match=error):
+        result.get(timeout=30)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert (letter.task_name, letter.queue, letter.attempts) == ("images.process", "images", 1)
+    assert letter.exception_type == "tasks.base.PermanentJobError"
+    assert letter.kwargs == {
+        "asset_id": asset.pk,
+        "operations": [{"op": "thumbnail", "width": 64, "height": 64}],
+    }
+    assert not ImageOutput.objects.exists()
+
+
+def test_a_missing_asset_is_a_permanent_error(celery_worker: object) -> None:
+    result = process.delay(asset_id=987654, operations=[{"op": "grayscale"}])
+
+    with pytest.raises(Exception, match="image asset 987654 does not exist"):
+        result.get(timeout=30)
+    assert wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first()).attempts == 1
