@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -188,15 +188,25 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
-def load_image(image: Image.Image, first: Any = None) -> Image.Image:
+# Operations that neither read nor change pixels at a particular scale: a thumbnail after
+# them may as well be decoded at a reduced scale.
+_SCALE_FREE = (AutoOrient, StripMetadata, Convert, Grayscale, Save)
+
+
+def load_image(image: Image.Image, operations: Sequence[Any] = ()) -> Image.Image:
     """Decodes the pixels (the first frame of an animation); a truncated file raises `ImageError`.
 
-    When the first operation is a thumbnail, JPEG decodes straight at a reduced
-    scale (Pillow's draft mode), which is most of a thumbnail's cost.
+    When the pixels are first thumbnailed (after operations that do not care about
+    scale), JPEG decodes straight at a reduced scale (Pillow's draft mode), which
+    is most of a thumbnail's cost. The box is square and doubled, so a later turn
+    by `auto_orient` and the final Lanczos step never work from fewer pixels than
+    the thumbnail needs.
     """
+    first = next((op for op in operations if not isinstance(op, _SCALE_FREE)), None)
     try:
         if isinstance(first, Thumbnail):
-            image.draft(None, (first.width * 2, first.height * 2))
+            side = 2 * max(first.width, first.height)
+            image.draft(None, (side, side))
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"the image is truncated or corrupt: {exc}") from None
@@ -401,7 +411,7 @@ def process(
     """Applies validated operations (`operations_adapter`) to the asset and stores every output."""
     key = operations_key(operations)
     dumped = dump_operations(operations)
-    image = load_image(open_image(read_asset(asset)), operations[0] if operations else None)
+    image = load_image(open_image(read_asset(asset)), operations)
     total = len(operations) + 1
 
     def step_done(step: int, operation: Any) -> None:

@@ -330,3 +330,19 @@ def test_the_email_log_admin_lists_and_is_read_only(admin_client) -> None:
 
     assert listing.status_code == 200 and "ann@example.com" in listing.content.decode()
     assert admin_client.get("/admin/tasks/emaillog/add/").status_code == 403
+
+
+def test_a_jpeg_thumbnailed_after_auto_orient_is_decoded_small_and_comes_out_right() -> None:
+    data = make.jpeg_with_exif((2000, 1500), orientation=6)
+    image = service.open_image(data)
+    operations = service.operations_adapter.validate_python(
+        [{"op": "auto_orient"}, {"op": "thumbnail", "width": 256, "height": 256}]
+    )
+
+    service.load_image(image, operations)
+    assert image.size == (1000, 750)  # draft mode: decoded at half scale, still over 2 x 256
+
+    output = stored(
+        run(data, [{"op": "auto_orient"}, {"op": "thumbnail", "width": 256, "height": 256}])["outputs"][0]
+    )
+    assert output.size == (192, 256)

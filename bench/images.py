@@ -1,0 +1,162 @@
+"""Images per second for a 12-megapixel thumbnail: the service in-process, then through real workers.
+
+    .venv/bin/python bench/images.py [--images 40] [--concurrency 2] [--database-url postgres://...]
+
+Makes a 4000x3000 JPEG with photo-like detail (about 4 MB at quality 90), then:
+(1) in this process, `tasks.services.images.process` with
+`[auto_orient, thumbnail 256x256, strip_metadata]` on it, N times, next to
+plain Pillow decoding the whole image before thumbnailing (what the draft-mode
+shortcut saves); (2) N `images.process` tasks, one asset each, through
+`celery -A config worker -Q images -c C`, timed from sending to the last result.
+Prints images/s, latency percentiles and peak RSS (this process; the worker's
+process tree, sampled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.data_sync import TreeSampler, ensure_database  # noqa: E402
+
+OPERATIONS = [
+    {"op": "auto_orient"},
+    {"op": "thumbnail", "width": 256, "height": 256},
+    {"op": "strip_metadata"},
+]
+
+
+def percentiles(samples: list[float]) -> str:
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return f"p50 {cuts[49] * 1000:6.0f} ms  p95 {cuts[94] * 1000:6.0f} ms  p99 {cuts[98] * 1000:6.0f} ms"
+
+
+def photo(width: int = 4000, height: int = 3000) -> bytes:
+    """A JPEG with noise over gradients: compresses like a photo, unlike a flat test card."""
+    from PIL import Image
+
+    noise = Image.effect_noise((width, height), 40).convert("RGB")
+    gradient = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    image = Image.blend(gradient, noise, 0.5)
+    exif = Image.Exif()
+    exif[0x010F] = "Bench Camera"
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench_images"),
+    )
+    parser.add_argument("--broker-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/7"))
+    options = parser.parse_args()
+
+    ensure_database(options.database_url)
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DATABASE_URL=options.database_url,
+        CELERY_BROKER_URL=options.broker_url,
+        MEDIA_ROOT=tempfile.mkdtemp(prefix="bench-images-"),
+        LOG_LEVEL="WARNING",
+    )
+    import django
+
+    django.setup()
+    from django.core.files.base import ContentFile
+    from django.core.management import call_command
+    from PIL import Image
+
+    from config.celery_app import app
+    from tasks import images
+    from tasks.models import ImageAsset
+    from tasks.services import images as service
+
+    call_command("migrate", verbosity=0)
+    ImageAsset.objects.all().delete()
+    data = photo()
+    print(f"source: 4000x3000 JPEG, {len(data) / 2**20:.1f} MiB; {options.images} images; {OPERATIONS}")
+
+    # (1) In this process.
+    asset = ImageAsset.objects.create(file=ContentFile(data, name="bench.jpg"), original_name="bench.jpg")
+    operations = service.operations_adapter.validate_python(OPERATIONS)
+    service.process(asset, operations)  # warm-up
+    timings = []
+    for _ in range(options.images):
+        started = time.perf_counter()
+        service.process(asset, operations)
+        timings.append(time.perf_counter() - started)
+    print(f"service, in-process        {len(timings) / sum(timings):6.1f} images/s  {percentiles(timings)}")
+    full = []
+    for _ in range(min(options.images, 10)):
+        started = time.perf_counter()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decoded at full size, no draft
+            image.thumbnail((256, 256), Image.Resampling.LANCZOS)
+        full.append(time.perf_counter() - started)
+    print(f"plain Pillow, full decode  {len(full) / sum(full):6.1f} images/s  {percentiles(full)}")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+    # (2) Through a real worker on the images queue.
+    assets = [
+        ImageAsset.objects.create(file=ContentFile(data, name=f"bench-{n}.jpg"), original_name=f"bench-{n}")
+        for n in range(options.images)
+    ]
+    app.control.purge()
+    log = Path(tempfile.gettempdir()) / "bench_images_worker.log"
+    with log.open("w") as log_file:
+        worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "images", "-n", "bench@%h"),
+                *("-c", str(options.concurrency), "--without-mingle", "--without-gossip"),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(
+            name.startswith("bench@") for reply in app.control.ping(timeout=0.5) or [] for name in reply
+        ):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not start; see {log}")
+        sampler = TreeSampler(worker.pid)
+        started = time.perf_counter()
+        sent = [
+            (time.perf_counter(), images.process.delay(asset_id=a.pk, operations=OPERATIONS)) for a in assets
+        ]
+        latencies = []
+        for sent_at, result in sent:
+            result.get(timeout=600, interval=0.01)
+            latencies.append(time.perf_counter() - sent_at)
+        elapsed = time.perf_counter() - started
+        tree_peak = sampler.stop()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    print(
+        f"worker -c {options.concurrency}, end to end    {len(sent) / elapsed:6.1f} images/s  "
+        f"(send to result: {percentiles(latencies)}; queueing included)"
+    )
+    print(f"peak RSS of the worker's process tree: {tree_peak / 2**20:.0f} MiB (sampled every 50 ms)")
+
+
+if __name__ == "__main__":
+    main()
