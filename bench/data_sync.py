@@ -22,38 +22,20 @@ benchmark's source is deleted first, so runs start from empty.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-import psutil  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def ensure_database(url: str) -> None:
-    parts = urlsplit(url)
-    if not parts.scheme.startswith("postgres"):
-        return
-    import psycopg
-
-    name = parts.path.lstrip("/")
-    admin = parts._replace(path="/postgres").geturl()
-    with psycopg.connect(admin, autocommit=True) as connection:
-        exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-        if not exists:
-            connection.execute(f'CREATE DATABASE "{name}"')
+from bench.support import TreeSampler, ensure_database, worker_process  # noqa: E402
 
 
 def make_pages(count: int, page_size: int, changed_every: int = 0) -> dict[str, bytes]:
@@ -108,34 +90,6 @@ class PageServer:
         return f"127.0.0.1:{self.httpd.server_address[1]}"
 
 
-class TreeSampler:
-    """Peak of the summed RSS of a process and its descendants, sampled every 50 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-                total = 0
-                for process in processes:
-                    with contextlib.suppress(psutil.Error):  # a child that just exited
-                        total += process.memory_info().rss
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                return
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
@@ -173,39 +127,7 @@ def main() -> None:
     source = DataSource.objects.create(
         name="bench", url=f"http://{server.host}/records?page=1", batch_size=options.batch_size
     )
-    app.control.purge()
-
-    log = Path(tempfile.gettempdir()) / "bench_data_sync_worker.log"
-    with log.open("w") as log_file:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                "-Q",
-                "data_sync",
-                "-n",
-                "bench@%h",
-                "-c",
-                str(options.concurrency),
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not any(
-            name.startswith("bench@") for reply in app.control.ping(timeout=0.5) or [] for name in reply
-        ):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not start; see {log}")
+    with worker_process(app, "data_sync", options.concurrency) as worker:
         sampler = TreeSampler(worker.pid)
         print(
             f"{options.records} records, pages of {options.page_size}, batches of {options.batch_size}; "
@@ -239,9 +161,6 @@ def main() -> None:
         run("re-sync, 99% changed", changed_every=1)
         assert SyncedRecord.objects.filter(source=source).count() == options.records
         tree_peak = sampler.stop()
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
     largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
     print(
         f"peak RSS: largest worker process {largest / 1024:.0f} MiB; "

@@ -19,7 +19,6 @@ import io
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.data_sync import TreeSampler, ensure_database  # noqa: E402
+from bench.support import TreeSampler, ensure_database, worker_process  # noqa: E402
 
 OPERATIONS = [
     {"op": "auto_orient"},
@@ -117,26 +116,7 @@ def main() -> None:
         ImageAsset.objects.create(file=ContentFile(data, name=f"bench-{n}.jpg"), original_name=f"bench-{n}")
         for n in range(options.images)
     ]
-    app.control.purge()
-    log = Path(tempfile.gettempdir()) / "bench_images_worker.log"
-    with log.open("w") as log_file:
-        worker = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "images", "-n", "bench@%h"),
-                *("-c", str(options.concurrency), "--without-mingle", "--without-gossip"),
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not any(
-            name.startswith("bench@") for reply in app.control.ping(timeout=0.5) or [] for name in reply
-        ):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not start; see {log}")
+    with worker_process(app, "images", options.concurrency) as worker:
         sampler = TreeSampler(worker.pid)
         started = time.perf_counter()
         sent = [
@@ -148,9 +128,6 @@ def main() -> None:
             latencies.append(time.perf_counter() - sent_at)
         elapsed = time.perf_counter() - started
         tree_peak = sampler.stop()
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
     print(
         f"worker -c {options.concurrency}, end to end    {len(sent) / elapsed:6.1f} images/s  "
         f"(send to result: {percentiles(latencies)}; queueing included)"

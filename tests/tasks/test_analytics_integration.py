@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,20 +14,11 @@ from tasks.analytics import aggregate_daily, backfill, daily_report, ingest
 from tasks.models import DailyMetric, DeadLetter, EmailLog, Event
 from tasks.services import analytics as service
 from tests.smtp import SmtpServer
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-def wait_for(predicate: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
 
 
 def event(name: str, at: datetime, user: str = "") -> dict[str, Any]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from celery import chord
@@ -15,20 +14,9 @@ from django.urls import reverse
 from tasks import data_sync
 from tasks.models import DataSource, DeadLetter, SyncedRecord, SyncExport, SyncRun
 from tests.tasks.upstream import Upstream, make_records
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture

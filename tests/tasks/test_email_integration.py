@@ -11,18 +11,9 @@ from django_celery_results.models import TaskResult
 from tasks.email import newsletter, send
 from tasks.models import DeadLetter, EmailLog
 from tests.smtp import SmtpServer
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
 
 
 def test_a_message_arrives_with_both_parts_and_the_address_stays_out_of_logs(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,33 +143,45 @@ def test_progress_is_reported_after_each_operation() -> None:
     assert seen[0][1] == "1/2: grayscale"
 
 
-def decode_with_memory_limit(data: bytes, headroom_mb: int) -> str:
-    """Opens and decodes `data` in a forked child whose address space may grow by `headroom_mb` only.
+# Run in a fresh interpreter: a forked child of this long-lived process would inherit memory
+# that malloc and Pillow hold freed but reserved, and decode into it unseen by the limit.
+DECODE_WITH_LIMIT = """
+import os, resource, sys
+import django
+django.setup()
+from tasks.services import images as service
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/statm") as statm:
+    virtual = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+limit = virtual + int(sys.argv[2]) * 1024 * 1024
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    service.load_image(service.open_image(data))
+    print("decoded")
+except service.ImageError as exc:
+    print(f"refused: {exc}")
+except MemoryError:
+    print("out of memory")
+"""
+
+
+def decode_with_memory_limit(data: bytes, headroom_mb: int, tmp_path: Path, **env: str) -> str:
+    """Opens and decodes `data` in a new process whose address space may grow by `headroom_mb` only.
 
     Answers the child's outcome: "decoded", "refused: <message>" or "out of memory".
     """
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        os.close(reader)
-        try:
-            with open("/proc/self/statm") as statm:
-                virtual = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            limit = virtual + headroom_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            service.load_image(service.open_image(data))
-            outcome = "decoded"
-        except service.ImageError as exc:
-            outcome = f"refused: {exc}"
-        except MemoryError:
-            outcome = "out of memory"
-        os.write(writer, outcome.encode())
-        os._exit(0)
-    os.close(writer)
-    with os.fdopen(reader) as pipe:
-        outcome = pipe.read()
-    os.waitpid(pid, 0)
-    return outcome
+    source = tmp_path / "image.bin"
+    source.write_bytes(data)
+    child = subprocess.run(
+        [sys.executable, "-c", DECODE_WITH_LIMIT, str(source), str(headroom_mb)],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", **env},
+        cwd=Path(__file__).resolve().parent.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    return child.stdout.strip()
 
 
 @pytest.mark.parametrize(
@@ -178,16 +191,19 @@ def decode_with_memory_limit(data: bytes, headroom_mb: int) -> str:
         ((100_000, 100_000), "refused as a decompression bomb: Image size (10000000000 pixels)"),
     ],
 )
-def test_a_decompression_bomb_is_refused_from_its_header_without_decoding(size, message) -> None:
-    outcome = decode_with_memory_limit(make.png_bomb(*size), headroom_mb=30)
+def test_a_decompression_bomb_is_refused_from_its_header_without_decoding(size, message, tmp_path) -> None:
+    outcome = decode_with_memory_limit(make.png_bomb(*size), headroom_mb=30, tmp_path=tmp_path)
 
     assert outcome.startswith("refused: ") and message in outcome
 
 
-def test_the_memory_limit_of_that_test_does_stop_a_real_decode(settings) -> None:
-    settings.IMAGES_MAX_PIXELS = 60_000_000  # lets the 50 MP bomb through to the decoder
+def test_the_memory_limit_of_that_test_does_stop_a_real_decode(tmp_path) -> None:
+    # A cap that lets the 50 MP bomb through to the decoder, in the child's settings.
+    outcome = decode_with_memory_limit(
+        make.png_bomb(10_000, 5_000), headroom_mb=30, tmp_path=tmp_path, IMAGES_MAX_PIXELS="60000000"
+    )
 
-    assert decode_with_memory_limit(make.png_bomb(10_000, 5_000), headroom_mb=30) == "out of memory"
+    assert outcome == "out of memory"
 
 
 def test_an_image_just_over_the_pixel_cap_is_refused(settings) -> None:

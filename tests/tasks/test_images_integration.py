@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from django_celery_results.models import TaskResult
 from PIL import Image
@@ -11,6 +9,7 @@ from PIL import Image
 from tasks.images import process
 from tasks.models import DeadLetter, ImageOutput
 from tests.tasks import images as make
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -19,16 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 def media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"  # the in-process worker shares these settings
     return settings.MEDIA_ROOT
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
 
 
 def test_a_pipeline_runs_on_the_images_queue_and_stores_every_rendition(celery_worker: object) -> None:

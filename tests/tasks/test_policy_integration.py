@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from celery.result import AsyncResult
 
 from tasks import deadletters
 from tasks.models import DeadLetter
 from tests import probes
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
 
 
 def test_transient_errors_are_retried_until_the_task_succeeds(celery_worker: object) -> None:

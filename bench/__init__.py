@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print throughput, latency percentiles and memory (never tests)."""
