@@ -157,3 +157,52 @@ def send_batch(
         on_progress=self.report_progress,
     )
     return {"campaign": campaign, **outcome.as_dict()}
+
+
+class WeeklyNewsletterSchema(BaseModel):
+    group: str = Field(default="newsletter", min_length=1, max_length=150)
+    template: str = Field(default="email/newsletter", pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    context: dict[str, Any] = Field(default_factory=dict)
+    window_seconds: int = Field(default=3600, ge=0, le=6 * 3600)
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="email.weekly_newsletter",
+    schema=WeeklyNewsletterSchema,
+    idempotency="the campaign is keyed by ISO week (weekly-2026-W48): a rerun that week sends nothing twice",
+)
+def weekly_newsletter(
+    self: JobTask,
+    group: str = "newsletter",
+    template: str = "email/newsletter",
+    context: dict[str, Any] | None = None,
+    window_seconds: int = 3600,
+) -> dict[str, Any]:
+    """This week's newsletter to the active members of a user group (the Friday schedule sends it)."""
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    year, week, _ = timezone.localdate().isocalendar()
+    campaign = f"weekly-{year}-W{week:02d}"
+    recipients = sorted(
+        set(
+            get_user_model()
+            .objects.filter(groups__name=group, is_active=True)
+            .exclude(email="")
+            .values_list("email", flat=True)
+        )
+    )
+    if not recipients:
+        return {"campaign": campaign, "recipients": 0, "batches": 0}
+    newsletter.apply_async(
+        kwargs={
+            "campaign": campaign,
+            "template": template,
+            "recipients": recipients,
+            "context": context or {},
+            "window_seconds": window_seconds,
+        }
+    )
+    return {"campaign": campaign, "recipients": len(recipients)}

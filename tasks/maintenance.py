@@ -18,7 +18,14 @@ from tasks.base import JobTask, TransientJobError
 from tasks.services import maintenance as service
 
 Kind = Literal[
-    "task_results", "group_results", "dead_letters", "email_logs", "sync_runs", "events", "event_batches"
+    "task_results",
+    "group_results",
+    "dead_letters",
+    "email_logs",
+    "sync_runs",
+    "events",
+    "event_batches",
+    "scheduled_runs",
 ]
 
 

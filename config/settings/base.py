@@ -247,8 +247,25 @@ JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_val
 JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
 JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
 
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
+
+# --- schedules and beat (scheduling/) -------------------------------------------
+
+# django-celery-beat's DatabaseScheduler plus a lease, one key per occurrence, the
+# missed-run policy and DST-safe cron (scheduling/beat.py).
+CELERY_BEAT_SCHEDULER = "scheduling.beat:Scheduler"
+# Beat re-reads changed schedules at least this often (seconds); also its longest sleep.
+CELERY_BEAT_MAX_LOOP_INTERVAL = env.int("CELERY_BEAT_MAX_LOOP_INTERVAL", default=5, min_value=1, max_value=60)
+# The dispatching beat renews its lease every SCHEDULES_LEASE_SECONDS / 4; a standby
+# takes over at most SCHEDULES_LEASE_SECONDS (+ one renewal period) after it dies.
+SCHEDULES_LEASE_SECONDS = env.int("SCHEDULES_LEASE_SECONDS", default=20, min_value=4, max_value=600)
+# A run is "missed" when beat gets to it this many seconds after it was due; tasks
+# whose policy is "skip" then wait for their next run. Must exceed a takeover.
+SCHEDULES_MISSED_RUN_GRACE_SECONDS = env.int(
+    "SCHEDULES_MISSED_RUN_GRACE_SECONDS", default=120, min_value=SCHEDULES_LEASE_SECONDS + 5
+)
+# How long the history of dispatched runs (the admin's "last run") is kept.
+SCHEDULES_HISTORY_DAYS = env.int("SCHEDULES_HISTORY_DAYS", default=14, min_value=1)
 
 # --- images (tasks/images.py) -------------------------------------------------
 

@@ -86,6 +86,7 @@ def retention_cutoffs(now: datetime | None = None) -> dict[str, datetime | None]
         "sync_runs": _older_than(settings.MAINTENANCE_SYNC_RUN_RETENTION_DAYS, now),
         "events": _older_than(settings.ANALYTICS_EVENT_RETENTION_DAYS, now),
         "event_batches": _older_than(settings.ANALYTICS_INGEST_KEY_RETENTION_DAYS, now),
+        "scheduled_runs": _older_than(settings.SCHEDULES_HISTORY_DAYS, now),
     }
 
 
@@ -112,6 +113,10 @@ def expired(kind: str, cutoff: datetime) -> QuerySet[Any]:
         return Event.objects.filter(timestamp__lt=cutoff)
     if kind == "event_batches":
         return EventBatch.objects.filter(received_at__lt=cutoff)
+    if kind == "scheduled_runs":
+        from scheduling.models import ScheduledRun
+
+        return ScheduledRun.objects.filter(dispatched_at__lt=cutoff)
     raise ValueError(f"unknown clean-up kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -123,6 +128,7 @@ KINDS = (
     "sync_runs",
     "events",
     "event_batches",
+    "scheduled_runs",
 )
 
 

@@ -35,10 +35,10 @@ def test_every_queue_has_exactly_one_worker_line() -> None:
     assert sorted(consumed) == sorted(queue.name for queue in settings.CELERY_TASK_QUEUES)
 
 
-def test_exactly_one_beat_runs_the_database_scheduler() -> None:
+def test_exactly_one_beat_runs_our_database_scheduler() -> None:
     beats = [cmd for cmd in PROCESSES.values() if " beat" in cmd]
     assert len(beats) == 1
-    assert "-S django_celery_beat.schedulers:DatabaseScheduler" in beats[0]
+    assert "-S scheduling.beat:Scheduler" in beats[0]
 
 
 def test_flower_refuses_to_start_without_basic_auth(monkeypatch: pytest.MonkeyPatch) -> None:

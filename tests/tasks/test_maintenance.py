@@ -11,6 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_results.models import GroupResult, TaskResult
 
+from scheduling.models import ScheduledRun
 from tasks.base import InvalidArguments
 from tasks.maintenance import Kind, cleanup
 from tasks.models import DataSource, DeadLetter, EmailLog, Event, EventBatch, SyncRun
@@ -138,6 +139,7 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
     settings.MAINTENANCE_SYNC_RUN_RETENTION_DAYS = 90
     settings.ANALYTICS_EVENT_RETENTION_DAYS = 365
     settings.ANALYTICS_INGEST_KEY_RETENTION_DAYS = 7
+    settings.SCHEDULES_HISTORY_DAYS = 14
     return {
         "task_results": ([make_task_result(ago(days=8)) for _ in range(3)], [make_task_result(ago(days=6))]),
         "group_results": ([make_group_result(ago(days=7, minutes=1))], [make_group_result(ago(days=6))]),
@@ -157,7 +159,14 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
         "sync_runs": ([make_sync_run(ago(days=91)) for _ in range(2)], [make_sync_run(ago(days=1))]),
         "events": ([make_event(ago(days=366, seconds=i)) for i in range(5)], [make_event(ago(days=364))]),
         "event_batches": ([make_event_batch(ago(days=8))], [make_event_batch(ago(days=6))]),
+        "scheduled_runs": ([make_scheduled_run(ago(days=15))], [make_scheduled_run(ago(days=13))]),
     }
+
+
+def make_scheduled_run(when: datetime) -> ScheduledRun:
+    return ScheduledRun.objects.create(
+        schedule_name="nightly", task="default.ping", occurrence=when, dispatched_at=when
+    )
 
 
 def test_cleanup_deletes_what_is_past_each_kinds_retention_and_keeps_the_rest(

@@ -1,0 +1,288 @@
+"""The beat scheduler: django-celery-beat's DatabaseScheduler, made safe to run twice.
+
+`celery -A config beat -S scheduling.beat:Scheduler` (the default, CELERY_BEAT_SCHEDULER).
+On top of the DatabaseScheduler it:
+
+- dispatches only while it holds the database lease (scheduling.lease); a second
+  beat stands by and takes over when the first dies;
+- claims each occurrence before sending it: a `ScheduledRun` row unique per
+  (schedule, occurrence), whose deterministic task id is the message's id. Two
+  beats that both think they lead still send an occurrence once;
+- computes cron schedules with scheduling.cron (DST policy there) and interval
+  schedules on slots aligned to the Unix epoch, so every beat agrees on what "the
+  occurrence" is;
+- after downtime runs each task at most once for what it missed, or skips it
+  (ScheduleOptions.missed_runs), never a burst;
+- keeps every enabled schedule in memory (upstream leaves out crontabs whose hour
+  is not near the current one, which would also hide the runs missed in a downtime).
+
+Edits in the admin reach it within CELERY_BEAT_MAX_LOOP_INTERVAL seconds, through
+django-celery-beat's change marker (PeriodicTasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import schedules
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+from django_celery_beat.schedulers import SCHEDULE_SYNC_MAX_INTERVAL, DatabaseScheduler, ModelEntry
+
+from scheduling.cron import Cron
+from scheduling.lease import Lease, process_name
+from scheduling.models import MissedRuns, ScheduledRun, ScheduleOptions
+from tasks.base import PermanentJobError
+
+logger = logging.getLogger(__name__)
+
+OCCURRENCE_HEADER = "x_schedule_occurrence"
+_TASK_ID_NAMESPACE = uuid.UUID("7b0d3d8e-3c1a-4a55-9f0e-2f6c1b1d5a10")
+_NEVER = 24 * 3600.0  # seconds to wait on a schedule that will not run again
+
+
+class CronSchedule(schedules.BaseSchedule):
+    """A celery schedule backed by scheduling.cron.Cron: the DST policy is Cron's."""
+
+    def __init__(self, cron: Cron) -> None:
+        super().__init__()
+        self.cron = cron
+
+    def is_due(self, last_run_at: datetime) -> schedules.schedstate:
+        now = datetime.now(UTC)
+        following = self.cron.next_after(last_run_at)
+        if following is None:
+            return schedules.schedstate(False, _NEVER)
+        if following > now:
+            return schedules.schedstate(False, (following - now).total_seconds())
+        after_this = self.cron.next_after(now)
+        return schedules.schedstate(True, (after_this - now).total_seconds() if after_this else _NEVER)
+
+    def occurrence(self, now: datetime) -> datetime:
+        return self.cron.latest_at_or_before(now) or now
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CronSchedule) and other.cron == self.cron
+
+    def __repr__(self) -> str:
+        return f"<cron {self.cron.expression} {self.cron.zone.key}>"
+
+
+class SlotSchedule(schedules.BaseSchedule):
+    """Every N seconds, on slots counted from the Unix epoch: 6 h runs at 00:00, 06:00, ... UTC."""
+
+    def __init__(self, every: timedelta) -> None:
+        super().__init__()
+        self.every = max(every.total_seconds(), 1.0)
+
+    def _slot(self, moment: datetime) -> int:
+        return math.floor(moment.timestamp() / self.every)
+
+    def is_due(self, last_run_at: datetime) -> schedules.schedstate:
+        now = datetime.now(UTC)
+        slot = self._slot(now)
+        until_next = (slot + 1) * self.every - now.timestamp()
+        return schedules.schedstate(slot > self._slot(last_run_at), until_next)
+
+    def occurrence(self, now: datetime) -> datetime:
+        return datetime.fromtimestamp(self._slot(now) * self.every, UTC)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlotSchedule) and other.every == self.every
+
+    def __repr__(self) -> str:
+        return f"<every {self.every:g} s>"
+
+
+def schedule_of(model: PeriodicTask, fallback: Any) -> Any:
+    if model.crontab_id is not None:
+        crontab = model.crontab
+        return CronSchedule(
+            Cron(
+                crontab.minute,
+                crontab.hour,
+                crontab.day_of_month,
+                crontab.month_of_year,
+                crontab.day_of_week,
+                zone=crontab.timezone,
+            )
+        )
+    if model.interval_id is not None:
+        interval = model.interval
+        return SlotSchedule(timedelta(**{interval.period: interval.every}))
+    return fallback  # solar and clocked: upstream's
+
+
+def missed_runs_policy(model: PeriodicTask) -> str:
+    try:
+        return str(model.schedule_options.missed_runs)
+    except ScheduleOptions.DoesNotExist:
+        return MissedRuns.RUN_ONCE
+
+
+class OccurrenceEntry(ModelEntry):
+    def __init__(self, model: PeriodicTask, app: Any = None) -> None:
+        super().__init__(model, app=app)
+        self.schedule: Any = schedule_of(model, self.schedule)
+        self.missed_runs = missed_runs_policy(model)
+
+    def occurrence(self, now: datetime) -> datetime:
+        """The nominal time of the run that is due at `now` (the latest one, if several were missed)."""
+        if hasattr(self.schedule, "occurrence"):
+            return self.schedule.occurrence(now)
+        if self.model.clocked_id is not None:
+            return self.model.clocked.clocked_time
+        return now.replace(second=0, microsecond=0)  # solar: to the minute
+
+
+def occurrence_task_id(name: str, occurrence: datetime) -> str:
+    return str(uuid.uuid5(_TASK_ID_NAMESPACE, f"{name}\x00{occurrence.astimezone(UTC).isoformat()}"))
+
+
+def publish(app: Any, entry: OccurrenceEntry, run: ScheduledRun, producer: Any = None) -> Any:
+    """Sends `entry`'s task as `run`, with the run's task id and occurrence header."""
+    headers = {
+        **entry.options.get("headers", {}),
+        "celery_beat_task": True,
+        OCCURRENCE_HEADER: run.occurrence.astimezone(UTC).isoformat(),
+    }
+    options = {**entry.options, "headers": headers, "task_id": run.task_id}
+    task = app.tasks.get(entry.task)
+    if task is not None:
+        return task.apply_async(entry.args, entry.kwargs, producer=producer, **options)
+    return app.send_task(entry.task, entry.args, entry.kwargs, producer=producer, **options)
+
+
+def run_now(app: Any, model: PeriodicTask) -> ScheduledRun:
+    """Sends a periodic task at once, outside its schedule (the admin's "Run now")."""
+    entry = OccurrenceEntry(model, app=app)
+    moment = timezone.now()
+    run = ScheduledRun(
+        schedule_name=model.name,
+        task=model.task,
+        kind=ScheduledRun.Kind.MANUAL,
+        occurrence=moment,
+        dispatched_at=moment,
+        task_id=str(uuid.uuid4()),
+        beat="run now",
+    )
+    publish(app, entry, run)
+    run.save()
+    return run
+
+
+class Scheduler(DatabaseScheduler):
+    Entry = OccurrenceEntry
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.beat_name = process_name()
+        lease_seconds = float(settings.SCHEDULES_LEASE_SECONDS)
+        self.lease = Lease(duration=lease_seconds, renew_every=lease_seconds / 4)
+        self._leading = False
+        self._retry_publish_at = 0.0
+        super().__init__(*args, **kwargs)
+
+    # --- which schedules ----------------------------------------------------------
+
+    def install_default_entries(self, data: Any) -> None:
+        """No `celery.backend_cleanup`: `default.cleanup` (a default schedule) expires results."""
+
+    def enabled_models_qs(self) -> Any:
+        soon = timezone.now() + timedelta(seconds=SCHEDULE_SYNC_MAX_INTERVAL)
+        return (
+            self.Model.objects.enabled()
+            .exclude(clocked__isnull=False, clocked__clocked_time__gt=soon)
+            .select_related("crontab", "interval", "solar", "clocked", "schedule_options")
+        )
+
+    # --- one beat at a time -------------------------------------------------------
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if not self.lease.hold():
+            if self._leading:
+                logger.warning("beat %s: lost the lease; standing by", self.beat_name)
+                self._leading = False
+            return min(self.lease.renew_every, self.max_interval)
+        if not self._leading:
+            logger.info("beat %s: holds the lease; dispatching", self.beat_name)
+            self._leading = True
+            # Start from what the database says (last runs included), not from memory.
+            self._initial_read = True
+            self._heap = None
+        wait = self._retry_publish_at - time.monotonic()
+        if wait > 0:
+            return min(wait, self.max_interval)
+        return float(super().tick(*args, **kwargs))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._leading:
+                self.lease.release()
+                self._leading = False
+
+    # --- sending one occurrence ---------------------------------------------------
+
+    def apply_entry(self, entry: OccurrenceEntry, producer: Any = None) -> None:
+        now = timezone.now()
+        occurrence = entry.occurrence(now)
+        late = (now - occurrence).total_seconds()
+        run = ScheduledRun(
+            schedule_name=entry.name,
+            task=entry.task,
+            occurrence=occurrence,
+            dispatched_at=now,
+            task_id=occurrence_task_id(entry.name, occurrence),
+            beat=self.beat_name,
+        )
+        skip = entry.missed_runs == MissedRuns.SKIP and late > settings.SCHEDULES_MISSED_RUN_GRACE_SECONDS
+        if skip:
+            run.status, run.task_id = ScheduledRun.Status.SKIPPED, ""
+            run.detail = f"missed: beat reached it {late:.0f} s after it was due; policy is skip"
+        try:
+            run.save(force_insert=True)  # the claim: unique per (schedule, occurrence)
+        except IntegrityError:
+            logger.info("beat: %s due %s was already sent; not sending it again", entry.name, occurrence)
+            return
+        except DatabaseError:
+            logger.exception("beat: could not record %s due %s; trying again shortly", entry.name, occurrence)
+            self._try_again_later(entry)
+            return
+        if skip:
+            logger.warning("beat: skipped %s due %s (%s)", entry.name, occurrence, run.detail)
+            return
+        logger.info("beat: sending %s (%s) due %s, %.3f s late", entry.name, entry.task, occurrence, late)
+        try:
+            publish(self.app, entry, run, producer=producer)
+        except PermanentJobError as exc:
+            logger.error("beat: %s refused: %s", entry.name, exc)
+            ScheduledRun.objects.filter(pk=run.pk).update(status=ScheduledRun.Status.REFUSED, detail=str(exc))
+        except Exception:
+            logger.exception("beat: could not send %s due %s; trying again shortly", entry.name, occurrence)
+            ScheduledRun.objects.filter(pk=run.pk).delete()
+            self._try_again_later(entry)
+        finally:
+            self._tasks_since_sync += 1
+            if self.should_sync():
+                self._do_sync()
+
+    def _try_again_later(self, entry: OccurrenceEntry) -> None:
+        """Puts the occurrence back, so that it is sent when the broker (or database) answers again."""
+        entry.model.last_run_at = entry.last_run_at
+        entry.model.total_run_count = entry.total_run_count
+        self._dirty.add(entry.name)
+        self._initial_read = True  # rebuild entries and heap from the database
+        self._heap = None
+        self._retry_publish_at = time.monotonic() + min(5.0, self.max_interval)
+
+    @property
+    def info(self) -> str:
+        return f"    . lease: {self.lease.holder} ({self.lease.duration:g} s)"
