@@ -26,13 +26,13 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import schedules
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError
-from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import SCHEDULE_SYNC_MAX_INTERVAL, DatabaseScheduler, ModelEntry
 
@@ -48,6 +48,19 @@ _TASK_ID_NAMESPACE = uuid.UUID("7b0d3d8e-3c1a-4a55-9f0e-2f6c1b1d5a10")
 _NEVER = 24 * 3600.0  # seconds to wait on a schedule that will not run again
 
 
+def system_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# Every "now" of the scheduler comes from here; tests drive beat through days with a
+# clock of their own (tests/scheduling/beatdriver.py), nothing else is patched.
+clock: Callable[[], datetime] = system_now
+
+
+def current_time() -> datetime:
+    return clock()
+
+
 class CronSchedule(schedules.BaseSchedule):
     """A celery schedule backed by scheduling.cron.Cron: the DST policy is Cron's."""
 
@@ -56,7 +69,7 @@ class CronSchedule(schedules.BaseSchedule):
         self.cron = cron
 
     def is_due(self, last_run_at: datetime) -> schedules.schedstate:
-        now = datetime.now(UTC)
+        now = current_time()
         following = self.cron.next_after(last_run_at)
         if following is None:
             return schedules.schedstate(False, _NEVER)
@@ -86,7 +99,7 @@ class SlotSchedule(schedules.BaseSchedule):
         return math.floor(moment.timestamp() / self.every)
 
     def is_due(self, last_run_at: datetime) -> schedules.schedstate:
-        now = datetime.now(UTC)
+        now = current_time()
         slot = self._slot(now)
         until_next = (slot + 1) * self.every - now.timestamp()
         return schedules.schedstate(slot > self._slot(last_run_at), until_next)
@@ -133,6 +146,12 @@ class OccurrenceEntry(ModelEntry):
         self.schedule: Any = schedule_of(model, self.schedule)
         self.missed_runs = missed_runs_policy(model)
 
+    def _default_now(self) -> datetime:
+        return current_time()
+
+    def default_now(self) -> datetime:
+        return current_time()
+
     def occurrence(self, now: datetime) -> datetime:
         """The nominal time of the run that is due at `now` (the latest one, if several were missed)."""
         if hasattr(self.schedule, "occurrence"):
@@ -163,7 +182,7 @@ def publish(app: Any, entry: OccurrenceEntry, run: ScheduledRun, producer: Any =
 def run_now(app: Any, model: PeriodicTask) -> ScheduledRun:
     """Sends a periodic task at once, outside its schedule (the admin's "Run now")."""
     entry = OccurrenceEntry(model, app=app)
-    moment = timezone.now()
+    moment = current_time()
     run = ScheduledRun(
         schedule_name=model.name,
         task=model.task,
@@ -195,7 +214,7 @@ class Scheduler(DatabaseScheduler):
         """No `celery.backend_cleanup`: `default.cleanup` (a default schedule) expires results."""
 
     def enabled_models_qs(self) -> Any:
-        soon = timezone.now() + timedelta(seconds=SCHEDULE_SYNC_MAX_INTERVAL)
+        soon = current_time() + timedelta(seconds=SCHEDULE_SYNC_MAX_INTERVAL)
         return (
             self.Model.objects.enabled()
             .exclude(clocked__isnull=False, clocked__clocked_time__gt=soon)
@@ -232,7 +251,7 @@ class Scheduler(DatabaseScheduler):
     # --- sending one occurrence ---------------------------------------------------
 
     def apply_entry(self, entry: OccurrenceEntry, producer: Any = None) -> None:
-        now = timezone.now()
+        now = current_time()
         occurrence = entry.occurrence(now)
         late = (now - occurrence).total_seconds()
         run = ScheduledRun(
