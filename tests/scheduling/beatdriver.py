@@ -18,8 +18,8 @@ from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun, ScheduleOptions
 
 
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def add_cron(

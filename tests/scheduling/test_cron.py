@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from scheduling.cron import Cron, CronError
-
-
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)
+from tests.scheduling.beatdriver import utc
 
 
 def local_runs(cron: Cron, start: datetime, end: datetime) -> list[str]:
