@@ -53,7 +53,7 @@ def cron_of(task: PeriodicTask) -> Cron | None:
 
 def upcoming_runs(task: PeriodicTask, count: int = 5, now: datetime | None = None) -> list[Occurrence]:
     """The next `count` runs as beat will compute them (same code), each with its DST note."""
-    now = now or timezone.now()
+    now = now or beat.current_time()
     cron = cron_of(task)
     if cron is not None:
         return cron.upcoming(now, count)
@@ -131,7 +131,7 @@ class ScheduleForm(PeriodicTaskForm):
         except CronError as error:
             self.add_error("cron_timezone" if error.field == "timezone" else "cron_expression", str(error))
             return
-        if cron.next_after(timezone.now()) is None:
+        if cron.next_after(beat.current_time()) is None:
             self.add_error(
                 "cron_expression", f"{expression!r} never runs (no such date in the next 29 years)"
             )

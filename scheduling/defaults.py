@@ -65,7 +65,7 @@ DEFAULT_SCHEDULES = (
         task="email.weekly_newsletter",
         cron="0 10 * * 5",
         description="Sends this week's newsletter to the members of the 'newsletter' group.",
-        kwargs={"group": "newsletter", "template": "email/newsletter", "context": {"title": "This week"}},
+        kwargs={"group": "newsletter", "template": "newsletter", "context": {"title": "This week"}},
         # Sent late on a Saturday night is worse than not sent: wait for next Friday.
         missed_runs=MissedRuns.SKIP,
     ),
@@ -150,9 +150,7 @@ def sync(
                 _write(PeriodicTask(name=default.name), default)
                 outcome = "created"
             elif managed is None:
-                report.append(
-                    f"{default.name}: a schedule of that name exists that sync did not write; left alone"
-                )
+                report.append(f"{default.name}: exists, but sync did not write it; left alone")
                 continue
             elif fingerprint(task) != managed.fingerprint:
                 report.append(f"{default.name}: edited in the admin; left as edited")

@@ -161,7 +161,7 @@ def send_batch(
 
 class WeeklyNewsletterSchema(BaseModel):
     group: str = Field(default="newsletter", min_length=1, max_length=150)
-    template: str = Field(default="email/newsletter", pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    template: str = Field(default="newsletter", pattern=service.TEMPLATE_NAME.pattern, max_length=200)
     context: dict[str, Any] = Field(default_factory=dict)
     window_seconds: int = Field(default=3600, ge=0, le=6 * 3600)
 
@@ -176,7 +176,7 @@ class WeeklyNewsletterSchema(BaseModel):
 def weekly_newsletter(
     self: JobTask,
     group: str = "newsletter",
-    template: str = "email/newsletter",
+    template: str = "newsletter",
     context: dict[str, Any] | None = None,
     window_seconds: int = 3600,
 ) -> dict[str, Any]:
