@@ -205,6 +205,7 @@ class Scheduler(DatabaseScheduler):
         lease_seconds = float(settings.SCHEDULES_LEASE_SECONDS)
         self.lease = Lease(duration=lease_seconds, renew_every=lease_seconds / 4)
         self._leading = False
+        self._standing_by = False
         self._retry_publish_at = 0.0
         super().__init__(*args, **kwargs)
 
@@ -225,10 +226,15 @@ class Scheduler(DatabaseScheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         if not self.lease.hold():
-            if self._leading:
-                logger.warning("beat %s: lost the lease; standing by", self.beat_name)
-                self._leading = False
+            if self._leading or not self._standing_by:
+                logger.warning(
+                    "beat %s: %s; standing by",
+                    self.beat_name,
+                    "lost the lease" if self._leading else "another beat holds the lease",
+                )
+                self._leading, self._standing_by = False, True
             return min(self.lease.renew_every, self.max_interval)
+        self._standing_by = False
         if not self._leading:
             logger.info("beat %s: holds the lease; dispatching", self.beat_name)
             self._leading = True
