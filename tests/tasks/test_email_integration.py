@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pytest
+from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from tasks.email import newsletter, send
+from tasks.email import newsletter, send, weekly_newsletter
 from tasks.models import DeadLetter, EmailLog
 from tests.smtp import SmtpServer
 from tests.waiting import wait_for
@@ -97,3 +99,33 @@ def test_a_newsletter_reaches_every_recipient_once_even_when_run_twice(
         recipients[:25]
     )
     assert all(message.subject == "Weekly" for message in arrived)
+
+
+def test_the_weekly_newsletter_goes_to_the_active_members_of_its_group_once_a_week(
+    celery_worker: object, smtp_server: SmtpServer, django_user_model: Any
+) -> None:
+    from django.contrib.auth.models import Group
+
+    readers = Group.objects.create(name="newsletter")
+    for name, email, active in [
+        ("ann", "ann@example.com", True),
+        ("bob", "bob@example.com", True),
+        ("cy", "cy@example.com", False),
+        ("dee", "", True),
+    ]:
+        django_user_model.objects.create_user(name, email, is_active=active).groups.add(readers)
+    django_user_model.objects.create_user("eve", "eve@example.com")  # not in the group
+
+    outcome = weekly_newsletter.delay(context={"title": "This week", "body": "News"}, window_seconds=0).get(
+        timeout=30
+    )
+    weekly_newsletter.delay(context={"title": "This week", "body": "News"}, window_seconds=0).get(timeout=30)
+
+    year, week, _ = timezone.localdate().isocalendar()
+    assert outcome == {"campaign": f"weekly-{year}-W{week:02d}", "recipients": 2}
+    wait_for(lambda: EmailLog.objects.filter(campaign=outcome["campaign"], status="sent").count() == 2)
+    time.sleep(1)  # a second send, were there one, would have arrived by now
+    assert sorted(address for message in smtp_server.messages for address in message.envelope_to) == [
+        "ann@example.com",
+        "bob@example.com",
+    ]
