@@ -106,7 +106,11 @@ def test_a_schedule_created_edited_and_disabled_in_the_admin_is_followed_by_beat
         every_2 = Cron.parse("*/2 * * * *", "Europe/Berlin")
         before_edit = len(list(every_5.iter_between(start, edited)))
         after_edit = dispatched("report")[before_edit:]
-        assert after_edit == list(every_2.iter_between(dispatched("report")[before_edit - 1], clock.now))
+        expected = list(every_2.iter_between(edited, clock.now))
+        catch_up = every_2.latest_at_or_before(edited)  # missed between the last run and the edit: run once
+        if catch_up is not None and catch_up > dispatched("report")[before_edit - 1]:
+            expected.insert(0, catch_up)
+        assert after_edit == expected
         assert len(after_edit) >= 2
 
         disabled = task_form(cron_expression="*/2 * * * *", enabled=None, **inline)
