@@ -38,17 +38,7 @@ TIME_ZONES = sorted(available_timezones())
 
 
 def cron_of(task: PeriodicTask) -> Cron | None:
-    crontab = task.crontab
-    if crontab is None:
-        return None
-    return Cron(
-        crontab.minute,
-        crontab.hour,
-        crontab.day_of_month,
-        crontab.month_of_year,
-        crontab.day_of_week,
-        zone=crontab.timezone,
-    )
+    return None if task.crontab is None else Cron.of(task.crontab)
 
 
 def upcoming_runs(task: PeriodicTask, count: int = 5, now: datetime | None = None) -> list[Occurrence]:
@@ -379,14 +369,7 @@ class CrontabAdmin(admin.ModelAdmin):
     @admin.display(description="in words")
     def in_words(self, crontab: CrontabSchedule) -> str:
         try:
-            return Cron(
-                crontab.minute,
-                crontab.hour,
-                crontab.day_of_month,
-                crontab.month_of_year,
-                crontab.day_of_week,
-                zone=crontab.timezone,
-            ).describe()
+            return Cron.of(crontab).describe()
         except CronError as error:
             return f"invalid: {error}"
 

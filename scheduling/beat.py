@@ -116,17 +116,7 @@ class SlotSchedule(schedules.BaseSchedule):
 
 def schedule_of(model: PeriodicTask, fallback: Any) -> Any:
     if model.crontab_id is not None:
-        crontab = model.crontab
-        return CronSchedule(
-            Cron(
-                crontab.minute,
-                crontab.hour,
-                crontab.day_of_month,
-                crontab.month_of_year,
-                crontab.day_of_week,
-                zone=crontab.timezone,
-            )
-        )
+        return CronSchedule(Cron.of(model.crontab))
     if model.interval_id is not None:
         interval = model.interval
         return SlotSchedule(timedelta(**{interval.period: interval.every}))

@@ -24,6 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from celery.schedules import crontab_parser
@@ -114,6 +115,18 @@ class Cron:
             month_of_year,
             day_of_week,
             zone=zone if isinstance(zone, ZoneInfo) else parse_zone(zone),
+        )
+
+    @classmethod
+    def of(cls, crontab: Any) -> Cron:
+        """The Cron of a django-celery-beat CrontabSchedule row."""
+        return cls(
+            crontab.minute,
+            crontab.hour,
+            crontab.day_of_month,
+            crontab.month_of_year,
+            crontab.day_of_week,
+            zone=crontab.timezone,
         )
 
     @property
