@@ -24,6 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -211,7 +212,7 @@ class Cron:
         """The instants (UTC) of `day`'s runs in the window (after, at_or_before], with DST notes.
 
         On a day without an offset change only the first `limit` (or, with `at_or_before`
-        alone, the last one) are returned; on a day with one, all in the window, unsorted.
+        alone, the last one) are returned; on a day with one, all in the window.
         """
         midnight = datetime.combine(day, time(0), tzinfo=self.zone)
         next_midnight = datetime.combine(day + timedelta(days=1), time(0), tzinfo=self.zone)
@@ -230,12 +231,13 @@ class Cron:
             if limit is not None:
                 end = min(end, start + limit)
             return [(base + timedelta(minutes=minute), "") for minute in minutes[start:end]]
-        instants = []
-        for minute in self._minutes_of_day:
-            for at, note in self._resolve(datetime.combine(day, time(minute // 60, minute % 60))):
-                if (after is None or at > after) and (at_or_before is None or at <= at_or_before):
-                    instants.append((at, note))
-        return instants
+        instants = _day_of_change(self, day)
+        start, end = 0, len(instants)
+        if after is not None:
+            start = bisect_right(instants, after, key=lambda instant: instant[0])
+        if at_or_before is not None:
+            end = bisect_right(instants, at_or_before, key=lambda instant: instant[0])
+        return list(instants[start:end])
 
     def _resolve(self, wall: datetime) -> list[tuple[datetime, str]]:
         first = wall.replace(tzinfo=self.zone, fold=0)
@@ -252,3 +254,18 @@ class Cron:
                 (second.astimezone(UTC), f"clocks go back: second of two {label}"),
             ]
         return [(first.astimezone(UTC), f"clocks go back: runs at the first of two {label} only")]
+
+
+@lru_cache(maxsize=256)
+def _day_of_change(cron: Cron, day: date) -> tuple[tuple[datetime, str], ...]:
+    """Every run of a day whose UTC offset changes, in order: worked out once per (schedule, day).
+
+    A `* * * * *` job resolves 1,440 wall-clock minutes on such a day; beat asks several
+    times a minute, so the answer is kept (a few distinct schedules, two days a year).
+    """
+    found: dict[datetime, str] = {}
+    for minute in cron._minutes_of_day:
+        for at, note in cron._resolve(datetime.combine(day, time(minute // 60, minute % 60))):
+            if at not in found or not note:  # a run due there anyway needs no DST note
+                found[at] = note
+    return tuple(sorted(found.items()))
