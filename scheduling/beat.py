@@ -197,6 +197,8 @@ class Scheduler(DatabaseScheduler):
         self._leading = False
         self._standing_by = False
         self._retry_publish_at = 0.0
+        self._compared: Any = None
+        self._changes_checked_at = 0.0
         super().__init__(*args, **kwargs)
 
     # --- which schedules ----------------------------------------------------------
@@ -211,6 +213,28 @@ class Scheduler(DatabaseScheduler):
             .exclude(clocked__isnull=False, clocked__clocked_time__gt=soon)
             .select_related("crontab", "interval", "solar", "clocked", "schedule_options")
         )
+
+    # --- cheap ticks ---------------------------------------------------------------
+
+    def schedules_equal(self, old_schedules: Any, new_schedules: Any) -> bool:
+        """Upstream compares every entry field by field on every tick (O(n) per task sent).
+
+        DatabaseScheduler builds a new dict whenever the database changed and flags it
+        (`_heap_invalidated`), so the same dict object means the same schedules.
+        """
+        if not self._heap_invalidated and new_schedules is self._compared and old_schedules is not None:
+            return True
+        equal = bool(super().schedules_equal(old_schedules, new_schedules))
+        self._compared = new_schedules
+        return equal
+
+    def schedule_changed(self) -> bool:
+        """Asks the database at most once a second: a burst of sends is not a burst of queries."""
+        now = current_time().timestamp()  # beat's clock, which tests move
+        if abs(now - self._changes_checked_at) < 1.0:
+            return False
+        self._changes_checked_at = now
+        return bool(super().schedule_changed())
 
     # --- one beat at a time -------------------------------------------------------
 
