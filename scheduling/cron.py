@@ -75,6 +75,15 @@ def parse_zone(name: str) -> ZoneInfo:
         ) from None
 
 
+@lru_cache(maxsize=1024)
+def _parse(*fields: str) -> tuple[tuple[frozenset[int], ...], tuple[int, ...]]:
+    """The fields' value sets and the sorted minutes of the day, shared by equal expressions
+    (1,000 `* * * * *` schedules hold one 1,440-entry tuple, not 1,000)."""
+    sets = tuple(parse_field(name, value) for (name, *_), value in zip(FIELDS, fields, strict=True))
+    minutes, hours = sets[0], sets[1]
+    return sets, tuple(sorted(h * 60 + m for h in hours for m in minutes))
+
+
 @dataclass(frozen=True)
 class Occurrence:
     at: datetime  # the instant, in UTC
@@ -94,10 +103,11 @@ class Cron:
     _minutes_of_day: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        sets = tuple(parse_field(name, getattr(self, name)) for name, *_ in FIELDS)
+        sets, minutes_of_day = _parse(
+            self.minute, self.hour, self.day_of_month, self.month_of_year, self.day_of_week
+        )
         object.__setattr__(self, "_sets", sets)
-        minutes, hours = sets[0], sets[1]
-        object.__setattr__(self, "_minutes_of_day", tuple(sorted(h * 60 + m for h in hours for m in minutes)))
+        object.__setattr__(self, "_minutes_of_day", minutes_of_day)
 
     @classmethod
     def parse(cls, expression: str, zone: str | ZoneInfo = "UTC") -> Cron:
