@@ -11,8 +11,10 @@ from typing import Any
 
 from celery import group
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import validate_email
+from django.utils import timezone
 from pydantic import BaseModel, Field, field_validator
 
 from config.celery_app import app
@@ -181,9 +183,6 @@ def weekly_newsletter(
     window_seconds: int = 3600,
 ) -> dict[str, Any]:
     """This week's newsletter to the active members of a user group (the Friday schedule sends it)."""
-    from django.contrib.auth import get_user_model
-    from django.utils import timezone
-
     year, week, _ = timezone.localdate().isocalendar()
     campaign = f"weekly-{year}-W{week:02d}"
     recipients = sorted(

@@ -20,7 +20,7 @@ from celery import Celery
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from scheduling.models import ScheduledRun
-from tests.conftest import ROOT, database_url_for_subprocess
+from tests.conftest import ROOT, database_url_for_subprocess, stop_process
 from tests.scheduling.beatdriver import drain
 from tests.waiting import wait_for
 
@@ -50,13 +50,7 @@ class BeatProcess:
         return text in self.log.read_text()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig)
         self._log_file.close()
 
 
