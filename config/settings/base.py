@@ -346,6 +346,32 @@ MAINTENANCE_TIME_BUDGET_SECONDS = env.int(
     max_value=CELERY_TASK_SOFT_TIME_LIMIT,
 )
 
+# --- monitoring (monitoring/) ------------------------------------------------
+
+# Celery signal handlers count every task by name, queue and outcome, with run-time and
+# queue-wait histograms; each process buffers them and flushes to Redis at most every
+# METRICS_FLUSH_SECONDS (one pipelined round trip), never a database write per task.
+METRICS_ENABLED = env.bool("METRICS_ENABLED", default=True)
+# Where the counters live: the broker's Redis by default; with RabbitMQ, name a Redis here
+# (empty turns collection off, with a warning at start-up).
+METRICS_REDIS_URL = env.str(
+    "METRICS_REDIS_URL",
+    default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "",
+)
+METRICS_FLUSH_SECONDS = env.float("METRICS_FLUSH_SECONDS", default=1.0, min_value=0.05, max_value=60)
+# `monitoring.rollup` (every minute) writes per-minute rows; rows older than
+# METRICS_MINUTE_ROWS_HOURS are compacted to hourly ones, and all are kept METRICS_RETENTION_DAYS.
+METRICS_RETENTION_DAYS = env.int("METRICS_RETENTION_DAYS", default=14, min_value=1)
+METRICS_MINUTE_ROWS_HOURS = env.int("METRICS_MINUTE_ROWS_HOURS", default=24, min_value=1)
+# A Prometheus scraper sends `Authorization: Bearer <METRICS_TOKEN>` to /metrics; empty:
+# only logged-in staff may read it.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# Seconds to wait for workers' answers (workers per queue, messages they hold) on the
+# metrics page, /readyz and the alert rules: a slow or dead worker never hangs them.
+METRICS_INSPECT_TIMEOUT = env.float("METRICS_INSPECT_TIMEOUT", default=1.0, min_value=0.1, max_value=30)
+# The admin metrics page reloads itself this often (seconds).
+METRICS_PAGE_REFRESH_SECONDS = env.int("METRICS_PAGE_REFRESH_SECONDS", default=30, min_value=5)
+
 # --- Flower -------------------------------------------------------------------
 
 FLOWER_URL = env.str("FLOWER_URL", default="http://127.0.0.1:5555")
