@@ -1,0 +1,26 @@
+"""Monitoring's periodic tasks (queue `default`), scheduled by scheduling/defaults.py."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from django.db import OperationalError
+from redis.exceptions import RedisError
+
+from config.celery_app import app
+from monitoring import rollup
+from tasks.base import JobTask, TransientJobError
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="default.metrics_rollup",
+    autoretry_for=(TransientJobError, OperationalError, RedisError),
+    max_attempts=3,
+    idempotency="each minute's row is replaced by the minute's full counts; compaction is per hour, atomic",
+)
+def metrics_rollup(self: JobTask) -> dict[str, Any]:
+    """Moves the per-minute counters from Redis into TaskMetric rows; compacts and prunes old rows."""
+    return asdict(rollup.roll_up())

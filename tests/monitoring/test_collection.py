@@ -1,0 +1,68 @@
+"""Real tasks through a real worker process; counters through Redis; rows in the database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from monitoring import metrics, rollup
+from monitoring.models import TaskMetric, bucket_columns
+from tests.monitoring.conftest import flush_here
+from tests.probes import probe_flaky, probe_needs_file
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def row(task: str) -> TaskMetric:
+    rows = list(TaskMetric.objects.filter(task=task))
+    assert len(rows) >= 1, f"no rows for {task}: {list(TaskMetric.objects.values_list('task', flat=True))}"
+    total = TaskMetric(task=task, queue=rows[0].queue, exceptions={})
+    for item in rows:
+        assert item.queue == "default"
+        for column in [*metrics.OUTCOMES, "rt_sum", "wt_sum", *bucket_columns("rt"), *bucket_columns("wt")]:
+            setattr(total, column, getattr(total, column) + getattr(item, column))
+        metrics.merge(total.exceptions, item.exceptions.items())
+    return total
+
+
+def histogram(item: TaskMetric, name: str) -> list[int]:
+    return [getattr(item, column) for column in bucket_columns(name)]
+
+
+def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker_restart(
+    celery_app: Celery, empty_queues: None, clean_metrics: None, worker_process, tmp_path: Path
+) -> None:
+    worker = worker_process("metrics", "-Q", "default", "-I", "tests.probes", "-c", "2")
+    flaky, needs_file = probe_flaky, probe_needs_file
+
+    results = [flaky.delay(fail_times=0) for _ in range(5)]
+    results += [flaky.delay(fail_times=1) for _ in range(2)]
+    failures = [needs_file.delay(path=str(tmp_path / "missing")) for _ in range(3)]
+    for result in results:
+        result.get(timeout=60)
+    for result in failures:
+        with pytest.raises(Exception, match="does not exist"):
+            result.get(timeout=60)
+    flush_here()
+    worker.stop()  # a warm shutdown flushes what the pool processes still hold
+
+    rollup.roll_up()
+
+    ran = row("default.probe_flaky")
+    assert (ran.sent, ran.succeeded, ran.retried, ran.failed) == (7 + 2, 7, 2, 0)
+    assert ran.exceptions == {"TransientJobError": 2}
+    assert sum(histogram(ran, "rt")) == 9  # every run: 7 successes and 2 attempts that were retried
+    assert sum(histogram(ran, "wt")) == 9
+    p50 = metrics.quantile(0.5, histogram(ran, "rt"))
+    assert p50 is not None and 0 < p50 < 5
+    failed = row("default.probe_needs_file")
+    assert (failed.sent, failed.succeeded, failed.retried, failed.failed) == (3, 0, 0, 3)
+    assert failed.exceptions == {"PermanentJobError": 3}
+
+    # Rolling up again (late, twice) changes nothing; a new worker process finds the same rows.
+    rollup.roll_up()
+    worker_process("metrics2", "-Q", "default", "-I", "tests.probes", "--pool=solo")
+    again = row("default.probe_flaky")
+    assert (again.sent, again.succeeded, again.retried) == (9, 7, 2)
