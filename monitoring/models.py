@@ -57,3 +57,64 @@ def bucket_columns(histogram: str) -> list[str]:
 
 
 COUNT_COLUMNS = [*metrics.OUTCOMES, "rt_sum", "wt_sum", *bucket_columns("rt"), *bucket_columns("wt")]
+
+
+class AlertRule(models.Model):
+    """One kind of trouble to watch for; created from settings, then edited in the admin."""
+
+    class Kind(models.TextChoices):
+        FAILURE_RATE = "failure_rate", "failure rate of a task (%)"
+        QUEUE_WAIT = "queue_wait_p95", "p95 queue wait of a queue (ms)"
+        BACKLOG = "backlog", "messages waiting in a queue"
+        NO_WORKER = "no_worker", "no worker consuming a queue"
+        MISSED_RUN = "missed_run", "a periodic task missed its run"
+        DEAD_LETTERS = "dead_letters", "new dead letters"
+
+    kind = models.CharField(max_length=30, choices=Kind.choices, unique=True)
+    enabled = models.BooleanField(default=True)
+    threshold = models.FloatField(
+        default=0, help_text="fires above this value (failure rate %, wait ms, messages, dead letters)"
+    )
+    window_minutes = models.PositiveIntegerField(default=15, help_text="the window rates are computed over")
+    min_runs = models.PositiveIntegerField(
+        default=20, help_text="rates and percentiles of fewer runs than this are not judged"
+    )
+    repeat_minutes = models.PositiveIntegerField(
+        default=60, help_text="while it stays firing, notify again at most this often"
+    )
+
+    class Meta:
+        ordering = ["kind"]
+
+    def __str__(self) -> str:
+        return self.get_kind_display()
+
+
+class Alert(models.Model):
+    """One firing of a rule for one subject (a task, a queue, a schedule), until it recovers."""
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    subject = models.CharField(max_length=200)
+    value = models.FloatField(null=True, blank=True)
+    message = models.TextField()
+    started_at = models.DateTimeField()
+    last_notified_at = models.DateTimeField()
+    notifications = models.PositiveIntegerField(default=1)
+    resolved_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["rule", "subject"],
+                condition=models.Q(resolved_at=None),
+                name="one_open_alert_per_subject",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.subject}"
+
+    @property
+    def firing(self) -> bool:
+        return self.resolved_at is None

@@ -9,7 +9,7 @@ from django.db import OperationalError
 from redis.exceptions import RedisError
 
 from config.celery_app import app
-from monitoring import rollup
+from monitoring import alerts, rollup
 from tasks.base import JobTask, TransientJobError
 
 
@@ -24,3 +24,16 @@ from tasks.base import JobTask, TransientJobError
 def metrics_rollup(self: JobTask) -> dict[str, Any]:
     """Moves the per-minute counters from Redis into TaskMetric rows; compacts and prunes old rows."""
     return asdict(rollup.roll_up())
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="default.check_alerts",
+    autoretry_for=(TransientJobError, OperationalError),
+    max_attempts=2,
+    idempotency="an alert opens once per subject (unique while open); repeats are spaced by the rule",
+)
+def check_alerts(self: JobTask) -> dict[str, Any]:
+    """Evaluates every alert rule; notifies what starts firing, keeps firing, or recovers."""
+    return asdict(alerts.evaluate())

@@ -36,6 +36,7 @@ from django.db import DatabaseError, IntegrityError
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import SCHEDULE_SYNC_MAX_INTERVAL, DatabaseScheduler, ModelEntry
 
+from config.sentry import beat_check_in_headers
 from scheduling.cron import Cron
 from scheduling.lease import Lease, process_name
 from scheduling.models import MissedRuns, ScheduledRun, ScheduleOptions
@@ -155,10 +156,17 @@ def occurrence_task_id(name: str, occurrence: datetime) -> str:
     return str(uuid.uuid5(_TASK_ID_NAMESPACE, f"{name}\x00{occurrence.astimezone(UTC).isoformat()}"))
 
 
-def publish(app: Any, entry: OccurrenceEntry, run: ScheduledRun, producer: Any = None) -> Any:
-    """Sends `entry`'s task as `run`, with the run's task id and occurrence header."""
+def publish(
+    app: Any,
+    entry: OccurrenceEntry,
+    run: ScheduledRun,
+    producer: Any = None,
+    extra_headers: dict[str, Any] | None = None,
+) -> Any:
+    """Sends `entry`'s task as `run`, with the run's task id and occurrence header (and `extra_headers`)."""
     headers = {
         **entry.options.get("headers", {}),
+        **(extra_headers or {}),
         "celery_beat_task": True,
         OCCURRENCE_HEADER: run.occurrence.astimezone(UTC).isoformat(),
     }
@@ -299,8 +307,10 @@ class Scheduler(DatabaseScheduler):
             logger.warning("beat: skipped %s due %s (%s)", entry.name, occurrence, run.detail)
             return
         logger.info("beat: sending %s (%s) due %s, %.3f s late", entry.name, entry.task, occurrence, late)
+        # sentry-sdk's Crons hook is upstream's apply_entry, which this one replaces.
+        monitoring = beat_check_in_headers(entry.name, entry.schedule)
         try:
-            publish(self.app, entry, run, producer=producer)
+            publish(self.app, entry, run, producer=producer, extra_headers=monitoring)
         except PermanentJobError as exc:
             logger.error("beat: %s refused: %s", entry.name, exc)
             ScheduledRun.objects.filter(pk=run.pk).update(status=ScheduledRun.Status.REFUSED, detail=str(exc))

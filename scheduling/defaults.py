@@ -69,6 +69,20 @@ DEFAULT_SCHEDULES = (
         # Sent late on a Saturday night is worse than not sent: wait for next Friday.
         missed_runs=MissedRuns.SKIP,
     ),
+    DefaultSchedule(
+        name="monitoring: metrics roll-up",
+        task="default.metrics_rollup",
+        cron="* * * * *",
+        description="Moves the last minutes' task counters from Redis into the metrics tables.",
+    ),
+    DefaultSchedule(
+        name="monitoring: alerts",
+        task="default.check_alerts",
+        cron="* * * * *",
+        description="Evaluates the alert rules; mails the admins when one fires, repeats or recovers.",
+        # A check that comes late is stale: the next one is a minute away.
+        missed_runs=MissedRuns.SKIP,
+    ),
 )
 
 

@@ -107,3 +107,28 @@ def probe_parsed(self: JobTask, window: Window, fail_times: int) -> str:
     if self.request.retries < fail_times:
         raise TransientJobError("again")
     return f"{window.start.isoformat()}+{window.days}"
+
+
+# --- Probe of error reporting (config/sentry.py) ---------------------------------
+
+
+class FailSchema(BaseModel):
+    address: str
+    api_token: str
+    transient_failures: int = Field(default=0, ge=0, le=3)
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="email.probe_fail",
+    schema=FailSchema,
+    idempotency="no side effects",
+    masked=frozenset({"api_token"}),
+)
+def probe_fail(self: JobTask, address: str, api_token: str, transient_failures: int = 0) -> None:
+    """Fails transiently `transient_failures` times, then for good, naming `address`; holds a secret."""
+    smtp_password = api_token  # a frame variable Sentry would show, were it not scrubbed
+    if self.request.retries < transient_failures:
+        raise TransientJobError(f"mail server busy for {address}")
+    raise PermanentJobError(f"mailbox {address} does not exist (signed in with {len(smtp_password)} chars)")

@@ -135,6 +135,8 @@ EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10, min_value=1)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="jobs@localhost")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 ADMINS = [("Admin", address) for address in env.list("DJANGO_ADMINS", default=[])]
+# Mail to ADMINS (alerts, server errors) starts with this.
+EMAIL_SUBJECT_PREFIX = env.str("EMAIL_SUBJECT_PREFIX", default="[jobs] ")
 # Messages per period for all workers together (newsletters), e.g. "10/second", "600/minute".
 EMAIL_SEND_RATE = env.rate("EMAIL_SEND_RATE", default="10/second")
 
@@ -237,6 +239,7 @@ CELERY_IMPORTS = (
     "tasks.data_sync",
     "tasks.analytics",
     "tasks.maintenance",
+    "monitoring.tasks",
 )
 
 # --- The shared task policy (tasks/base.py) -----------------------------------
@@ -371,6 +374,16 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_INSPECT_TIMEOUT = env.float("METRICS_INSPECT_TIMEOUT", default=1.0, min_value=0.1, max_value=30)
 # The admin metrics page reloads itself this often (seconds).
 METRICS_PAGE_REFRESH_SECONDS = env.int("METRICS_PAGE_REFRESH_SECONDS", default=30, min_value=5)
+
+# Alert rules (monitoring/alerts.py), evaluated every minute by `default.check_alerts`. These
+# are the values the rules are created with; after that they are edited in the admin.
+ALERT_FAILURE_RATE_PERCENT = env.float("ALERT_FAILURE_RATE_PERCENT", default=1.0, min_value=0, max_value=100)
+ALERT_QUEUE_WAIT_P95_MS = env.float("ALERT_QUEUE_WAIT_P95_MS", default=100.0, min_value=0)
+ALERT_BACKLOG_MESSAGES = env.int("ALERT_BACKLOG_MESSAGES", default=1000, min_value=0)
+ALERT_DEAD_LETTERS = env.int("ALERT_DEAD_LETTERS", default=0, min_value=0)
+ALERT_WINDOW_MINUTES = env.int("ALERT_WINDOW_MINUTES", default=15, min_value=1, max_value=24 * 60)
+ALERT_MIN_RUNS = env.int("ALERT_MIN_RUNS", default=20, min_value=1)
+ALERT_REPEAT_MINUTES = env.int("ALERT_REPEAT_MINUTES", default=60, min_value=1)
 
 # --- Flower -------------------------------------------------------------------
 

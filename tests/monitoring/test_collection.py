@@ -66,3 +66,36 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     worker_process("metrics2", "-Q", "default", "-I", "tests.probes", "--pool=solo")
     again = row("default.probe_flaky")
     assert (again.sent, again.succeeded, again.retried) == (9, 7, 2)
+
+    # The admin page shows the same counts (a fresh client: nothing cached in this process).
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    staff = User.objects.create_user("ops", password="pw", is_staff=True)
+    client = Client()
+    client.force_login(staff)
+    page = client.get("/admin/metrics/?window=1h").content.decode()
+    assert 'id="total-finished">10<' in page  # 7 succeeded + 3 failed
+    assert 'id="total-failed">3<' in page and 'id="total-retried">2<' in page
+    flaky_row = page.split('data-task="default.probe_flaky"')[1].split("</tr>")[0]
+    assert 'class="num finished">7<' in flaky_row and 'class="num retried">2<' in flaky_row
+
+    # Prometheus carries the same counts, read by prometheus-client's own parser.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").content.decode())}
+    samples = {
+        (s.labels["task"], s.labels["outcome"]): s.value
+        for s in families["jobs_tasks"].samples
+        if s.name == "jobs_tasks_total"
+    }
+    assert samples[("default.probe_flaky", "succeeded")] == 7
+    assert samples[("default.probe_flaky", "retried")] == 2
+    assert samples[("default.probe_flaky", "sent")] == 9
+    assert samples[("default.probe_needs_file", "failed")] == 3
+    runtime_count = [
+        s.value
+        for s in families["jobs_task_runtime_seconds"].samples
+        if s.name.endswith("_count") and s.labels["task"] == "default.probe_flaky"
+    ]
+    assert runtime_count == [9]

@@ -35,7 +35,7 @@ def as_rows() -> dict[str, tuple[str, str, str, str, dict[str, object], bool, st
     return rows
 
 
-def test_the_first_sync_creates_the_four_defaults_in_the_project_time_zone(settings) -> None:
+def test_the_first_sync_creates_the_defaults_in_the_project_time_zone(settings) -> None:
     settings.TIME_ZONE = "Europe/Berlin"
 
     report = sync()
@@ -47,6 +47,8 @@ def test_the_first_sync_creates_the_four_defaults_in_the_project_time_zone(setti
         "data sync: hourly export": ("data_sync.export", "0 * * * *", "Europe/Berlin"),
         "maintenance: clean-up": ("default.cleanup", "0 */6 * * *", "Europe/Berlin"),
         "email: weekly newsletter": ("email.weekly_newsletter", "0 10 * * 5", "Europe/Berlin"),
+        "monitoring: metrics roll-up": ("default.metrics_rollup", "* * * * *", "Europe/Berlin"),
+        "monitoring: alerts": ("default.check_alerts", "* * * * *", "Europe/Berlin"),
     }
     assert rows["email: weekly newsletter"][6] == "skip"
     assert rows["analytics: nightly roll-up"][6] == "run_once"
@@ -91,6 +93,8 @@ def test_an_edit_made_in_the_admin_survives_every_later_sync() -> None:
         "data sync: hourly export: edited in the admin; left as edited",
         "maintenance: clean-up: updated from the code",
         "email: weekly newsletter: edited in the admin; left as edited",
+        "monitoring: metrics roll-up: updated from the code",
+        "monitoring: alerts: updated from the code",
     ]
     rows = as_rows()
     assert rows["analytics: nightly roll-up"][1:3] == ("45 4 * * *", "America/New_York")

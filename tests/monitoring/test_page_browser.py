@@ -1,0 +1,78 @@
+"""The metrics page in a real browser: log in, open it from the admin index, read numbers and charts.
+
+Headless Chromium (tests/browser.py) against pytest-django's live server. The screenshot is
+kept as a test artifact in $TEST_ARTIFACTS_DIR (default: test-artifacts/ at the top).
+Skipped when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.utils import timezone
+
+from monitoring import metrics
+from monitoring.models import TaskMetric
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page  # type: ignore[import-not-found,unused-ignore]
+    from pytest_django.live_server_helper import LiveServer
+
+pytest_plugins = ["tests.browser"]
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+USERNAME, PASSWORD = "ops", "correct horse battery"
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "test-artifacts"))
+
+
+def test_the_metrics_page_shows_numbers_and_charts(
+    browser_page: Page, live_server: LiveServer, django_user_model: Any, settings
+) -> None:
+    from playwright.sync_api import expect  # type: ignore[import-not-found,unused-ignore]
+
+    settings.METRICS_INSPECT_TIMEOUT = 0.2  # no worker runs: don't wait for answers
+    django_user_model.objects.create_superuser(USERNAME, "ops@example.com", PASSWORD)
+    now = timezone.now().replace(second=0, microsecond=0)
+    for minutes_ago, ok, failed in ((50, 30, 0), (20, 12, 3), (5, 18, 1)):
+        row = TaskMetric(
+            period_start=now - timedelta(minutes=minutes_ago),
+            task="email.send",
+            queue="email",
+            succeeded=ok,
+            failed=failed,
+            exceptions={"SMTPServerDisconnected": failed} if failed else {},
+        )
+        setattr(row, f"rt_{metrics.bucket_index(0.3)}", ok + failed)
+        setattr(row, f"wt_{metrics.bucket_index(0.02)}", ok + failed)
+        row.save()
+
+    page = browser_page
+    page.goto(f"{live_server.url}/admin/")
+    page.fill("#id_username", USERNAME)
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.click("#monitoring-links a:text-is('Task metrics')")
+    page.wait_for_url(f"{live_server.url}/admin/metrics/")
+    page.click("a:text-is('last 1h')")
+
+    expect(page.locator("#total-finished")).to_have_text("64")
+    expect(page.locator("#total-failed")).to_have_text("4")
+    expect(page.locator("#total-success-rate")).to_have_text("93.8%")
+    expect(page.locator("#tasks tr[data-task='email.send'] .finished")).to_have_text("64")
+    expect(page.locator("#exceptions")).to_contain_text("SMTPServerDisconnected")
+    expect(page.locator("#queues tr[data-queue]")).to_have_count(5)
+    chart = page.locator("svg.metrics-chart")
+    expect(chart).to_be_visible()
+    assert chart.bounding_box()["width"] > 300
+    # Three bins with bars: red ones where tasks failed.
+    expect(chart.locator("g.bin rect[fill='#2e7d32']")).to_have_count(3)
+    expect(chart.locator("g.bin rect[fill='#c62828']")).to_have_count(2)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "metrics-page.png"), full_page=True)
+    assert (ARTIFACTS / "metrics-page.png").stat().st_size > 10_000
