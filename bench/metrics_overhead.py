@@ -6,11 +6,15 @@
 
 For each repetition, back to back: a worker with METRICS_ENABLED=false, then one with
 METRICS_ENABLED=true (`celery -A config worker -Q default -c C -I bench.noop`, prefork).
-With the worker ready, its consumer is cancelled, N `default.bench_noop` messages (no
+Prefetch is raised (--prefetch) so the worker, not the broker round trip, is the limit: the
+per-task cost is then smallest and the handlers' share largest. With the worker ready, its
+consumer is cancelled, N `default.bench_noop` messages (no
 result stored) and a sentinel are published, the consumer is added back, and the time from
 then to the sentinel's result is the run's. Prints tasks/s per run, the median per mode and
-the overhead; then the publish side in this process: N `apply_async` calls with the
-publish handler connected and not.
+the overhead; then what the handlers cost per task in this process (publish + prerun +
+postrun on a real task, µs), and the publish side: N `apply_async` calls with the publish
+handler connected and not. The end-to-end runs vary by several percent between repetitions
+on a small machine: read the median and the per-task handler cost together.
 """
 
 from __future__ import annotations
@@ -29,14 +33,19 @@ sys.path.insert(0, str(ROOT))
 from bench.support import ensure_database  # noqa: E402
 
 
-def run_worker(app: Any, collect: bool, tasks: int, concurrency: int) -> float:
+def run_worker(app: Any, collect: bool, tasks: int, concurrency: int, prefetch: int) -> float:
     import subprocess
     import tempfile
 
     from bench.noop import noop, sentinel
 
     log = Path(tempfile.gettempdir()) / f"bench_metrics_{'on' if collect else 'off'}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "METRICS_ENABLED": "true" if collect else "false"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "METRICS_ENABLED": "true" if collect else "false",
+        "CELERY_WORKER_PREFETCH_MULTIPLIER": str(prefetch),
+    }
     app.control.purge()
     with log.open("w") as log_file:
         worker = subprocess.Popen(
@@ -69,27 +78,57 @@ def run_worker(app: Any, collect: bool, tasks: int, concurrency: int) -> float:
         worker.wait(timeout=60)
 
 
-def publish_side(tasks: int) -> tuple[float, float]:
+def handler_cost(tasks: int) -> float:
+    """Microseconds the prerun + postrun + publish handlers take per task, in this process.
+
+    A real task with a real request pushed on it, as the worker's tracer does; the buffer's
+    flush thread runs as in production.
+    """
+    from bench.noop import noop
+    from monitoring import collect
+
+    collect.install()
+    noop.push_request(
+        id="bench", delivery_info={"routing_key": "default"}, headers={collect.PUBLISHED_HEADER: time.time()}
+    )
+    headers: dict[str, Any] = {}
+    started = time.perf_counter()
+    for index in range(tasks):
+        task_id = f"bench-{index}"
+        collect.on_publish(sender="default.bench_noop", headers=headers, routing_key="default")
+        collect.on_prerun(task_id=task_id, task=noop)
+        collect.on_postrun(task_id=task_id, task=noop, state="SUCCESS")
+    elapsed = time.perf_counter() - started
+    noop.pop_request()
+    return elapsed / tasks * 1_000_000
+
+
+def publish_side(tasks: int, repetitions: int = 5) -> tuple[float, float]:
+    """Median seconds for `tasks` apply_async calls with the publish handler off and on (alternating)."""
     from celery import signals
 
     from bench.noop import noop
+    from config.celery_app import app
     from monitoring import collect
 
     def timed() -> float:
         started = time.perf_counter()
-        from config.celery_app import app
-
         with app.producer_or_acquire() as producer:
             for _ in range(tasks):
                 noop.apply_async(producer=producer)
         return time.perf_counter() - started
 
     collect.install()
-    on = timed()
-    signals.before_task_publish.disconnect(collect.on_publish)
-    off = timed()
-    signals.before_task_publish.connect(collect.on_publish, weak=False)
-    return off, on
+    timed()  # warm up: connection, pools
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repetitions):
+        for on in (False, True):
+            if not on:
+                signals.before_task_publish.disconnect(collect.on_publish)
+            times[on].append(timed())
+            signals.before_task_publish.connect(collect.on_publish, weak=False)
+    app.control.purge()
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def main() -> None:
@@ -97,6 +136,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--prefetch", type=int, default=50, help="prefetch multiplier: high, so the broker is not the limit"
+    )
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/bench_metrics")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
     args = parser.parse_args()
@@ -115,20 +157,26 @@ def main() -> None:
     from config.celery_app import app
 
     rates: dict[bool, list[float]] = {False: [], True: []}
-    print(f"{args.tasks} no-op tasks per run, worker -c {args.concurrency} (prefork), {args.broker_url}")
+    print(
+        f"{args.tasks} no-op tasks per run, worker -c {args.concurrency} (prefork), "
+        f"prefetch x{args.prefetch}, {args.broker_url}"
+    )
     for repetition in range(1, args.repetitions + 1):
-        for collect in (False, True):
-            elapsed = run_worker(app, collect, args.tasks, args.concurrency)
+        # Alternate which mode goes first, so a drift of the machine does not favour one.
+        for collect in (False, True) if repetition % 2 else (True, False):
+            elapsed = run_worker(app, collect, args.tasks, args.concurrency, args.prefetch)
             rates[collect].append(args.tasks / elapsed)
             mode = "on " if collect else "off"
             print(f"  run {repetition} collection {mode}: {args.tasks / elapsed:8.0f} tasks/s")
     off, on = statistics.median(rates[False]), statistics.median(rates[True])
     print(f"median: off {off:.0f} tasks/s, on {on:.0f} tasks/s: overhead {(off - on) / off * 100:+.1f}%")
 
-    publish_off, publish_on = publish_side(args.tasks)
+    print(f"handlers (publish + prerun + postrun), in-process: {handler_cost(50_000):.1f} µs per task")
+    sends = args.tasks // 2
+    publish_off, publish_on = publish_side(sends)
     print(
-        f"publish side, {args.tasks} apply_async in this process: off {args.tasks / publish_off:.0f}/s, "
-        f"on {args.tasks / publish_on:.0f}/s ({(publish_on - publish_off) / publish_off * 100:+.1f}% time)"
+        f"publish side, {sends} apply_async in this process, median of 5: off {sends / publish_off:.0f}/s, "
+        f"on {sends / publish_on:.0f}/s ({(publish_on - publish_off) / publish_off * 100:+.1f}% time)"
     )
 
 

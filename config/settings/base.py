@@ -398,11 +398,14 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"},
     },
+    "filters": {"drop_not_ready": {"()": "monitoring.logfilters.DropNotReadyResponses"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "celery": {"level": LOG_LEVEL},
         "django.db.backends": {"level": "WARNING"},
+        # A load balancer polling /readyz while a worker is down is not an error per poll.
+        "django.request": {"filters": ["drop_not_ready"]},
     },
 }
 

@@ -112,6 +112,27 @@ def test_readyz_is_503_when_no_beat_ever_held_the_lease(client: Client) -> None:
     assert response.json()["checks"]["beat"]["status"] == "failing"
 
 
+def test_a_503_from_readyz_is_not_logged_as_an_error_but_other_5xx_still_are(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from django.http import HttpResponse
+    from django.utils.log import log_response
+
+    with caplog.at_level(logging.WARNING, logger="django.request"):
+        assert client.get("/readyz").status_code == 503
+        assert not [r for r in caplog.records if r.name == "django.request"]
+        # The same 503 for any other path is still an error in the log.
+        request = client.get("/healthz").wsgi_request
+        from django.http import HttpResponse
+
+        log_response(
+            "Service Unavailable: %s", request.path, response=HttpResponse(status=503), request=request
+        )
+    assert [r.levelname for r in caplog.records if r.name == "django.request"] == ["ERROR"]
+
+
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_readyz_with_the_broker_down_is_503_quickly_and_shows_no_url(
