@@ -99,6 +99,35 @@ class WorkerProcess:
         return self.process.returncode
 
 
+class BeatProcess:
+    """`celery -A config beat`, as the Procfile starts it (the project's scheduler, from settings)."""
+
+    def __init__(self, name: str, log: Path) -> None:
+        self.name, self.log = name, log
+        env = dict(os.environ)
+        env.update(
+            DJANGO_SETTINGS_MODULE="config.settings.test",
+            DATABASE_URL=database_url_for_subprocess(),
+            PYTHONUNBUFFERED="1",
+        )
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config", "beat", "--pidfile=", "-l", "INFO"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.holder = f":{self.process.pid}"  # ScheduledRun.beat is host:pid
+
+    def says(self, text: str) -> bool:
+        return text in self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        stop_process(self.process, sig)
+        self._log_file.close()
+
+
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
     """Sends `sig` and waits; kills what is still running after `timeout` seconds."""
     if process.poll() is None:

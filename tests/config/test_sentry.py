@@ -9,8 +9,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 import threading
 import uuid
 import zlib
@@ -27,7 +25,7 @@ from django_celery_beat.models import PeriodicTask
 from config.sentry import beat_check_in_headers, before_send, monitor_config
 from scheduling.defaults import crontab_for
 from tests import probes
-from tests.conftest import ROOT, database_url_for_subprocess, stop_process
+from tests.conftest import BeatProcess
 from tests.waiting import wait_for
 
 ADDRESS = "alice@example.com"
@@ -162,31 +160,6 @@ def test_a_failing_task_reaches_sentry_tagged_with_task_queue_and_attempt_and_wi
 # --- beat ---------------------------------------------------------------------------
 
 
-class BeatProcess:
-    """`celery -A config beat`, as the Procfile starts it."""
-
-    def __init__(self, log: Path) -> None:
-        env = dict(os.environ)
-        env.update(
-            DJANGO_SETTINGS_MODULE="config.settings.test",
-            DATABASE_URL=database_url_for_subprocess(),
-            PYTHONUNBUFFERED="1",
-        )
-        self.log = log
-        self._log_file = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config", "beat", "--pidfile=", "-l", "INFO"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        stop_process(self.process)
-        self._log_file.close()
-
-
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_beat_checks_in_each_scheduled_run_and_the_worker_reports_it_done(
@@ -199,7 +172,7 @@ def test_beat_checks_in_each_scheduled_run_and_the_worker_reports_it_done(
         last_run_at=timezone.now() - timedelta(minutes=10),  # due at once (missed runs: run once)
     )
     worker_process("pinger", "-Q", "default", "--pool=solo", wait=False)
-    beat = BeatProcess(tmp_path / "beat.log")
+    beat = BeatProcess("beat", tmp_path / "beat.log")
     try:
 
         def check_ins(status: str) -> list[dict[str, Any]]:
@@ -221,6 +194,31 @@ def test_beat_checks_in_each_scheduled_run_and_the_worker_reports_it_done(
     }
     assert done[0]["check_in_id"] == started[0]["check_in_id"]
     assert done[0]["duration"] is not None
+
+
+def test_an_alert_notice_reaches_sentry_as_an_event_without_the_address(sentry: SentryRecorder) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "import django; django.setup()\n"
+        "from monitoring.alerts import notify\n"
+        f"notify('FIRING: queue email: mail to {ADDRESS} keeps failing', 'body', firing=True)\n"
+        "notify('RECOVERED: queue email', 'body', firing=False)\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DJANGO_ADMINS": ""}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=60)
+
+    events = wait_for(lambda: sentry.items("event") if len(sentry.items("event")) >= 2 else None, timeout=10)
+    levels = {
+        event["level"]: (event.get("logentry") or {}).get("message") or event.get("message")
+        for event in events
+    }
+    assert levels["error"] == "FIRING: queue email: mail to [email] keeps failing"
+    assert levels["info"] == "RECOVERED: queue email"
+    assert ADDRESS.encode() not in sentry.raw()
 
 
 # --- units ------------------------------------------------------------------------

@@ -8,10 +8,7 @@ reaches the broker exactly once: the messages are read back off the queue.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,38 +17,11 @@ from celery import Celery
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from scheduling.models import ScheduledRun
-from tests.conftest import ROOT, database_url_for_subprocess, stop_process
+from tests.conftest import BeatProcess
 from tests.scheduling.beatdriver import drain
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-class BeatProcess:
-    def __init__(self, name: str, log: Path) -> None:
-        self.name, self.log = name, log
-        env = dict(os.environ)
-        env.update(
-            DJANGO_SETTINGS_MODULE="config.settings.test",
-            DATABASE_URL=database_url_for_subprocess(),
-            PYTHONUNBUFFERED="1",
-        )
-        self._log_file = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config", "beat", "--pidfile=", "-l", "INFO"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-        self.holder = f":{self.process.pid}"  # ScheduledRun.beat is host:pid
-
-    def says(self, text: str) -> bool:
-        return text in self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        stop_process(self.process, sig)
-        self._log_file.close()
 
 
 def runs_by(beat: BeatProcess) -> list[ScheduledRun]:

@@ -12,10 +12,11 @@ from celery import Celery
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
-from monitoring import alerts, metrics
-from monitoring.models import Alert, AlertRule, TaskMetric
+from monitoring import alerts
+from monitoring.models import Alert, AlertRule
 from scheduling.models import ScheduledRun
 from tasks.models import DeadLetter
+from tests.monitoring.conftest import add_metric_row
 from tests.smtp import SmtpServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,14 +35,9 @@ def rule(kind: str, **values: object) -> AlertRule:
     return AlertRule.objects.get(kind=kind)
 
 
-def add_runs(task: str, queue: str, *, ok: int, failed: int = 0, wait: float = 0.004, at=None) -> None:
-    at = at or timezone.now() - timedelta(minutes=2)
-    row = TaskMetric(
-        period_start=at.replace(second=0, microsecond=0), task=task, queue=queue, succeeded=ok, failed=failed
-    )
-    setattr(row, f"wt_{metrics.bucket_index(wait)}", ok + failed)
-    setattr(row, f"rt_{metrics.bucket_index(0.1)}", ok + failed)
-    row.save()
+def add_runs(task: str, queue: str, *, ok: int, failed: int = 0, wait: float = 0.004) -> None:
+    assert task.startswith(f"{queue}.")
+    add_metric_row(task, succeeded=ok, failed=failed, run=0.1, wait=wait)
 
 
 def subjects(kind: str) -> set[str]:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
-from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring import metrics
-from monitoring.models import TaskMetric
+from tests.monitoring.conftest import add_metric_row
 
 pytestmark = pytest.mark.django_db
 
@@ -29,18 +25,7 @@ def staff_client() -> Client:
 
 
 def add_row(minutes_ago: int, task: str, *, succeeded: int = 0, failed: int = 0, run: float = 0.2) -> None:
-    start = (timezone.now() - timedelta(minutes=minutes_ago)).replace(second=0, microsecond=0)
-    row = TaskMetric(
-        period_start=start,
-        task=task,
-        queue=task.split(".")[0],
-        succeeded=succeeded,
-        failed=failed,
-        exceptions={"SMTPServerDisconnected": failed} if failed else {},
-    )
-    setattr(row, f"rt_{metrics.bucket_index(run)}", succeeded + failed)
-    setattr(row, f"wt_{metrics.bucket_index(0.02)}", succeeded + failed)
-    row.save()
+    add_metric_row(task, minutes_ago=minutes_ago, succeeded=succeeded, failed=failed, run=run)
 
 
 def test_anonymous_and_non_staff_users_are_sent_to_the_login_page() -> None:

@@ -8,15 +8,12 @@ Skipped when Chromium or Playwright is missing.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from django.utils import timezone
 
-from monitoring import metrics
-from monitoring.models import TaskMetric
+from tests.monitoring.conftest import add_metric_row
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page  # type: ignore[import-not-found,unused-ignore]
@@ -37,19 +34,8 @@ def test_the_metrics_page_shows_numbers_and_charts(
 
     settings.METRICS_INSPECT_TIMEOUT = 0.2  # no worker runs: don't wait for answers
     django_user_model.objects.create_superuser(USERNAME, "ops@example.com", PASSWORD)
-    now = timezone.now().replace(second=0, microsecond=0)
     for minutes_ago, ok, failed in ((50, 30, 0), (20, 12, 3), (5, 18, 1)):
-        row = TaskMetric(
-            period_start=now - timedelta(minutes=minutes_ago),
-            task="email.send",
-            queue="email",
-            succeeded=ok,
-            failed=failed,
-            exceptions={"SMTPServerDisconnected": failed} if failed else {},
-        )
-        setattr(row, f"rt_{metrics.bucket_index(0.3)}", ok + failed)
-        setattr(row, f"wt_{metrics.bucket_index(0.02)}", ok + failed)
-        row.save()
+        add_metric_row("email.send", minutes_ago=minutes_ago, succeeded=ok, failed=failed, run=0.3)
 
     page = browser_page
     page.goto(f"{live_server.url}/admin/")
@@ -68,7 +54,8 @@ def test_the_metrics_page_shows_numbers_and_charts(
     expect(page.locator("#queues tr[data-queue]")).to_have_count(5)
     chart = page.locator("svg.metrics-chart")
     expect(chart).to_be_visible()
-    assert chart.bounding_box()["width"] > 300
+    box = chart.bounding_box()
+    assert box is not None and box["width"] > 300
     # Three bins with bars: red ones where tasks failed.
     expect(chart.locator("g.bin rect[fill='#2e7d32']")).to_have_count(3)
     expect(chart.locator("g.bin rect[fill='#c62828']")).to_have_count(2)
