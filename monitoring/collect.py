@@ -231,7 +231,13 @@ def on_retry(sender: Any = None, reason: Any = None, **kwargs: Any) -> None:
 def on_revoked(request: Any = None, sender: Any = None, **kwargs: Any) -> None:
     try:
         assert _buffer is not None
-        name = getattr(request, "task_name", None) or getattr(request, "name", None) or str(sender)
+        # sender is the task; request is the revoked message's Context (or a worker Request).
+        name = (
+            getattr(sender, "name", None)
+            or getattr(request, "task", None)
+            or getattr(request, "task_name", None)
+            or "unknown"
+        )
         _buffer.add(time.time(), name, _queue_of(getattr(request, "delivery_info", None)), "revoked")
     except Exception:
         logger.exception("metrics: revoked handler failed")

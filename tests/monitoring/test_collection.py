@@ -11,6 +11,7 @@ from monitoring import metrics, rollup
 from monitoring.models import TaskMetric, bucket_columns
 from tests.monitoring.conftest import flush_here
 from tests.probes import probe_flaky, probe_needs_file
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -45,13 +46,18 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     for result in failures:
         with pytest.raises(Exception, match="does not exist"):
             result.get(timeout=60)
+    # Revoked before it arrives: the worker's main process drops it and counts it.
+    revoked_id = "revoked-before-delivery"
+    celery_app.control.revoke(revoked_id, reply=True, timeout=5)
+    flaky.apply_async(kwargs={"fail_times": 0}, task_id=revoked_id)
+    wait_for(lambda: "Discarding revoked task" in worker.log.read_text(), timeout=30, what="the revoke")
     flush_here()
-    worker.stop()  # a warm shutdown flushes what the pool processes still hold
+    worker.stop()  # a warm shutdown flushes what the pool processes (and the main one) still hold
 
     rollup.roll_up()
 
     ran = row("default.probe_flaky")
-    assert (ran.sent, ran.succeeded, ran.retried, ran.failed) == (7 + 2, 7, 2, 0)
+    assert (ran.sent, ran.succeeded, ran.retried, ran.failed, ran.revoked) == (7 + 2 + 1, 7, 2, 0, 1)
     assert ran.exceptions == {"TransientJobError": 2}
     assert sum(histogram(ran, "rt")) == 9  # every run: 7 successes and 2 attempts that were retried
     assert sum(histogram(ran, "wt")) == 9
@@ -65,7 +71,7 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     rollup.roll_up()
     worker_process("metrics2", "-Q", "default", "-I", "tests.probes", "--pool=solo")
     again = row("default.probe_flaky")
-    assert (again.sent, again.succeeded, again.retried) == (9, 7, 2)
+    assert (again.sent, again.succeeded, again.retried) == (10, 7, 2)
 
     # The admin page shows the same counts (a fresh client: nothing cached in this process).
     from django.contrib.auth.models import User
@@ -91,7 +97,8 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     }
     assert samples[("default.probe_flaky", "succeeded")] == 7
     assert samples[("default.probe_flaky", "retried")] == 2
-    assert samples[("default.probe_flaky", "sent")] == 9
+    assert samples[("default.probe_flaky", "sent")] == 10
+    assert samples[("default.probe_flaky", "revoked")] == 1
     assert samples[("default.probe_needs_file", "failed")] == 3
     runtime_count = [
         s.value
