@@ -51,6 +51,9 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     celery_app.control.revoke(revoked_id, reply=True, timeout=5)
     flaky.apply_async(kwargs={"fail_times": 0}, task_id=revoked_id)
     wait_for(lambda: "Discarding revoked task" in worker.log.read_text(), timeout=30, what="the revoke")
+    # A message for a task this worker does not know: rejected, counted under the name it asked for.
+    celery_app.send_task("default.no_such_task")
+    wait_for(lambda: "unregistered task" in worker.log.read_text(), timeout=30, what="the rejection")
     flush_here()
     worker.stop()  # a warm shutdown flushes what the pool processes (and the main one) still hold
 
@@ -63,6 +66,8 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     assert sum(histogram(ran, "wt")) == 9
     p50 = metrics.quantile(0.5, histogram(ran, "rt"))
     assert p50 is not None and 0 < p50 < 5
+    unknown = row("default.no_such_task")
+    assert (unknown.sent, unknown.rejected, unknown.succeeded, unknown.failed) == (1, 1, 0, 0)
     failed = row("default.probe_needs_file")
     assert (failed.sent, failed.succeeded, failed.retried, failed.failed) == (3, 0, 0, 3)
     assert failed.exceptions == {"PermanentJobError": 3}
