@@ -1,9 +1,11 @@
 """From Redis to the database: per-minute rows, compacted to hourly ones, pruned.
 
-`roll_up()` (task `monitoring.rollup`, every minute) writes every minute Redis holds as
-rows, replacing what an earlier roll-up wrote for it: a minute is written again while
-counts still arrive for it, so running twice, or late, does no harm. A minute's hash is
-deleted once it is REDIS_KEEP_SECONDS old, well after the last flush could have reached it.
+`roll_up()` (task `default.metrics_rollup`, every minute) writes every minute Redis holds
+as rows, replacing what an earlier roll-up wrote for it: a minute is written again while
+counts still arrive for it, so running twice, or late, does no harm. Once a minute is
+REDIS_KEEP_SECONDS old, well after the last flush should have reached it, its hash is
+taken and deleted atomically and the minute is marked closed; a flush that still comes
+for it (Redis was out of reach for minutes) makes a new hash, which is added to the rows.
 
 `compact()` replaces the minute rows older than METRICS_MINUTE_ROWS_HOURS by hourly rows
 (in one transaction per hour), and `prune()` deletes rows older than METRICS_RETENTION_DAYS.
@@ -29,6 +31,9 @@ from monitoring.models import COUNT_COLUMNS, TaskMetric
 logger = logging.getLogger(__name__)
 
 REDIS_KEEP_SECONDS = 5 * 60
+# Minutes rolled up for good, so that a hash recreated by a late flush is added, not replaced.
+CLOSED_MINUTES_KEY = "jobs:metrics:closed"
+CLOSED_MINUTES_KEPT_SECONDS = 2 * 24 * 3600  # as long as a minute hash can live (collect.MINUTE_KEY_TTL)
 
 
 def redis_client() -> Any:
@@ -75,22 +80,85 @@ def roll_up(now: float | None = None) -> RollUp:
     for raw_minute in client.zrange(metrics.MINUTES_KEY, 0, -1):
         minute = int(raw_minute)
         key = metrics.minute_key(minute)
-        rows = rows_from_hash(minute, client.hgetall(key))
-        if rows:
-            TaskMetric.objects.bulk_create(
-                rows,
-                update_conflicts=True,
-                unique_fields=["period_start", "resolution", "task", "queue"],
-                update_fields=[*COUNT_COLUMNS, "exceptions"],
-            )
+        if minute + 60 + REDIS_KEEP_SECONDS >= now:
+            rows = rows_from_hash(minute, client.hgetall(key))
+            replace_rows(rows)
+        else:
+            rows = take_final(client, minute, raw_minute)
         report.minutes += 1
         report.rows += len(rows)
-        if minute + 60 + REDIS_KEEP_SECONDS < now:
-            client.delete(key)
-            client.zrem(metrics.MINUTES_KEY, raw_minute)
     report.compacted_hours = compact(timezone.now())
     report.pruned = prune(timezone.now())
     return report
+
+
+# Removes a minute from the index only if no flush recreated its hash in the meantime.
+_FORGET_MINUTE = """
+if redis.call('exists', KEYS[1]) == 0 then return redis.call('zrem', KEYS[2], ARGV[1]) end
+return 0
+"""
+
+
+def take_final(client: Any, minute: int, raw_minute: bytes) -> list[TaskMetric]:
+    """The last roll-up of a minute: its hash is taken and deleted in one step, then written.
+
+    The first time, the rows are replaced (they hold what earlier roll-ups saw of the same
+    hash); a hash that shows up again for a minute already closed (a flush that came very
+    late: Redis was out of reach) is added to the rows instead. If the database refuses,
+    the counts go back into Redis for the next roll-up.
+    """
+    key = metrics.minute_key(minute)
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(key)
+    pipe.delete(key)
+    raw, _ = pipe.execute()
+    late = client.zscore(CLOSED_MINUTES_KEY, raw_minute) is not None
+    rows = rows_from_hash(minute, raw)
+    try:
+        add_rows(rows) if late else replace_rows(rows)
+    except Exception:
+        if raw:
+            pipe = client.pipeline(transaction=False)
+            for name, value in raw.items():
+                pipe.hincrby(key, name, int(value))
+            pipe.execute()
+        raise
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(CLOSED_MINUTES_KEY, {raw_minute: minute})
+    pipe.zremrangebyscore(CLOSED_MINUTES_KEY, "-inf", minute - CLOSED_MINUTES_KEPT_SECONDS)
+    pipe.eval(_FORGET_MINUTE, 2, key, metrics.MINUTES_KEY, raw_minute)
+    pipe.execute()
+    return rows
+
+
+def replace_rows(rows: list[TaskMetric]) -> None:
+    if rows:
+        TaskMetric.objects.bulk_create(
+            rows,
+            update_conflicts=True,
+            unique_fields=["period_start", "resolution", "task", "queue"],
+            update_fields=[*COUNT_COLUMNS, "exceptions"],
+        )
+
+
+def add_rows(rows: list[TaskMetric]) -> None:
+    """Adds each row's counts to the row already stored for its minute (or stores it)."""
+    with transaction.atomic():
+        for row in rows:
+            stored = (
+                TaskMetric.objects.select_for_update()
+                .filter(
+                    period_start=row.period_start, resolution=row.resolution, task=row.task, queue=row.queue
+                )
+                .first()
+            )
+            if stored is None:
+                row.save()
+                continue
+            for column in COUNT_COLUMNS:
+                setattr(stored, column, getattr(stored, column) + getattr(row, column))
+            stored.exceptions = metrics.merge(dict(stored.exceptions), row.exceptions.items())
+            stored.save()
 
 
 def compact(now: datetime) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from celery import Celery
 
-from monitoring import metrics, rollup
+from monitoring import collect, metrics, rollup
 from monitoring.models import TaskMetric, bucket_columns
 from tests.monitoring.conftest import flush_here
 from tests.probes import probe_flaky, probe_needs_file
@@ -16,12 +17,12 @@ from tests.waiting import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
-def row(task: str) -> TaskMetric:
+def row(task: str, queue: str = "default") -> TaskMetric:
     rows = list(TaskMetric.objects.filter(task=task))
     assert len(rows) >= 1, f"no rows for {task}: {list(TaskMetric.objects.values_list('task', flat=True))}"
     total = TaskMetric(task=task, queue=rows[0].queue, exceptions={})
     for item in rows:
-        assert item.queue == "default"
+        assert item.queue == queue
         for column in [*metrics.OUTCOMES, "rt_sum", "wt_sum", *bucket_columns("rt"), *bucket_columns("wt")]:
             setattr(total, column, getattr(total, column) + getattr(item, column))
         metrics.merge(total.exceptions, item.exceptions.items())
@@ -111,3 +112,25 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
         if s.name.endswith("_count") and s.labels["task"] == "default.probe_flaky"
     ]
     assert runtime_count == [9]
+
+
+def test_a_flush_that_comes_after_its_minute_was_closed_is_added_not_lost(
+    clean_metrics: None, settings
+) -> None:
+    """Counts for a minute rolled up for good (a process that could not reach Redis for minutes)."""
+    buffer = collect.Buffer(settings.METRICS_REDIS_URL, flush_every=3600)  # flushed by hand here
+    minute = (int(time.time()) // 60 - 30) * 60  # half an hour ago: past the keep window
+    buffer.add(minute + 5, "email.send", "email", "succeeded", 4)
+    buffer.flush()
+    rollup.roll_up()
+    assert row("email.send", "email").succeeded == 4
+
+    buffer.add(minute + 50, "email.send", "email", "succeeded", 3)
+    buffer.add(minute + 50, "email.send", "email", "failed", 1)
+    buffer.flush()
+    rollup.roll_up()
+    rollup.roll_up()  # nothing more to add
+
+    stored = row("email.send", "email")
+    assert (stored.succeeded, stored.failed) == (7, 1)
+    assert not rollup.redis_client().exists(metrics.minute_key(minute))
