@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import ensure_database  # noqa: E402
+from bench.support import setup_django  # noqa: E402
 
 
 def run_worker(app: Any, collect: bool, tasks: int, concurrency: int, prefetch: int) -> float:
@@ -143,17 +143,7 @@ def main() -> None:
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
     args = parser.parse_args()
 
-    os.environ["DATABASE_URL"] = args.database_url
-    os.environ["CELERY_BROKER_URL"] = args.broker_url
-    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.base"
-    ensure_database(args.database_url)
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    setup_django(args.database_url, args.broker_url)
     from config.celery_app import app
 
     rates: dict[bool, list[float]] = {False: [], True: []}

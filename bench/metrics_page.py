@@ -16,7 +16,6 @@ METRICS_INSPECT_TIMEOUT for worker answers, so it is also shown with that set to
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import ensure_database  # noqa: E402
+from bench.support import setup_django  # noqa: E402
 
 QUEUES = ("email", "images", "data_sync", "analytics", "default")
 
@@ -102,25 +101,15 @@ def main() -> None:
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
     args = parser.parse_args()
 
-    os.environ["DATABASE_URL"] = args.database_url
-    os.environ["CELERY_BROKER_URL"] = args.broker_url
-    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.base"
-    os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "testserver")
-    ensure_database(args.database_url)
-    import django
-
-    django.setup()
+    setup_django(args.database_url, args.broker_url, DJANGO_ALLOWED_HOSTS="testserver")
     from django.conf import settings
     from django.contrib.auth.models import User
-    from django.core.management import call_command
     from django.db import connection
     from django.test import Client
     from django.utils import timezone
 
     from monitoring import stats
 
-    call_command("migrate", verbosity=0)
     started = time.perf_counter()
     rows = fill(args.tasks, args.days)
     with connection.cursor() as cursor:

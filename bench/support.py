@@ -33,6 +33,22 @@ def ensure_database(url: str) -> None:
             connection.execute(f'CREATE DATABASE "{name}"')
 
 
+def setup_django(database_url: str, broker_url: str, **environ: str) -> None:
+    """Production settings (config.settings.base) on the bench's own database and broker, migrated."""
+    ensure_database(database_url)
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings.base", DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url
+    )
+    os.environ.update(environ)
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-not-a-secret")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
 class TreeSampler:
     """Peak of the summed RSS of a process and its descendants, sampled every 50 ms."""
 
