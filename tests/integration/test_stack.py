@@ -198,6 +198,12 @@ def test_the_stack_starts_serves_and_stops_cleanly_on_ctrl_c(stack: Stack) -> No
     assert ping.returncode == 0, ping.stderr
     assert ping.stdout.strip().startswith("general@")
 
+    # Ready as a whole: database, broker, a worker on every queue, beat holding its lease.
+    deadline = time.monotonic() + 30
+    while (readiness := get(f"{web}/readyz"))[0] != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert readiness[0] == 200, readiness[1]
+
     everything = descendants(stack.process.pid)
     assert len(everything) >= 7  # broker, web (+ its worker), two workers, beat, Flower
 
