@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from jobs.api import api
 from monitoring import views as monitoring_views
 from monitoring.health import healthz, readyz
 
@@ -13,6 +14,7 @@ urlpatterns = [
     # Before admin.site.urls, which would otherwise take /admin/metrics/ for an app label.
     path("admin/metrics/", admin.site.admin_view(monitoring_views.metrics_page), name="admin-metrics"),
     path("admin/", admin.site.urls),
+    path("api/", api.urls),
     path("metrics", monitoring_views.prometheus_metrics, name="prometheus-metrics"),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 from django.db import OperationalError
+from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 
 from config.celery_app import app
@@ -13,10 +14,15 @@ from monitoring import alerts, rollup
 from tasks.base import JobTask, TransientJobError
 
 
+class NoArguments(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 @app.task(
     bind=True,
     base=JobTask,
     name="default.metrics_rollup",
+    schema=NoArguments,
     autoretry_for=(TransientJobError, OperationalError, RedisError),
     max_attempts=3,
     idempotency="each minute's row is replaced by the minute's full counts; compaction is per hour, atomic",
@@ -30,6 +36,7 @@ def metrics_rollup(self: JobTask) -> dict[str, Any]:
     bind=True,
     base=JobTask,
     name="default.check_alerts",
+    schema=NoArguments,
     autoretry_for=(TransientJobError, OperationalError),
     max_attempts=2,
     idempotency="an alert opens once per subject (unique while open); repeats are spaced by the rule",

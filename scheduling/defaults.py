@@ -76,6 +76,14 @@ DEFAULT_SCHEDULES = (
         description="Moves the last minutes' task counters from Redis into the metrics tables.",
     ),
     DefaultSchedule(
+        name="jobs: release delayed jobs",
+        task="default.release_jobs",
+        cron="* * * * *",
+        description="Queues API jobs whose delay is (nearly) over or whose publish was interrupted; "
+        "re-sends queue pauses to the workers.",
+        missed_runs=MissedRuns.SKIP,
+    ),
+    DefaultSchedule(
         name="monitoring: alerts",
         task="default.check_alerts",
         cron="* * * * *",

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Message headers this module adds; they travel with retries and replays.
 FIRST_FAILURE_HEADER = "x_first_failure_at"
 REPLAY_HEADER = "x_dead_letter_id"
+# Set on messages sent by the REST API (jobs.publish): the task keeps the job's row up to date.
+JOB_HEADER = "x_job_id"
 
 
 class PermanentJobError(Exception):
@@ -186,7 +188,7 @@ class JobTask(Task):
                 self.request.retries, base=self.retry_backoff_base, maximum=self.retry_backoff_max
             )
         headers = dict(self.request.headers or {})
-        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER):
+        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER, JOB_HEADER):
             value = getattr(self.request, name, None) or headers.get(name)
             if value is not None:
                 headers[name] = value
@@ -206,9 +208,42 @@ class JobTask(Task):
     def request_header(self, name: str) -> Any:
         return getattr(self.request, name, None) or (self.request.headers or {}).get(name)
 
+    # --- jobs sent through the API (jobs.tracking) ---------------------------
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        job_id = self.request_header(JOB_HEADER)
+        if job_id is None:
+            return
+        from celery.exceptions import Ignore
+
+        from jobs import tracking
+
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        if not tracking.claim(str(job_id), task_id, (self.request.retries or 0) + 1, redelivered):
+            # Cancelled (or already done): the result says so, and the message is acknowledged.
+            self.backend.mark_as_revoked(
+                task_id, reason="job cancelled or already handled", request=self.request
+            )
+            raise Ignore()
+
+    def _track(self, what: str, *args: Any) -> None:
+        job_id = self.request_header(JOB_HEADER)
+        if job_id is None:
+            return
+        from jobs import tracking
+
+        try:
+            getattr(tracking, what)(str(job_id), self.request.id, *args)
+        except Exception:  # bookkeeping never hides the task's own outcome
+            logger.exception("could not record %s for job %s", what, job_id)
+
+    def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        self._track("retrying", exc)
+
     # --- outcomes -----------------------------------------------------------
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        self._track("failed", exc)
         from tasks import deadletters
 
         try:
@@ -217,6 +252,7 @@ class JobTask(Task):
             logger.exception("could not store a dead letter for %s[%s]", self.name, task_id)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        self._track("succeeded", retval)
         dead_letter_id = self.request_header(REPLAY_HEADER)
         if dead_letter_id is None:
             return

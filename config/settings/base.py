@@ -40,9 +40,12 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_beat",
     "django_celery_results",
+    # django-ninja's templates and bundled Swagger UI (served locally, no CDN) for /api/docs.
+    "ninja",
     "tasks",
     "scheduling",
     "monitoring",
+    "jobs",
 ]
 
 MIDDLEWARE = [
@@ -197,6 +200,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Detect half-open connections (NAT, load balancers) instead of hanging.
     "health_check_interval": 25,
     "socket_keepalive": True,
+    # Redis: one list per priority 0-9, so an API job's priority is honoured step by step
+    # (messages sent without one go to the first list, as before).
+    "priority_steps": list(range(10)),
 }
 
 # Events on: Flower and the monitoring app build on them.
@@ -240,6 +246,7 @@ CELERY_IMPORTS = (
     "tasks.analytics",
     "tasks.maintenance",
     "monitoring.tasks",
+    "jobs.tasks",
 )
 
 # --- The shared task policy (tasks/base.py) -----------------------------------
@@ -384,6 +391,47 @@ ALERT_DEAD_LETTERS = env.int("ALERT_DEAD_LETTERS", default=0, min_value=0)
 ALERT_WINDOW_MINUTES = env.int("ALERT_WINDOW_MINUTES", default=15, min_value=1, max_value=24 * 60)
 ALERT_MIN_RUNS = env.int("ALERT_MIN_RUNS", default=20, min_value=1)
 ALERT_REPEAT_MINUTES = env.int("ALERT_REPEAT_MINUTES", default=60, min_value=1)
+
+# --- REST API (jobs/) -----------------------------------------------------------
+
+# Job types the API may enqueue (task names); each is checked against its task's schema.
+JOBS_API_TYPES = env.list(
+    "JOBS_API_TYPES",
+    default=[
+        "default.ping",
+        "email.send",
+        "email.newsletter",
+        "images.process",
+        "data_sync.sync",
+        "data_sync.export",
+        "analytics.ingest",
+        "analytics.aggregate_daily",
+        "analytics.backfill",
+        "analytics.daily_report",
+    ],
+)
+# Jobs each token may enqueue per period (a batch counts each job), shared by every web
+# process through RATE_LIMIT_STORAGE_URL.
+JOBS_API_ENQUEUE_RATE = env.rate("JOBS_API_ENQUEUE_RATE", default="6000/minute")
+# Bytes of one job's body (POST /api/jobs, and each entry of a batch), and of a whole batch.
+JOBS_API_MAX_BODY_BYTES = env.int("JOBS_API_MAX_BODY_BYTES", default=64 * 1024, min_value=1024)
+JOBS_API_MAX_BATCH_BYTES = env.int("JOBS_API_MAX_BATCH_BYTES", default=8 * 1024 * 1024, min_value=64 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = JOBS_API_MAX_BATCH_BYTES
+# Seconds the web process waits for the broker to take a job before answering 503.
+JOBS_API_PUBLISH_TIMEOUT_SECONDS = env.float(
+    "JOBS_API_PUBLISH_TIMEOUT_SECONDS", default=2.0, min_value=0.1, max_value=30
+)
+# Longer delays are held in the database and released by `default.release_jobs` when due:
+# an ETA message held by a worker past the visibility timeout would be delivered twice.
+JOBS_BROKER_MAX_DELAY_SECONDS = env.int(
+    "JOBS_BROKER_MAX_DELAY_SECONDS",
+    default=min(300, CELERY_BROKER_VISIBILITY_TIMEOUT // 2),
+    min_value=0,
+    max_value=CELERY_BROKER_VISIBILITY_TIMEOUT // 2,
+)
+# A job row still unpublished this long after it was written (its request died between commit
+# and publish) is published by `default.release_jobs`.
+JOBS_PUBLISH_GRACE_SECONDS = env.int("JOBS_PUBLISH_GRACE_SECONDS", default=30, min_value=5)
 
 # --- Flower -------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ def test_the_first_sync_creates_the_defaults_in_the_project_time_zone(settings) 
         "maintenance: clean-up": ("default.cleanup", "0 */6 * * *", "Europe/Berlin"),
         "email: weekly newsletter": ("email.weekly_newsletter", "0 10 * * 5", "Europe/Berlin"),
         "monitoring: metrics roll-up": ("default.metrics_rollup", "* * * * *", "Europe/Berlin"),
+        "jobs: release delayed jobs": ("default.release_jobs", "* * * * *", "Europe/Berlin"),
         "monitoring: alerts": ("default.check_alerts", "* * * * *", "Europe/Berlin"),
     }
     assert rows["email: weekly newsletter"][6] == "skip"
@@ -94,6 +95,7 @@ def test_an_edit_made_in_the_admin_survives_every_later_sync() -> None:
         "maintenance: clean-up: updated from the code",
         "email: weekly newsletter: edited in the admin; left as edited",
         "monitoring: metrics roll-up: updated from the code",
+        "jobs: release delayed jobs: updated from the code",
         "monitoring: alerts: updated from the code",
     ]
     rows = as_rows()

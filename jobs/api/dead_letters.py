@@ -1,0 +1,127 @@
+"""/api/dead-letters: tasks that failed for good; replay (staff)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q
+from django.http import HttpRequest
+from ninja import Query, Router, Schema
+from pydantic import Field
+
+from config.celery_app import app
+from jobs.api.auth import StaffTokenAuth, token_of
+from jobs.api.common import (
+    AUTH_ERRORS,
+    NO_NUL,
+    STAFF_ERRORS,
+    STAFF_ONLY,
+    ApiError,
+    decode_cursor,
+    encode_cursor,
+)
+from jobs.api.schemas import DeadLetterDetail, DeadLetterPage, Error, ReplayOut
+from jobs.publish import BrokerUnavailable
+from tasks import deadletters
+from tasks.base import PermanentJobError, mask_value
+from tasks.models import DeadLetter
+
+router = Router(tags=["dead letters"])
+
+SUMMARY_FIELDS = (
+    "id",
+    "task_id",
+    "task_name",
+    "queue",
+    "exception_type",
+    "exception_message",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+    "replay_count",
+    "replay_status",
+)
+
+
+class DeadLetterFilters(Schema):
+    task: str | None = Field(default=None, max_length=255, pattern=NO_NUL, description="Only this task name.")
+    queue: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+
+
+def _letter_or_404(letter_id: int) -> DeadLetter:
+    letter = DeadLetter.objects.filter(pk=letter_id).first()
+    if letter is None:
+        raise ApiError(404, f"dead letter {letter_id} not found")
+    return letter
+
+
+@router.get(
+    "",
+    response={200: DeadLetterPage, 400: Error, **AUTH_ERRORS},
+    summary="Dead letters, newest failure first",
+)
+def list_dead_letters(request: HttpRequest, filters: Query[DeadLetterFilters]) -> dict[str, Any]:
+    letters = DeadLetter.objects.all()
+    if filters.task:
+        letters = letters.filter(task_name=filters.task)
+    if filters.queue:
+        letters = letters.filter(queue=filters.queue)
+    if filters.cursor:
+        failed_at, pk = decode_cursor(filters.cursor)
+        if not pk.isdigit():
+            raise ApiError(400, "field 'cursor': is not a cursor this API gave out")
+        letters = letters.filter(
+            Q(last_failed_at__lt=failed_at) | Q(last_failed_at=failed_at, pk__lt=int(pk))
+        )
+    page = list(letters.order_by("-last_failed_at", "-pk")[: filters.limit + 1])
+    more = len(page) > filters.limit
+    page = page[: filters.limit]
+    return {
+        "items": [{name: getattr(letter, name) for name in SUMMARY_FIELDS} for letter in page],
+        "next_cursor": encode_cursor(page[-1].last_failed_at, page[-1].pk) if more else None,
+    }
+
+
+@router.get(
+    "/{letter_id}",
+    response={200: DeadLetterDetail, 400: Error, 404: Error, **AUTH_ERRORS},
+    summary="One dead letter, with its arguments and traceback",
+)
+def get_dead_letter(request: HttpRequest, letter_id: int) -> dict[str, Any]:
+    """Arguments a task marks as personal (e.g. email recipients) are shown masked to non-staff tokens."""
+    letter = _letter_or_404(letter_id)
+    kwargs = dict(letter.kwargs or {})
+    args = list(letter.args or [])
+    task = app.tasks.get(letter.task_name)
+    masked: frozenset[str] = getattr(task, "masked", frozenset())
+    if masked and not token_of(request).user.is_staff:
+        kwargs = {key: mask_value(value) if key in masked else value for key, value in kwargs.items()}
+        args = [mask_value(value) for value in args]
+    return {
+        **{name: getattr(letter, name) for name in SUMMARY_FIELDS},
+        "args": args,
+        "kwargs": kwargs,
+        "traceback": letter.traceback,
+    }
+
+
+@router.post(
+    "/{letter_id}/replay",
+    auth=StaffTokenAuth(),
+    response={202: ReplayOut, 400: Error, 404: Error, 409: Error, 503: Error, **STAFF_ERRORS},
+    summary="Send the task again with the same arguments (staff)",
+    openapi_extra=STAFF_ONLY,
+)
+def replay_dead_letter(request: HttpRequest, letter_id: int) -> tuple[int, dict[str, Any]]:
+    letter = _letter_or_404(letter_id)
+    try:
+        task_id = deadletters.replay(letter)
+    except PermanentJobError as exc:
+        raise ApiError(409, str(exc)) from None
+    except (BrokerUnavailable, OSError) as exc:
+        raise ApiError(
+            503, f"the broker did not take the replay: {type(exc).__name__}", Retry_After="5"
+        ) from None
+    return 202, {"dead_letter": letter.pk, "task_id": task_id}

@@ -1,0 +1,359 @@
+"""/api/jobs: enqueue (one or a batch), follow, list, retry, cancel."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db.models import Q
+from django.http import HttpRequest
+from django_celery_results.models import TaskResult
+from ninja import Header, Query, Router, Schema
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from jobs import ratelimit, services
+from jobs.api.auth import StaffTokenAuth, token_of
+from jobs.api.common import (
+    AUTH_ERRORS,
+    NO_NUL,
+    STAFF_ERRORS,
+    STAFF_ONLY,
+    ApiError,
+    decode_cursor,
+    encode_cursor,
+)
+from jobs.api.schemas import BatchOut, Error, JobOut
+from jobs.api.schemas import JobPage as JobPageOut
+from jobs.models import ApiToken, Job
+from jobs.publish import BrokerUnavailable
+from jobs.registry import (
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_BATCH,
+    FieldError,
+    InvalidJob,
+    JobRequest,
+    parse_job,
+)
+
+router = Router(tags=["jobs"])
+
+JOB_BODY = {"$ref": "#/components/schemas/JobRequest"}
+DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _progress(job: Job) -> dict[str, Any]:
+    if job.status == Job.Status.SUCCEEDED:
+        return {"percent": 100.0, "message": ""}
+    if job.status not in (Job.Status.RUNNING, Job.Status.RETRYING):
+        return {"percent": 0.0, "message": ""}
+    row = (
+        TaskResult.objects.filter(task_id=job.task_id, status="PROGRESS")
+        .values_list("result", flat=True)
+        .first()
+    )
+    try:
+        meta = json.loads(row) if row else {}
+        return {"percent": float(meta.get("percent", 0)), "message": str(meta.get("message", ""))}
+    except (TypeError, ValueError, AttributeError):
+        return {"percent": 0.0, "message": ""}
+
+
+def job_out(job: Job, *, with_progress: bool = True) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "type": job.type,
+        "queue": job.queue,
+        "status": job.status,
+        "priority": job.priority,
+        "progress": _progress(job) if with_progress else {"percent": 0.0, "message": ""},
+        "attempts": job.attempts,
+        "result": job.result,
+        "error": {"type": job.error_type, "message": job.error_message} if job.error_type else None,
+        "created_at": job.created_at,
+        "run_at": job.run_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def visible_jobs(token: ApiToken) -> Any:
+    """Staff see every job; others the jobs sent with their user's tokens."""
+    jobs = Job.objects.all()
+    return jobs if token.user.is_staff else jobs.filter(token__user=token.user)
+
+
+def _job_or_404(request: HttpRequest, job_id: UUID) -> Job:
+    job = visible_jobs(token_of(request)).filter(pk=job_id).first()
+    if job is None:
+        raise ApiError(404, f"job {job_id} not found")
+    return job
+
+
+def _read_json(request: HttpRequest, limit: int) -> Any:
+    declared = request.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {declared} bytes; at most {limit} are accepted")
+    body = request.body
+    if len(body) > limit:
+        raise ApiError(413, f"the body is {len(body)} bytes; at most {limit} are accepted")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(
+            400, f"the body is not valid JSON: {exc}", [{"field": "(body)", "message": "is not valid JSON"}]
+        ) from None
+
+
+def _invalid(error: InvalidJob) -> ApiError:
+    return ApiError(400, str(error), [item.as_dict() for item in error.errors])
+
+
+def _rate_limit(token: ApiToken, cost: int) -> None:
+    wait = ratelimit.take(token.pk, cost)
+    if wait is not None:
+        raise ApiError(
+            429,
+            f"too many jobs for this token (limit {settings.JOBS_API_ENQUEUE_RATE}); "
+            f"try again in {wait:.0f} s",
+            Retry_After=str(int(wait)),
+        )
+
+
+def _enqueue(requests: list[JobRequest], token: ApiToken) -> list[services.Accepted | services.Conflict]:
+    try:
+        return services.enqueue_with_key_retry(requests, token)
+    except BrokerUnavailable as exc:
+        raise ApiError(503, f"{exc}; nothing was queued, try again", Retry_After="5") from None
+
+
+# --- enqueue --------------------------------------------------------------------------
+
+
+@router.post(
+    "",
+    response={
+        202: JobOut,
+        200: JobOut,
+        400: Error,
+        409: Error,
+        413: Error,
+        429: Error,
+        503: Error,
+        **AUTH_ERRORS,
+    },
+    summary="Enqueue a job",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": JOB_BODY}}}},
+)
+def create_job(
+    request: HttpRequest,
+    idempotency_key: str | None = Header(
+        default=None,
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_PATTERN,  # as parse_job checks it; declared so the document says so
+    ),
+) -> tuple[int, dict[str, Any]]:
+    """Validates the job against its type's schema, stores it, then queues it.
+
+    202: queued (or scheduled, with `delay_seconds`). 200: an earlier request with the same
+    idempotency key and the same body made this job. 409: the key was used for another body.
+    503: the broker did not take it; nothing was kept.
+    """
+    token = token_of(request)
+    data = _read_json(request, settings.JOBS_API_MAX_BODY_BYTES)
+    try:
+        job_request = parse_job(data, header_key=idempotency_key)
+    except InvalidJob as exc:
+        raise _invalid(exc) from None
+    _rate_limit(token, 1)
+    [outcome] = _enqueue([job_request], token)
+    if isinstance(outcome, services.Conflict):
+        raise ApiError(409, str(outcome))
+    return (202 if outcome.created else 200), job_out(outcome.job, with_progress=False)
+
+
+@router.post(
+    "/batch",
+    response={200: BatchOut, 400: Error, 413: Error, 429: Error, 503: Error, **AUTH_ERRORS},
+    summary="Enqueue up to 1,000 jobs",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["jobs"],
+                        "properties": {
+                            "jobs": {"type": "array", "items": JOB_BODY, "minItems": 1, "maxItems": MAX_BATCH}
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+def create_batch(request: HttpRequest) -> dict[str, Any]:
+    """Checks every job; the valid ones are stored and queued in one round trip to the broker.
+
+    The answer has one entry per job, in order: accepted (202, or 200 for a known idempotency
+    key) or refused with its reason (400, 409). One bad job does not sink the others.
+    """
+    token = token_of(request)
+    data = _read_json(request, settings.JOBS_API_MAX_BATCH_BYTES)
+    entries = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ApiError(
+            400,
+            "field 'jobs': must be a non-empty list of jobs",
+            [{"field": "jobs", "message": "must be a non-empty list"}],
+        )
+    if len(entries) > MAX_BATCH:
+        raise ApiError(
+            400,
+            f"field 'jobs': at most {MAX_BATCH} jobs per batch, got {len(entries)}",
+            [{"field": "jobs", "message": f"at most {MAX_BATCH} items"}],
+        )
+    results: list[dict[str, Any] | None] = [None] * len(entries)
+    valid: list[tuple[int, JobRequest]] = []
+    for index, entry in enumerate(entries):
+        try:
+            if len(json.dumps(entry)) > settings.JOBS_API_MAX_BODY_BYTES:
+                raise InvalidJob([FieldError("(job)", f"is over {settings.JOBS_API_MAX_BODY_BYTES} bytes")])
+            valid.append((index, parse_job(entry)))
+        except InvalidJob as exc:
+            results[index] = _refused(index, 400, str(exc), [item.as_dict() for item in exc.errors])
+    _rate_limit(token, len(valid))
+    outcomes = _enqueue([job_request for _, job_request in valid], token) if valid else []
+    for (index, _), outcome in zip(valid, outcomes, strict=True):
+        if isinstance(outcome, services.Conflict):
+            results[index] = _refused(index, 409, str(outcome))
+        else:
+            results[index] = {
+                "index": index,
+                "accepted": True,
+                "status_code": 202 if outcome.created else 200,
+                "job": job_out(outcome.job, with_progress=False),
+                "error": None,
+            }
+    accepted = sum(1 for item in results if item and item["accepted"])
+    return {"accepted": accepted, "refused": len(entries) - accepted, "results": results}
+
+
+def _refused(
+    index: int, status: int, detail: str, errors: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "accepted": False,
+        "status_code": status,
+        "job": None,
+        "error": {"detail": detail, "errors": errors or []},
+    }
+
+
+# --- follow -----------------------------------------------------------------------------
+
+
+class JobFilters(Schema):
+    type: str | None = Field(
+        default=None, max_length=200, pattern=NO_NUL, description="Only jobs of this type."
+    )
+    status: Job.Status | None = Field(default=None, description="Only jobs in this status.")
+    since: datetime | None = Field(
+        default=None, description="Only jobs created at or after this time (ISO 8601)."
+    )
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(
+        default=None, max_length=200, pattern=NO_NUL, description="`next_cursor` of the previous page."
+    )
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _date_time(cls, value: Any) -> Any:
+        # pydantic alone also takes a number (Unix time) and a time without zone; the document
+        # promises `format: date-time` (RFC 3339), and a naive time would be read in the server's zone.
+        if value is not None and not (isinstance(value, str) and DATE_TIME.fullmatch(value)):
+            raise PydanticCustomError(
+                "date_time", "must be an ISO 8601 date-time with a time zone, e.g. 2026-11-23T00:00:00Z"
+            )
+        return value
+
+
+@router.get("", response={200: JobPageOut, 400: Error, **AUTH_ERRORS}, summary="List jobs, newest first")
+def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any]:
+    jobs = visible_jobs(token_of(request))
+    if filters.type:
+        jobs = jobs.filter(type=filters.type)
+    if filters.status:
+        jobs = jobs.filter(status=filters.status)
+    if filters.since:
+        jobs = jobs.filter(created_at__gte=filters.since)
+    if filters.cursor:
+        created_at, pk = decode_cursor(filters.cursor)
+        try:
+            jobs = jobs.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=UUID(pk)))
+        except ValueError:
+            raise ApiError(400, "field 'cursor': is not a cursor this API gave out") from None
+    page = list(jobs.order_by("-created_at", "-id")[: filters.limit + 1])
+    more = len(page) > filters.limit
+    page = page[: filters.limit]
+    return {
+        "items": [job_out(job) for job in page],
+        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+    }
+
+
+@router.get(
+    "/{job_id}",
+    response={200: JobOut, 400: Error, 404: Error, **AUTH_ERRORS},
+    summary="A job's status, progress, result",
+)
+def get_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
+    return job_out(_job_or_404(request, job_id))
+
+
+# --- control (staff) ----------------------------------------------------------------------
+
+
+@router.post(
+    "/{job_id}/retry",
+    auth=StaffTokenAuth(),
+    response={202: JobOut, 400: Error, 404: Error, 409: Error, 503: Error, **STAFF_ERRORS},
+    summary="Run a failed or cancelled job again (staff)",
+    openapi_extra=STAFF_ONLY,
+)
+def retry_job(request: HttpRequest, job_id: UUID) -> tuple[int, dict[str, Any]]:
+    job = _job_or_404(request, job_id)
+    try:
+        job = services.retry(job)
+    except services.Conflict as exc:
+        raise ApiError(409, str(exc)) from None
+    except BrokerUnavailable as exc:
+        raise ApiError(503, f"{exc}; the job was left as it was", Retry_After="5") from None
+    return 202, job_out(job, with_progress=False)
+
+
+@router.delete(
+    "/{job_id}",
+    auth=StaffTokenAuth(),
+    response={200: JobOut, 400: Error, 404: Error, 409: Error, **STAFF_ERRORS},
+    summary="Cancel a queued, scheduled, retrying or running job (staff)",
+    openapi_extra=STAFF_ONLY,
+)
+def cancel_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
+    """A cancelled job never starts later, even after a worker restart: the job's row says so and
+    every worker checks it before running. A running job is also terminated where it runs."""
+    job = _job_or_404(request, job_id)
+    try:
+        job = services.cancel(job)
+    except services.Conflict as exc:
+        raise ApiError(409, str(exc)) from None
+    return job_out(job, with_progress=False)

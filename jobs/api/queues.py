@@ -1,0 +1,142 @@
+"""/api/queues: depth, workers, pause state, statistics; pause and resume (staff)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Literal
+
+from django.conf import settings
+from django.db.models import Count
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja import Query, Router, Schema
+from pydantic import Field
+
+from jobs import queues
+from jobs.api.auth import StaffTokenAuth, token_of
+from jobs.api.common import AUTH_ERRORS, STAFF_ERRORS, STAFF_ONLY, ApiError
+from jobs.api.schemas import Error, QueuesOut, QueueStatsOut
+from jobs.models import Job
+from monitoring import broker
+from monitoring.stats import window_stats
+
+router = Router(tags=["queues"])
+
+WINDOWS = {
+    "5m": timedelta(minutes=5),
+    "1h": timedelta(hours=1),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+}
+
+
+def _queue(name: str) -> str:
+    try:
+        return queues.check_queue(name)
+    except queues.UnknownQueue as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+@router.get(
+    "", response={200: QueuesOut, **AUTH_ERRORS}, summary="Every queue: depth, scheduled, workers, paused"
+)
+def list_queues(request: HttpRequest) -> dict[str, Any]:
+    names = list(settings.TASK_QUEUES)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        inspecting = pool.submit(broker.inspect_workers, queues=names)
+        broker_error = None
+        try:
+            depths: dict[str, Any] = broker.queue_depths(names)
+        except broker.BrokerError:
+            depths, broker_error = {}, "the broker did not answer"
+        held = dict(
+            Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
+            .values_list("queue")
+            .annotate(n=Count("id"))
+        )
+        paused = queues.paused()
+        view = inspecting.result()
+    items = []
+    for name in names:
+        depth = depths.get(name)
+        workers = view.queues.get(name) or broker.QueueWorkers()
+        items.append(
+            {
+                "name": name,
+                "depth": None if depth is None else depth.ready,
+                "unacked": None if depth is None else depth.unacked,
+                "scheduled": workers.scheduled + held.get(name, 0),
+                "reserved": workers.reserved,
+                "active": workers.active,
+                "workers": list(workers.workers),
+                "paused": name in paused,
+            }
+        )
+    return {"queues": items, "broker_error": broker_error, "workers_unanswered": not view.workers}
+
+
+class StatsQuery(Schema):
+    window: Literal["5m", "1h", "24h", "7d"] = Field(default="1h", description="How far back to look.")
+
+
+@router.get(
+    "/{name}/stats",
+    response={200: QueueStatsOut, 404: Error, 400: Error, **AUTH_ERRORS},
+    summary="Throughput, failures, wait and run time",
+)
+def queue_stats(request: HttpRequest, name: str, query: Query[StatsQuery]) -> dict[str, Any]:
+    token_of(request)
+    name = _queue(name)
+    until = timezone.now()
+    since = until - WINDOWS[query.window]
+    stats = window_stats(since, until, bins=1, queue=name)
+    series = stats.total
+
+    def ms(histogram: str, q: float) -> float | None:
+        value = series.percentile(histogram, q)
+        return None if value is None else round(value * 1000, 1)
+
+    return {
+        "queue": name,
+        "since": since,
+        "until": until,
+        "succeeded": series.counts.get("succeeded", 0),
+        "failed": series.counts.get("failed", 0),
+        "retried": series.counts.get("retried", 0),
+        "throughput_per_minute": round(stats.per_minute(series), 3),
+        "failure_rate": series.failure_rate,
+        "wait": {"p50_ms": ms("wt", 0.5), "p95_ms": ms("wt", 0.95)},
+        "run": {"p50_ms": ms("rt", 0.5), "p95_ms": ms("rt", 0.95)},
+    }
+
+
+class PauseOut(Schema):
+    name: str
+    paused: bool
+    changed: bool
+
+
+@router.post(
+    "/{name}/pause",
+    auth=StaffTokenAuth(),
+    response={200: PauseOut, 404: Error, **STAFF_ERRORS},
+    summary="Stop every worker taking from the queue (staff)",
+    openapi_extra=STAFF_ONLY,
+)
+def pause_queue(request: HttpRequest, name: str) -> dict[str, Any]:
+    token = token_of(request)
+    changed = queues.pause(_queue(name), by=token.user.get_username())
+    return {"name": name, "paused": True, "changed": changed}
+
+
+@router.post(
+    "/{name}/resume",
+    auth=StaffTokenAuth(),
+    response={200: PauseOut, 404: Error, **STAFF_ERRORS},
+    summary="Let workers take from the queue again (staff)",
+    openapi_extra=STAFF_ONLY,
+)
+def resume_queue(request: HttpRequest, name: str) -> dict[str, Any]:
+    changed = queues.resume(_queue(name))
+    return {"name": name, "paused": False, "changed": changed}

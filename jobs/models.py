@@ -1,0 +1,104 @@
+"""Jobs handed in over the REST API, the tokens that hand them in, and paused queues.
+
+The Job row is the truth about a job: its status is what the API reports, and a
+worker claims it (jobs.tracking.claim) before running it, so a cancelled job
+never starts, whatever Celery's in-memory revoke list says.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class ApiToken(models.Model):
+    """A bearer token for the REST API. Only its SHA-256 is stored; the token is shown once."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True, help_text="What it is for, e.g. the calling service.")
+    prefix = models.CharField(max_length=12, editable=False, help_text="The token's first characters.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or self.user})"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and self.user.is_active
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        SCHEDULED = "scheduled"
+        RUNNING = "running"
+        RETRYING = "retrying"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    # A message for the job may start it only in these states (jobs.tracking.claim).
+    STARTABLE = (Status.QUEUED, Status.SCHEDULED, Status.RETRYING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    type = models.CharField(max_length=200, db_index=True)
+    queue = models.CharField(max_length=100)
+    payload = models.JSONField(default=dict)
+    priority = models.PositiveSmallIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # The Celery task id of the current run: retries keep it, a retry through the API gets a new one.
+    task_id = models.CharField(max_length=255, unique=True)
+    attempts = models.PositiveIntegerField(default=0)
+    result = models.JSONField(null=True, blank=True)
+    error_type = models.CharField(max_length=255, blank=True)
+    error_message = models.TextField(blank=True)
+    run_at = models.DateTimeField(null=True, blank=True, help_text="When a delayed job is due.")
+    # Null until the message is with the broker; the release task publishes jobs that stay unpublished.
+    published_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    token = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["token", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="jobs_job_one_job_per_idempotency_key",
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["run_at"],
+                condition=Q(published_at__isnull=True),
+                name="jobs_job_unpublished",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id} ({self.status})"
+
+
+class QueuePause(models.Model):
+    """A paused queue: no worker takes from it, including workers started later (jobs.worker)."""
+
+    queue = models.CharField(max_length=100, unique=True)
+    paused_at = models.DateTimeField(auto_now_add=True)
+    paused_by = models.CharField(max_length=150, blank=True)
+
+    def __str__(self) -> str:
+        return self.queue

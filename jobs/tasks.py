@@ -1,0 +1,31 @@
+"""The jobs app's periodic task (queue `default`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from config.celery_app import app
+from jobs import queues, services
+from tasks.base import JobTask
+
+
+class ReleaseSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="default.release_jobs",
+    schema=ReleaseSchema,
+    idempotency="a job is published only while its row says unpublished; a duplicate message is "
+    "skipped by the job claim",
+)
+def release_jobs(self: JobTask) -> dict[str, Any]:
+    """Publishes delayed jobs that are due (or within the broker's safe delay) and jobs whose
+    publish was interrupted; re-sends queue pauses to workers that may have missed them."""
+    released = services.release_due()
+    queues.broadcast_pauses()
+    return {"released": released}

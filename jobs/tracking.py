@@ -1,0 +1,83 @@
+"""A job's row follows its task: claimed before it runs, then retrying, succeeded or failed.
+
+Called by tasks.base.JobTask for messages that carry the `x_job_id` header (jobs
+sent through the API). The claim is one conditional UPDATE: a message may start
+the job only while the row is queued, scheduled or retrying with the same task
+id — or running, when the broker redelivers it after a worker died. Anything
+else (cancelled, finished, retried under a new id, a duplicate message) is
+skipped, which is what makes a cancel durable across worker restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.models import Job
+
+logger = logging.getLogger(__name__)
+
+MAX_RESULT_BYTES = 64 * 1024
+
+
+def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
+    """Marks the job running for this message; False when the message must not run it."""
+    startable = Q(status__in=Job.STARTABLE)
+    if redelivered:
+        startable |= Q(status=Job.Status.RUNNING)
+    claimed = Job.objects.filter(startable, pk=job_id, task_id=task_id).update(
+        status=Job.Status.RUNNING, attempts=attempt, started_at=timezone.now(), finished_at=None
+    )
+    if not claimed:
+        current = Job.objects.filter(pk=job_id).values_list("status", "task_id").first()
+        logger.info(
+            "job %s not started by task %s: %s",
+            job_id,
+            task_id,
+            "no such job" if current is None else f"it is {current[0]} (task {current[1]})",
+        )
+    return bool(claimed)
+
+
+def _current(job_id: str, task_id: str) -> Any:
+    # Never overwrite a cancel, nor a newer run's row.
+    return Job.objects.filter(pk=job_id, task_id=task_id).exclude(status=Job.Status.CANCELLED)
+
+
+def _storable(result: Any) -> Any:
+    try:
+        text = json.dumps(result)
+    except (TypeError, ValueError):
+        return {"repr": repr(result)[:1000]}
+    if len(text) > MAX_RESULT_BYTES:
+        return {"truncated": True, "bytes": len(text)}
+    return result
+
+
+def retrying(job_id: str, task_id: str, exc: BaseException) -> None:
+    _current(job_id, task_id).update(
+        status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000]
+    )
+
+
+def succeeded(job_id: str, task_id: str, result: Any) -> None:
+    _current(job_id, task_id).update(
+        status=Job.Status.SUCCEEDED,
+        result=_storable(result),
+        error_type="",
+        error_message="",
+        finished_at=timezone.now(),
+    )
+
+
+def failed(job_id: str, task_id: str, exc: BaseException) -> None:
+    _current(job_id, task_id).update(
+        status=Job.Status.FAILED,
+        error_type=type(exc).__name__,
+        error_message=str(exc)[:2000],
+        finished_at=timezone.now(),
+    )
