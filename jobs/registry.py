@@ -131,7 +131,9 @@ def _argument_errors(task: JobTask, payload: dict[str, Any]) -> list[FieldError]
     errors = []
     if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
         known = {parameter.name for parameter in parameters}
-        errors += [FieldError(f"payload.{key}", "is not a known field") for key in payload if key not in known]
+        errors += [
+            FieldError(f"payload.{key}", "is not a known field") for key in payload if key not in known
+        ]
     for parameter in parameters:
         keyword = parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         if keyword and parameter.default is inspect.Parameter.empty and parameter.name not in payload:
@@ -178,7 +180,9 @@ def parse_job(data: Any, *, header_key: str | None = None) -> JobRequest:
     if nul is not None:
         raise InvalidJob([FieldError(nul, "must not contain the NUL character (U+0000)")])
     if header_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, header_key):
-        raise InvalidJob([FieldError("Idempotency-Key", "must be 1-255 printable ASCII characters, no spaces")])
+        raise InvalidJob(
+            [FieldError("Idempotency-Key", "must be 1-255 printable ASCII characters, no spaces")]
+        )
     key = options.idempotency_key or header_key or ""
     if key and options.idempotency_key and header_key and key != header_key:
         raise InvalidJob([FieldError("idempotency_key", "differs from the Idempotency-Key header")])
@@ -199,14 +203,18 @@ def request_body_schema() -> dict[str, Any]:
     It is what the OpenAPI document shows; parse_job is what enforces it.
     """
     variants: list[Any] = []
+    tasks: dict[str, JobTask] = {}
     for job_type in allowed_types():
         task = task_for(job_type)
         literal: Any = Literal[job_type]
         model_name = "".join(part.title() for part in job_type.replace("_", ".").split(".")) + "Job"
         payload_model: Any = task.schema or _signature_model(task, model_name + "Payload")
+        tasks[model_name] = task
         # parse_job reads a missing payload as {}: it is required only where that would not do.
-        needs_payload = isinstance(payload_model, type) and any(
-            field.is_required() for field in payload_model.model_fields.values()
+        needs_payload = (
+            isinstance(payload_model, type)
+            and issubclass(payload_model, BaseModel)
+            and any(field.is_required() for field in payload_model.model_fields.values())
         )
         payload_field: Any = ... if needs_payload else Field(default_factory=dict)
         variants.append(
@@ -219,7 +227,20 @@ def request_body_schema() -> dict[str, Any]:
         )
     one_of = variants[0] if len(variants) == 1 else _union(variants)
     union: Any = Annotated[one_of, Field(discriminator="type")]
-    return TypeAdapter(union).json_schema(ref_template="#/components/schemas/{model}")
+    document = TypeAdapter(union).json_schema(ref_template="#/components/schemas/{model}")
+    # parse_job binds the payload to the task's arguments: a key that is not one of them is refused.
+    defs = document.get("$defs", {})
+    for variant in variants:
+        ref = defs[variant.__name__]["properties"]["payload"].get("$ref", "")
+        payload_def = defs.get(ref.rsplit("/", 1)[-1])
+        if payload_def is not None and not _takes_any_keyword(tasks[variant.__name__]):
+            payload_def.setdefault("additionalProperties", False)
+    return document
+
+
+def _takes_any_keyword(task: JobTask) -> bool:
+    run = task._orig_run if hasattr(task, "_orig_run") else task.run
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(run).parameters.values())
 
 
 def _signature_model(task: JobTask, name: str) -> Any:

@@ -104,7 +104,8 @@ def report_when_ready(env: dict[str, str], started: float, stop: threading.Event
         f"==> stack ready in {time.monotonic() - started:.1f}s\n"
         f"    admin:  {web}/admin/   user {user!r}, password {password!r}\n"
         f"    metrics: {web}/admin/metrics/ (same login), health: {web}/healthz, {web}/readyz\n"
-        f"    api:    {web}/api/docs (same login; a token: .venv/bin/python manage.py create_api_token {user})\n"
+        f"    api:    {web}/api/docs (same login; a token: "
+        f".venv/bin/python manage.py create_api_token {user})\n"
         f"    flower: {flower}/   user {flower_user!r} (FLOWER_BASIC_AUTH; same password by default)\n"
         f"    broker: {env['CELERY_BROKER_URL']}\n"
         "    Ctrl-C stops everything.\n",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.utils import timezone
-
 from pydantic import BaseModel, ConfigDict
 
 from config.celery_app import app

@@ -42,7 +42,9 @@ class SingleValuedQuery(Parser):
     def parse_querydict(self, data: Any, list_fields: list[str], request: HttpRequest) -> dict[str, Any]:
         repeated = [key for key in data if key not in list_fields and len(data.getlist(key)) > 1]
         if repeated:
-            raise NinjaValidationError([{"loc": ("query", key), "msg": "is given more than once"} for key in repeated])
+            raise NinjaValidationError(
+                [{"loc": ("query", key), "msg": "is given more than once"} for key in repeated]
+            )
         return super().parse_querydict(data, list_fields, request)
 
 

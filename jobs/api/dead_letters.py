@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db.models import Q
 from django.http import HttpRequest
-from ninja import Query, Router, Schema
+from ninja import Query, Router, Schema, Status
 from pydantic import Field
 
 from config.celery_app import app
@@ -114,7 +114,7 @@ def get_dead_letter(request: HttpRequest, letter_id: int) -> dict[str, Any]:
     summary="Send the task again with the same arguments (staff)",
     openapi_extra=STAFF_ONLY,
 )
-def replay_dead_letter(request: HttpRequest, letter_id: int) -> tuple[int, dict[str, Any]]:
+def replay_dead_letter(request: HttpRequest, letter_id: int) -> Status:
     letter = _letter_or_404(letter_id)
     try:
         task_id = deadletters.replay(letter)
@@ -124,4 +124,4 @@ def replay_dead_letter(request: HttpRequest, letter_id: int) -> tuple[int, dict[
         raise ApiError(
             503, f"the broker did not take the replay: {type(exc).__name__}", Retry_After="5"
         ) from None
-    return 202, {"dead_letter": letter.pk, "task_id": task_id}
+    return Status(202, {"dead_letter": letter.pk, "task_id": task_id})

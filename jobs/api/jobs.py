@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest
 from django_celery_results.models import TaskResult
-from ninja import Header, Query, Router, Schema
+from ninja import Header, Query, Router, Schema, Status
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -159,7 +159,7 @@ def create_job(
         alias="Idempotency-Key",
         pattern=IDEMPOTENCY_KEY_PATTERN,  # as parse_job checks it; declared so the document says so
     ),
-) -> tuple[int, dict[str, Any]]:
+) -> Status:
     """Validates the job against its type's schema, stores it, then queues it.
 
     202: queued (or scheduled, with `delay_seconds`). 200: an earlier request with the same
@@ -176,7 +176,7 @@ def create_job(
     [outcome] = _enqueue([job_request], token)
     if isinstance(outcome, services.Conflict):
         raise ApiError(409, str(outcome))
-    return (202 if outcome.created else 200), job_out(outcome.job, with_progress=False)
+    return Status(202 if outcome.created else 200, job_out(outcome.job, with_progress=False))
 
 
 @router.post(
@@ -286,6 +286,15 @@ class JobFilters(Schema):
             )
         return value
 
+    @field_validator("since")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        # PostgreSQL takes offsets up to 15:59 only (RFC 3339 allows 23:59): compare in UTC.
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:
+            raise PydanticCustomError("date_time", "is out of range") from None
+
 
 @router.get("", response={200: JobPageOut, 400: Error, **AUTH_ERRORS}, summary="List jobs, newest first")
 def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any]:
@@ -330,7 +339,7 @@ def get_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
     summary="Run a failed or cancelled job again (staff)",
     openapi_extra=STAFF_ONLY,
 )
-def retry_job(request: HttpRequest, job_id: UUID) -> tuple[int, dict[str, Any]]:
+def retry_job(request: HttpRequest, job_id: UUID) -> Status:
     job = _job_or_404(request, job_id)
     try:
         job = services.retry(job)
@@ -338,7 +347,7 @@ def retry_job(request: HttpRequest, job_id: UUID) -> tuple[int, dict[str, Any]]:
         raise ApiError(409, str(exc)) from None
     except BrokerUnavailable as exc:
         raise ApiError(503, f"{exc}; the job was left as it was", Retry_After="5") from None
-    return 202, job_out(job, with_progress=False)
+    return Status(202, job_out(job, with_progress=False))
 
 
 @router.delete(

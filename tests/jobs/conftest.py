@@ -14,7 +14,6 @@ from django.test import Client
 
 from jobs.tokens import create_token
 
-
 EMAIL_ADDRESS = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z0-9.-]+")
 ISSUED_TOKENS: list[str] = []
 
