@@ -8,4 +8,4 @@ class JobsConfig(AppConfig):
 
     def ready(self) -> None:
         # Worker side: paused queues are honoured at start-up and by a remote-control command.
-        from jobs import worker  # noqa: F401
+        from jobs import checks, worker  # noqa: F401

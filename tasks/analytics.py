@@ -18,7 +18,7 @@ from typing import Annotated, Any, cast
 from celery import group
 from celery.result import GroupResult
 from django.db import OperationalError
-from pydantic import AfterValidator, BaseModel, Field, PlainValidator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema, model_validator
 
 from config.celery_app import app
 from tasks.base import JobTask, PermanentJobError, TransientJobError
@@ -42,7 +42,7 @@ def _iso_date(value: Any) -> str:
 
 
 # Validated, but kept a string: what a retry re-sends must be JSON.
-IsoDate = Annotated[str, PlainValidator(_iso_date)]
+IsoDate = Annotated[str, PlainValidator(_iso_date), WithJsonSchema({"type": "string", "format": "date"})]
 
 
 class DefaultsToYesterday(JobTask):

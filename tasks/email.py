@@ -7,7 +7,7 @@ result backend. The dead letter keeps them as given, so it can be replayed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from celery import group
 from django.conf import settings
@@ -32,8 +32,14 @@ def _checked_address(value: str) -> str:
     return value
 
 
+# The addresses are checked by Django's validate_email; the document says `format: email`.
+EMAIL_FORMAT: dict[str, Any] = {"format": "email"}
+# A window longer than this would leave batches waiting past the Redis visibility timeout.
+MAX_WINDOW_SECONDS = settings.CELERY_BROKER_VISIBILITY_TIMEOUT - settings.CELERY_TASK_TIME_LIMIT - 1
+
+
 class SendSchema(BaseModel):
-    to: str = Field(max_length=320)
+    to: str = Field(max_length=320, json_schema_extra=EMAIL_FORMAT)
     template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
     context: dict[str, Any] = Field(default_factory=dict)
     key: str | None = Field(default=None, min_length=1, max_length=200)
@@ -70,10 +76,14 @@ def send(
 class NewsletterSchema(BaseModel):
     campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=100)
     template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
-    recipients: list[str] = Field(min_length=1, max_length=MAX_NEWSLETTER_RECIPIENTS)
+    recipients: list[Annotated[str, Field(json_schema_extra=EMAIL_FORMAT)]] = Field(
+        min_length=1, max_length=MAX_NEWSLETTER_RECIPIENTS
+    )
     context: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(default=100, ge=1, le=1000)
-    window_seconds: int = Field(default=3600, ge=0, le=6 * 3600)
+    window_seconds: int = Field(
+        default=3600, ge=0, le=6 * 3600, json_schema_extra={"maximum": max(0, MAX_WINDOW_SECONDS)}
+    )
 
     @field_validator("recipients")
     @classmethod
@@ -135,7 +145,9 @@ def newsletter(
 class BatchSchema(BaseModel):
     campaign: str = Field(max_length=100)
     template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
-    recipients: list[str] = Field(min_length=1, max_length=1000)
+    recipients: list[Annotated[str, Field(json_schema_extra=EMAIL_FORMAT)]] = Field(
+        min_length=1, max_length=1000
+    )
     context: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -165,7 +177,9 @@ class WeeklyNewsletterSchema(BaseModel):
     group: str = Field(default="newsletter", min_length=1, max_length=150)
     template: str = Field(default="newsletter", pattern=service.TEMPLATE_NAME.pattern, max_length=200)
     context: dict[str, Any] = Field(default_factory=dict)
-    window_seconds: int = Field(default=3600, ge=0, le=6 * 3600)
+    window_seconds: int = Field(
+        default=3600, ge=0, le=6 * 3600, json_schema_extra={"maximum": max(0, MAX_WINDOW_SECONDS)}
+    )
 
 
 @app.task(
