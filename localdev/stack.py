@@ -71,6 +71,37 @@ def run_release(env: dict[str, str], procfile: dict[str, str]) -> None:
     )
     if created.returncode != 0 and "already taken" not in created.stderr:
         sys.exit(f"could not create the admin user: {created.stderr.strip()}")
+    env["STACK_API_TOKEN"] = api_token(env)
+
+
+def api_token(env: dict[str, str]) -> str:
+    """The admin's API token for trying the API, kept in .run/api_token (mode 600).
+
+    Made again when the kept one no longer works (a new database, or revoked in the admin).
+    """
+    path = STATE / "api_token"
+    if path.exists():
+        check = "import os, sys; from jobs.tokens import authenticate as a; sys.exit(not a(os.environ['T']))"
+        kept = path.read_text().strip()
+        works = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", check],
+            env={**env, "T": kept},
+            cwd=ROOT,
+            capture_output=True,
+        )
+        if works.returncode == 0:
+            return kept
+    made = subprocess.run(
+        [sys.executable, "manage.py", "create_api_token", env["DJANGO_SUPERUSER_USERNAME"], "--name=bin/run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path.write_text(made.stdout.strip())
+    path.chmod(0o600)
+    return made.stdout.strip()
 
 
 def report_when_ready(env: dict[str, str], started: float, stop: threading.Event) -> None:
@@ -104,8 +135,8 @@ def report_when_ready(env: dict[str, str], started: float, stop: threading.Event
         f"==> stack ready in {time.monotonic() - started:.1f}s\n"
         f"    admin:  {web}/admin/   user {user!r}, password {password!r}\n"
         f"    metrics: {web}/admin/metrics/ (same login), health: {web}/healthz, {web}/readyz\n"
-        f"    api:    {web}/api/docs (same login; a token: "
-        f".venv/bin/python manage.py create_api_token {user})\n"
+        f"    api:    {web}/api/docs (same login), token {env.get('STACK_API_TOKEN', '')!r}"
+        f" (kept in {STATE.name}/api_token)\n"
         f"    flower: {flower}/   user {flower_user!r} (FLOWER_BASIC_AUTH; same password by default)\n"
         f"    broker: {env['CELERY_BROKER_URL']}\n"
         "    Ctrl-C stops everything.\n",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.cookiejar
+import json
 import os
 import re
 import signal
@@ -102,8 +103,9 @@ class Stack:
             text = self.output()
             if "stack ready" in text:
                 found = re.search(r"admin:\s+\S+\s+user '([^']+)', password '([^']+)'", text)
-                assert found, text
-                return {"user": found[1], "password": found[2]}
+                token = re.search(r"api:\s+\S+ \(same login\), token '([^']+)'", text)
+                assert found and token, text
+                return {"user": found[1], "password": found[2], "token": token[1]}
             if self.process.poll() is not None:
                 raise AssertionError(f"the stack exited early:\n{text[-4000:]}")
             time.sleep(0.5)
@@ -197,6 +199,24 @@ def test_the_stack_starts_serves_and_stops_cleanly_on_ctrl_c(stack: Stack) -> No
     )
     assert ping.returncode == 0, ping.stderr
     assert ping.stdout.strip().startswith("general@")
+
+    # The printed API token enqueues a job over HTTP, and a worker runs it.
+    api = {"Authorization": f"Bearer {credentials['token']}", "Content-Type": "application/json"}
+    request = urllib.request.Request(
+        f"{web}/api/jobs", data=b'{"type": "default.ping", "payload": {}}', headers=api, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+        job_id = json.loads(response.read())["id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        following = urllib.request.Request(f"{web}/api/jobs/{job_id}", headers=api)
+        with urllib.request.urlopen(following, timeout=10) as response:
+            job = json.loads(response.read())
+        if job["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded" and job["result"]["pong"].startswith("general@"), job
 
     # Ready as a whole: database, broker, a worker on every queue, beat holding its lease.
     deadline = time.monotonic() + 30
