@@ -102,11 +102,21 @@ class AutoOrient(_Op):
     op: Literal["auto_orient"]
 
 
+def _any_case(names: list[str]) -> str:
+    """A JSON Schema pattern matching any of `names` in any letter case (`png`, `PNG`, `Png`)."""
+
+    def any_case(name: str) -> str:
+        return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+
+    return "^(?:" + "|".join(any_case(name) for name in names) + ")$"
+
+
 class Convert(_Op):
     """Outputs stored from here on are in `format` (and `quality` for lossy formats)."""
 
     op: Literal["convert"]
-    format: str
+    # The document says which formats (IMAGES_ALLOWED_FORMATS at start-up); the validator decides.
+    format: str = Field(json_schema_extra={"pattern": _any_case(settings.IMAGES_ALLOWED_FORMATS)})
     quality: int | None = Field(default=None, ge=1, le=100)
 
     @field_validator("format")
