@@ -102,7 +102,7 @@ class AutoOrient(_Op):
     op: Literal["auto_orient"]
 
 
-def _any_case(names: list[str]) -> str:
+def _any_case(names: Iterable[str]) -> str:
     """A JSON Schema pattern matching any of `names` in any letter case (`png`, `PNG`, `Png`)."""
 
     def any_case(name: str) -> str:
