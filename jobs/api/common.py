@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.dateparse import parse_datetime
 
@@ -36,21 +38,43 @@ def error_response(request: HttpRequest, error: ApiError) -> HttpResponse:
     return response
 
 
-def encode_cursor(created_at: datetime, pk: Any) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{pk}".encode()).decode().rstrip("=")
+def _bad_cursor() -> ApiError:
+    message = "is not a cursor this API gave out"
+    return ApiError(400, f"field 'cursor': {message}", [{"field": "cursor", "message": message}])
+
+
+def encode_cursor(at: datetime, pk: Any) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{pk}".encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, pk = text.split("|", 1)
-        created_at = parse_datetime(stamp)
+        at = parse_datetime(stamp)
     except Exception:
-        created_at = None
-    if created_at is None:
-        raise ApiError(
-            400,
-            "field 'cursor': is not a cursor this API gave out",
-            [{"field": "cursor", "message": "is not a cursor this API gave out"}],
-        )
-    return created_at, pk
+        at = None
+    if at is None:
+        raise _bad_cursor()
+    return at, pk
+
+
+def keyset_page(
+    rows: QuerySet[Any], *, by: str, limit: int, cursor: str | None, pk_type: Callable[[str], Any]
+) -> dict[str, Any]:
+    """One page of `rows`, newest `by` first (ties: highest pk first), and the cursor of the next.
+
+    Keyset, not offset: a page is one index range scan however deep, and rows written
+    meanwhile neither repeat nor go missing.
+    """
+    if cursor:
+        at, raw_pk = decode_cursor(cursor)
+        try:
+            pk = pk_type(raw_pk)
+        except ValueError:
+            raise _bad_cursor() from None
+        rows = rows.filter(Q(**{f"{by}__lt": at}) | Q(**{by: at, "pk__lt": pk}))
+    page = list(rows.order_by(f"-{by}", "-pk")[: limit + 1])
+    more = len(page) > limit
+    page = page[:limit]
+    return {"items": page, "next_cursor": encode_cursor(getattr(page[-1], by), page[-1].pk) if more else None}

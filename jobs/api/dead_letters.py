@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Q
 from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
 from pydantic import Field
@@ -17,8 +16,7 @@ from jobs.api.common import (
     STAFF_ERRORS,
     STAFF_ONLY,
     ApiError,
-    decode_cursor,
-    encode_cursor,
+    keyset_page,
 )
 from jobs.api.schemas import DeadLetterDetail, DeadLetterPage, Error, ReplayOut
 from jobs.publish import BrokerUnavailable
@@ -68,19 +66,10 @@ def list_dead_letters(request: HttpRequest, filters: Query[DeadLetterFilters]) -
         letters = letters.filter(task_name=filters.task)
     if filters.queue:
         letters = letters.filter(queue=filters.queue)
-    if filters.cursor:
-        failed_at, pk = decode_cursor(filters.cursor)
-        if not pk.isdigit():
-            raise ApiError(400, "field 'cursor': is not a cursor this API gave out")
-        letters = letters.filter(
-            Q(last_failed_at__lt=failed_at) | Q(last_failed_at=failed_at, pk__lt=int(pk))
-        )
-    page = list(letters.order_by("-last_failed_at", "-pk")[: filters.limit + 1])
-    more = len(page) > filters.limit
-    page = page[: filters.limit]
+    page = keyset_page(letters, by="last_failed_at", limit=filters.limit, cursor=filters.cursor, pk_type=int)
     return {
-        "items": [{name: getattr(letter, name) for name in SUMMARY_FIELDS} for letter in page],
-        "next_cursor": encode_cursor(page[-1].last_failed_at, page[-1].pk) if more else None,
+        **page,
+        "items": [{name: getattr(letter, name) for name in SUMMARY_FIELDS} for letter in page["items"]],
     }
 
 

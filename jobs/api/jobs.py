@@ -9,7 +9,6 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import Q
 from django.http import HttpRequest
 from django_celery_results.models import TaskResult
 from ninja import Header, Query, Router, Schema, Status
@@ -24,8 +23,7 @@ from jobs.api.common import (
     STAFF_ERRORS,
     STAFF_ONLY,
     ApiError,
-    decode_cursor,
-    encode_cursor,
+    keyset_page,
 )
 from jobs.api.schemas import BatchOut, Error, JobOut
 from jobs.api.schemas import JobPage as JobPageOut
@@ -305,19 +303,8 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any
         jobs = jobs.filter(status=filters.status)
     if filters.since:
         jobs = jobs.filter(created_at__gte=filters.since)
-    if filters.cursor:
-        created_at, pk = decode_cursor(filters.cursor)
-        try:
-            jobs = jobs.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=UUID(pk)))
-        except ValueError:
-            raise ApiError(400, "field 'cursor': is not a cursor this API gave out") from None
-    page = list(jobs.order_by("-created_at", "-id")[: filters.limit + 1])
-    more = len(page) > filters.limit
-    page = page[: filters.limit]
-    return {
-        "items": [job_out(job) for job in page],
-        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if more else None,
-    }
+    page = keyset_page(jobs, by="created_at", limit=filters.limit, cursor=filters.cursor, pk_type=UUID)
+    return {**page, "items": [job_out(job) for job in page["items"]]}
 
 
 @router.get(
