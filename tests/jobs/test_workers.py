@@ -30,6 +30,7 @@ from monitoring import broker
 from tasks.models import DataSource, ImageAsset
 from tests.conftest import WorkerProcess
 from tests.jobs.conftest import ApiClient, secrets_in
+from tests.processes import descendants
 from tests.tasks import images as make
 from tests.tasks.upstream import Upstream
 from tests.waiting import wait_for
@@ -134,19 +135,6 @@ def unacked_since() -> float:
     return float(score)
 
 
-def child_pids(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
 class HeldResponses:
     """A route of an Upstream that holds its first `held` requests for up to `hold` seconds.
 
@@ -240,7 +228,7 @@ def test_cancelling_a_running_job_terminates_it_and_it_stays_cancelled(
     job_id = enqueue(api_client, "data_sync.sync", {"source_id": source.pk})
     wait_status(job_id, "running")
     assert held.arrived.wait(15), "the sync never reached the upstream"
-    child = child_pids(worker.process.pid)
+    child = descendants(worker.process.pid)
 
     cancel(staff_client, job_id)
 
@@ -364,7 +352,7 @@ def test_a_job_whose_worker_is_killed_mid_run_is_redelivered_and_succeeds(
     assert held.arrived.wait(15)
 
     # The whole worker dies at once (an OOM kill of the container): main process, then its pool.
-    children = child_pids(doomed.process.pid)
+    children = descendants(doomed.process.pid)
     os.kill(doomed.process.pid, signal.SIGKILL)
     for pid in children:
         os.kill(pid, signal.SIGKILL)
