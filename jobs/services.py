@@ -26,6 +26,7 @@ from config.celery_app import app
 from jobs.models import ApiToken, Job
 from jobs.publish import BrokerUnavailable, publish
 from jobs.registry import JobRequest
+from tasks.base import JobTask
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,12 @@ def cancel(job: Job) -> Job:
         app.backend.mark_as_revoked(job.task_id, reason="cancelled through the API")
     except Exception:
         logger.warning("job %s cancelled; telling the workers failed (the row still stops it)", job.id)
+    task = app.tasks.get(job.type)
+    if isinstance(task, JobTask):
+        try:
+            task.on_cancelled(job.task_id, (), job.payload)
+        except Exception:
+            logger.exception("job %s cancelled; its task's clean-up failed", job.id)
     return job
 
 

@@ -240,6 +240,10 @@ class JobTask(Task):
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         self._track("retrying", exc)
 
+    def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """A job of this task was cancelled through the API (called where it was cancelled, not in
+        the worker: a terminated task runs no handler). Tasks with records of their own close them."""
+
     # --- outcomes -----------------------------------------------------------
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

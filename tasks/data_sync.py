@@ -76,6 +76,11 @@ class RunTask(JobTask):
         except Exception:  # never let bookkeeping hide the task's own failure
             logger.exception("could not mark the sync run of %s[%s] failed", self.name, task_id)
 
+    def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
+        run_id = self.run_id_of(task_id, args, kwargs)
+        if run_id is not None:
+            service.fail_run(run_id, f"{self.name} was cancelled")
+
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         super().on_retry(exc, task_id, args, kwargs, einfo)
         try:

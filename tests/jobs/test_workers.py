@@ -27,7 +27,7 @@ from config.celery_app import app
 from jobs import services
 from jobs.models import Job
 from monitoring import broker
-from tasks.models import DataSource, ImageAsset
+from tasks.models import DataSource, ImageAsset, SyncRun
 from tests.conftest import WorkerProcess
 from tests.jobs.conftest import ApiClient, secrets_in
 from tests.processes import descendants
@@ -247,6 +247,9 @@ def test_cancelling_a_running_job_terminates_it_and_it_stays_cancelled(
     assert job.result is None
     assert TaskResult.objects.get(task_id=job.task_id).status == "REVOKED"
     assert held.count == 1  # it never ran again
+    # Its sync run is closed, not left "running" forever.
+    run = SyncRun.objects.get(task_id=job.task_id)
+    assert (run.status, run.error) == ("failed", "data_sync.sync was cancelled")
     assert worker.process.poll() is None
 
 
