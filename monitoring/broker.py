@@ -308,3 +308,20 @@ def _worker_view(
         workers=tuple(sorted(nodes)),
         errors=errors,
     )
+
+
+def live_queues() -> dict[str, Any]:
+    """Depth of every queue (broker) and who consumes it (workers), never raising."""
+    depths: dict[str, QueueDepth] = {}
+    depth_error = ""
+    try:
+        depths = queue_depths()
+    except BrokerError as exc:
+        depth_error = str(exc)
+    view = inspect_workers()
+    rows = []
+    for name in settings.TASK_QUEUES:
+        depth = depths.get(name)
+        held = view.queues.get(name, QueueWorkers())
+        rows.append({"name": name, "depth": depth, "held": held, "workers": held.workers})
+    return {"rows": rows, "depth_error": depth_error, "worker_errors": view.errors, "workers": view.workers}

@@ -24,23 +24,6 @@ logger = logging.getLogger(__name__)
 NOTHING = "\N{EN DASH}"  # shown for a figure with no data
 
 
-def live_queues() -> dict[str, Any]:
-    """Depth of every queue (broker) and who consumes it (workers), never raising."""
-    depths: dict[str, broker.QueueDepth] = {}
-    depth_error = ""
-    try:
-        depths = broker.queue_depths()
-    except broker.BrokerError as exc:
-        depth_error = str(exc)
-    view = broker.inspect_workers()
-    rows = []
-    for name in settings.TASK_QUEUES:
-        depth = depths.get(name)
-        held = view.queues.get(name, broker.QueueWorkers())
-        rows.append({"name": name, "depth": depth, "held": held, "workers": held.workers})
-    return {"rows": rows, "depth_error": depth_error, "worker_errors": view.errors, "workers": view.workers}
-
-
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return NOTHING
@@ -76,7 +59,7 @@ def metrics_page(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     # Workers take up to METRICS_INSPECT_TIMEOUT to answer: ask them while the database sums.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-live") as pool:
-        asked = pool.submit(live_queues)
+        asked = pool.submit(broker.live_queues)
         window_stats = stats.window_stats(now - stats.WINDOWS[window], now, bins=60)
         stats_ms = (time.perf_counter() - started) * 1000
         live = asked.result()

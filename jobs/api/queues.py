@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Literal
 
-from django.conf import settings
 from django.db.models import Count
 from django.http import HttpRequest
 from django.utils import timezone
@@ -18,17 +17,13 @@ from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import AUTH_ERRORS, STAFF_ERRORS, STAFF_ONLY, ApiError
 from jobs.api.schemas import Error, QueuesOut, QueueStatsOut
 from jobs.models import Job
-from monitoring import broker
+from monitoring import broker, stats
 from monitoring.stats import window_stats
 
 router = Router(tags=["queues"])
 
-WINDOWS = {
-    "5m": timedelta(minutes=5),
-    "1h": timedelta(hours=1),
-    "24h": timedelta(hours=24),
-    "7d": timedelta(days=7),
-}
+# The metrics page's windows, and a short one for a client watching a deploy.
+WINDOWS = {"5m": timedelta(minutes=5), **stats.WINDOWS}
 
 
 def _queue(name: str) -> str:
@@ -42,25 +37,18 @@ def _queue(name: str) -> str:
     "", response={200: QueuesOut, **AUTH_ERRORS}, summary="Every queue: depth, scheduled, workers, paused"
 )
 def list_queues(request: HttpRequest) -> dict[str, Any]:
-    names = list(settings.TASK_QUEUES)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        inspecting = pool.submit(broker.inspect_workers, queues=names)
-        broker_error = None
-        try:
-            depths: dict[str, Any] = broker.queue_depths(names)
-        except broker.BrokerError:
-            depths, broker_error = {}, "the broker did not answer"
+        asked = pool.submit(broker.live_queues)
         held = dict(
             Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
             .values_list("queue")
             .annotate(n=Count("id"))
         )
         paused = queues.paused()
-        view = inspecting.result()
+        live = asked.result()
     items = []
-    for name in names:
-        depth = depths.get(name)
-        workers = view.queues.get(name) or broker.QueueWorkers()
+    for row in live["rows"]:
+        depth, workers, name = row["depth"], row["held"], row["name"]
         items.append(
             {
                 "name": name,
@@ -73,7 +61,9 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
                 "paused": name in paused,
             }
         )
-    return {"queues": items, "broker_error": broker_error, "workers_unanswered": not view.workers}
+    # Not the broker's error text: it names the broker's address.
+    broker_error = "the broker did not answer" if live["depth_error"] else None
+    return {"queues": items, "broker_error": broker_error, "workers_unanswered": not live["workers"]}
 
 
 class StatsQuery(Schema):
