@@ -16,6 +16,9 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # Task modules are listed in CELERY_IMPORTS (a top-level `tasks` package is
 # not found by autodiscovery); any Django app's own tasks.py still is.
 app.autodiscover_tasks()
+# Workers consume only while the database that records every job answers (by name: the
+# step lives with the tasks, and is loaded only when a worker builds its consumer).
+app.steps["consumer"].add("tasks.reliability:DatabaseGate")
 
 
 @setup_logging.connect

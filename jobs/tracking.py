@@ -29,6 +29,10 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
     startable = Q(status__in=Job.STARTABLE)
     if redelivered:
         startable |= Q(status=Job.Status.RUNNING)
+    else:
+        # A retry whose "retrying" could not be written (the database was away) finds the row
+        # still running from the attempt before.
+        startable |= Q(status=Job.Status.RUNNING, attempts__lt=attempt)
     claimed = Job.objects.filter(startable, pk=job_id, task_id=task_id).update(
         status=Job.Status.RUNNING, attempts=attempt, started_at=timezone.now(), finished_at=None
     )

@@ -16,6 +16,8 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_ready
 from celery.worker.control import control_command
 
+from tasks.reliability import gate
+
 logger = logging.getLogger(__name__)
 
 # The queues this worker process was started with (-Q), before any pause took some away.
@@ -56,6 +58,14 @@ def _cancel_queues_paused_while_starting(sender: Any, **kwargs: Any) -> None:
     for queue in sorted(paused & consuming):
         sender.cancel_task_queue(queue)
         logger.warning("queue %s is paused: not consuming from it", queue)
+
+
+def _paused_among(queues: set[str]) -> set[str]:
+    """Queues paused during a database outage stay closed when the database gate opens."""
+    return paused_queues() & queues
+
+
+gate.keep_closed.append(_paused_among)
 
 
 @control_command(args=[("queue", str)], signature="<queue>")

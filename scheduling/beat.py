@@ -22,6 +22,7 @@ django-celery-beat's change marker (PeriodicTasks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ from typing import Any
 
 from celery import schedules
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError
+from django.db import DatabaseError, IntegrityError, connection
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import SCHEDULE_SYNC_MAX_INTERVAL, DatabaseScheduler, ModelEntry
 
@@ -207,7 +208,15 @@ class Scheduler(DatabaseScheduler):
         self._retry_publish_at = 0.0
         self._compared: Any = None
         self._changes_checked_at = 0.0
+        self._database_down_since: float | None = None
         super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        try:
+            super().setup_schedule()
+        except DatabaseError as exc:
+            # Beat starts anyway: the first tick after the database answers reads the schedules.
+            self._database_away(exc)
 
     # --- which schedules ----------------------------------------------------------
 
@@ -266,7 +275,33 @@ class Scheduler(DatabaseScheduler):
         wait = self._retry_publish_at - time.monotonic()
         if wait > 0:
             return min(wait, self.max_interval)
-        return float(super().tick(*args, **kwargs))
+        try:
+            interval = float(super().tick(*args, **kwargs))
+        except DatabaseError as exc:
+            return self._database_away(exc)
+        if self._database_down_since is not None:
+            logger.warning(
+                "beat %s: the database answers again after %.1f s; dispatching",
+                self.beat_name,
+                time.monotonic() - self._database_down_since,
+            )
+            self._database_down_since = None
+        return interval
+
+    def _database_away(self, exc: DatabaseError) -> float:
+        """Beat outlives a database outage: it reads the schedules again once the database answers."""
+        if self._database_down_since is None:
+            self._database_down_since = time.monotonic()
+            logger.error(
+                "beat %s: the database is unreachable (%s); nothing is sent until it answers again",
+                self.beat_name,
+                type(exc).__name__,
+            )
+        with contextlib.suppress(Exception):  # a broken connection may fail to close; it is gone
+            connection.close()
+        self._initial_read = True
+        self._heap = None
+        return min(5.0, float(getattr(self, "max_interval", 5.0)))
 
     def close(self) -> None:
         try:

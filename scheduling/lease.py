@@ -42,6 +42,7 @@ class Lease:
         self.renew_every = renew_every
         self._valid_until = 0.0  # time.monotonic() before which this process surely holds it
         self._renewed_at = float("-inf")
+        self._database_away = False
 
     @property
     def held(self) -> bool:
@@ -55,11 +56,12 @@ class Lease:
         try:
             close_old_connections()
             taken = self._take_or_renew()
-        except DatabaseError:
-            logger.warning(
-                "beat lease %r: the database did not answer; trying again", self.name, exc_info=True
-            )
+        except DatabaseError as exc:
+            if not self._database_away:  # once per outage, not at every tick
+                logger.warning("beat lease %r: the database is away (%s); trying again", self.name, exc)
+            self._database_away = True
             return self.held  # keep dispatching only while the last renewal surely holds
+        self._database_away = False
         if taken:
             # Counted from before the query: the database's expiry is later than this.
             self._valid_until = started + self.duration - 1.0

@@ -29,6 +29,8 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from tasks import reliability
+
 logger = logging.getLogger(__name__)
 
 # Message headers this module adds; they travel with retries and replays.
@@ -158,6 +160,10 @@ class JobTask(Task):
         self.push_request(args=args, kwargs=kwargs)
         try:
             return self.run(**validated)
+        except reliability.DATABASE_ERRORS as exc:
+            # The database went away under the task: not the task's failure, nor an attempt.
+            self._defer_if_outage(exc)
+            raise
         finally:
             self.pop_request()
             _task_stack.pop()
@@ -187,11 +193,7 @@ class JobTask(Task):
             countdown = backoff_countdown(
                 self.request.retries, base=self.retry_backoff_base, maximum=self.retry_backoff_max
             )
-        headers = dict(self.request.headers or {})
-        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER, JOB_HEADER):
-            value = getattr(self.request, name, None) or headers.get(name)
-            if value is not None:
-                headers[name] = value
+        headers = self.carried_headers()
         headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
         options["headers"] = {**headers, **options.get("headers", {})}
         return super().retry(
@@ -208,34 +210,78 @@ class JobTask(Task):
     def request_header(self, name: str) -> Any:
         return getattr(self.request, name, None) or (self.request.headers or {}).get(name)
 
+    def carried_headers(self) -> dict[str, Any]:
+        """The message's headers, with ours, for a message that carries this one on."""
+        headers = dict(self.request.headers or {})
+        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER, JOB_HEADER, reliability.DEFERRED_HEADER):
+            value = getattr(self.request, name, None) or headers.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    # --- database outages (tasks.reliability) -------------------------------
+
+    def defer_for_outage(self, exc: BaseException) -> None:
+        reliability.defer_for_outage(self, exc, self.carried_headers())
+
+    @property
+    def deferred(self) -> bool:
+        """This delivery was sent again because the database was away: record nothing more."""
+        return bool(getattr(self.request, "_deferred", False))
+
+    def _defer_if_outage(self, exc: BaseException) -> None:
+        """Sends the message again and ends this delivery quietly when `exc` is an outage."""
+        if reliability.in_worker(self.request) and reliability.is_outage(exc):
+            from celery.exceptions import Ignore
+
+            self.defer_for_outage(exc)
+            raise Ignore() from None
+
     # --- jobs sent through the API (jobs.tracking) ---------------------------
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        from celery.exceptions import Ignore
+
+        if self.deferred:  # the STARTED state could not be written: this delivery ends here
+            raise Ignore()
         job_id = self.request_header(JOB_HEADER)
         if job_id is None:
             return
-        from celery.exceptions import Ignore
-
         from jobs import tracking
 
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        if not tracking.claim(str(job_id), task_id, (self.request.retries or 0) + 1, redelivered):
+        # A copy sent again during a database outage may find its row still running.
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or bool(
+            self.request_header(reliability.DEFERRED_HEADER)
+        )
+        try:
+            claimed = tracking.claim(str(job_id), task_id, (self.request.retries or 0) + 1, redelivered)
+        except reliability.DATABASE_ERRORS as exc:
+            self._defer_if_outage(exc)
+            raise
+        if not claimed:
             # Cancelled (or already done): the result says so, and the message is acknowledged.
             self.backend.mark_as_revoked(
                 task_id, reason="job cancelled or already handled", request=self.request
             )
             raise Ignore()
 
-    def _track(self, what: str, *args: Any) -> None:
+    def _track(self, what: str, *args: Any) -> bool:
+        """Records the outcome in the job's row; False when the database was away (deferred)."""
         job_id = self.request_header(JOB_HEADER)
         if job_id is None:
-            return
+            return True
         from jobs import tracking
 
         try:
             getattr(tracking, what)(str(job_id), self.request.id, *args)
+        except reliability.DATABASE_ERRORS as exc:
+            if what != "retrying" and reliability.in_worker(self.request) and reliability.is_outage(exc):
+                self.defer_for_outage(exc)  # the outcome is not recorded: run it again later
+                return False
+            logger.exception("could not record %s for job %s", what, job_id)
         except Exception:  # bookkeeping never hides the task's own outcome
             logger.exception("could not record %s for job %s", what, job_id)
+        return True
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         self._track("retrying", exc)
@@ -247,16 +293,23 @@ class JobTask(Task):
     # --- outcomes -----------------------------------------------------------
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        self._track("failed", exc)
+        if self.deferred or not self._track("failed", exc):
+            return
         from tasks import deadletters
 
         try:
             deadletters.record_failure(self, exc, task_id, args, kwargs, einfo)
+        except reliability.DATABASE_ERRORS as db_exc:
+            if reliability.in_worker(self.request) and reliability.is_outage(db_exc):
+                self.defer_for_outage(db_exc)
+            else:
+                logger.exception("could not store a dead letter for %s[%s]", self.name, task_id)
         except Exception:  # never let bookkeeping hide the task's own failure
             logger.exception("could not store a dead letter for %s[%s]", self.name, task_id)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        self._track("succeeded", retval)
+        if self.deferred or not self._track("succeeded", retval):
+            return
         dead_letter_id = self.request_header(REPLAY_HEADER)
         if dead_letter_id is None:
             return

@@ -132,3 +132,36 @@ def probe_fail(self: JobTask, address: str, api_token: str, transient_failures: 
     if self.request.retries < transient_failures:
         raise TransientJobError(f"mail server busy for {address}")
     raise PermanentJobError(f"mailbox {address} does not exist (signed in with {len(smtp_password)} chars)")
+
+
+# --- Probe of the fault suite (tests/faults) ---------------------------------------
+
+
+class EffectSchema(BaseModel):
+    directory: str
+    key: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    seconds: float = Field(default=0, ge=0, le=60)
+
+
+@app.task(
+    bind=True,
+    base=JobTask,
+    name="default.probe_effect",
+    schema=EffectSchema,
+    idempotency="a run that finds the key's marker makes no effect (check, then act: as real tasks do)",
+)
+def probe_effect(self: JobTask, directory: str, key: str, seconds: float = 0) -> str:
+    """Logs every execution, then makes its effect unless an earlier run did: the fault suite's oracle."""
+    import os
+    import time
+
+    with open(os.path.join(directory, "executions.log"), "a") as log:
+        log.write(f"{key} {os.getpid()}\n")
+    time.sleep(seconds)
+    marker = os.path.join(directory, f"done-{key}")
+    if os.path.exists(marker):
+        return "already done"
+    with open(os.path.join(directory, "effects.log"), "a") as effects:
+        effects.write(f"{key}\n")
+    open(marker, "w").close()
+    return "done"

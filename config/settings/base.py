@@ -109,6 +109,10 @@ else:
     # Reuse connections for a minute; workers and web both benefit.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60, min_value=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # An unreachable server is an error in seconds, not a hang (workers then stop consuming).
+    DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env.int(
+        "DATABASE_CONNECT_TIMEOUT", default=5, min_value=1
+    )
 
 # --- Security -----------------------------------------------------------------
 
@@ -157,7 +161,9 @@ RATE_LIMIT_STORAGE_URL = env.str(
 )
 # Results live in the database (django-celery-results): they survive a broker
 # restart or flush, and the API can list them with the ORM.
-CELERY_RESULT_BACKEND = "django-db"
+# (tasks.backends: django-celery-results' backend, which in a worker sends a message again
+# for later instead of losing its outcome when the database is away.)
+CELERY_RESULT_BACKEND = "tasks.backends:DatabaseBackend"
 CELERY_CACHE_BACKEND = "django-cache"
 # Store task name, args, queue and worker with the result, so a result row
 # says what ran, not just its return value.
@@ -256,6 +262,14 @@ JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_val
 # Retry n waits uniform(0, min(max, base * 2**n)) seconds: exponential with full jitter.
 JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
 JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
+# Workers ask the database `SELECT 1` this often and consume only while it answers
+# (tasks.reliability); a message whose outcome cannot be written is sent again for later.
+JOBS_DATABASE_PROBE_SECONDS = env.float(
+    "JOBS_DATABASE_PROBE_SECONDS", default=2.0, min_value=0.1, max_value=60
+)
+JOBS_DATABASE_PROBE_TIMEOUT_SECONDS = env.float(
+    "JOBS_DATABASE_PROBE_TIMEOUT_SECONDS", default=3.0, min_value=0.5, max_value=60
+)
 
 CELERY_TIMEZONE = TIME_ZONE
 
