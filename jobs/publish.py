@@ -52,11 +52,11 @@ def broker_priority(priority: int | None) -> int | None:
     return priority
 
 
-def message_options(job: Job) -> dict[str, Any]:
+def message_options(job: Job, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {
         "task_id": job.task_id,
         "queue": job.queue,
-        "headers": {JOB_HEADER: str(job.id)},
+        "headers": {**(headers or {}), JOB_HEADER: str(job.id)},
     }
     if job.run_at is not None:
         options["eta"] = job.run_at
@@ -66,7 +66,7 @@ def message_options(job: Job) -> dict[str, Any]:
     return options
 
 
-def publish(jobs: Sequence[Job]) -> None:
+def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
     """Sends one message per job, in one batch; raises BrokerUnavailable if the broker failed."""
     if not jobs:
         return
@@ -85,7 +85,7 @@ def publish(jobs: Sequence[Job]) -> None:
                     producer=producer,
                     retry=True,
                     retry_policy=retry_policy,
-                    **message_options(job),
+                    **message_options(job, headers),
                 )
     except (BrokerUnavailable, PermanentJobError):  # arguments were checked before: not expected
         raise

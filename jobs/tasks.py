@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from config.celery_app import app
-from jobs import queues, services
+from jobs import queues, reconcile, services
 from tasks.base import JobTask
 
 
@@ -25,7 +25,10 @@ class ReleaseSchema(BaseModel):
 )
 def release_jobs(self: JobTask) -> dict[str, Any]:
     """Publishes delayed jobs that are due (or within the broker's safe delay) and jobs whose
-    publish was interrupted; re-sends queue pauses to workers that may have missed them."""
+    publish was interrupted; sends again jobs whose message the broker lost (jobs.reconcile);
+    re-sends queue pauses to workers that may have missed them."""
     released = services.release_due()
+    resent = reconcile.resend_lost()
+    finished = reconcile.finish_from_results()
     queues.broadcast_pauses()
-    return {"released": released}
+    return {"released": released, "resent": resent, "finished": finished}

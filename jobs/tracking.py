@@ -81,7 +81,7 @@ def succeeded(job_id: str, task_id: str, result: Any) -> None:
 def failed(job_id: str, task_id: str, exc: BaseException) -> None:
     _current(job_id, task_id).update(
         status=Job.Status.FAILED,
-        error_type=type(exc).__name__,
+        error_type=getattr(exc, "type_name", type(exc).__name__),
         error_message=str(exc)[:2000],
         finished_at=timezone.now(),
     )

@@ -38,6 +38,8 @@ FIRST_FAILURE_HEADER = "x_first_failure_at"
 REPLAY_HEADER = "x_dead_letter_id"
 # Set on messages sent by the REST API (jobs.publish): the task keeps the job's row up to date.
 JOB_HEADER = "x_job_id"
+# Set by jobs.reconcile on a job's message it sends again because the broker lost the first.
+RESENT_HEADER = "x_resent"
 
 
 class PermanentJobError(Exception):
@@ -213,7 +215,13 @@ class JobTask(Task):
     def carried_headers(self) -> dict[str, Any]:
         """The message's headers, with ours, for a message that carries this one on."""
         headers = dict(self.request.headers or {})
-        for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER, JOB_HEADER, reliability.DEFERRED_HEADER):
+        for name in (
+            FIRST_FAILURE_HEADER,
+            REPLAY_HEADER,
+            JOB_HEADER,
+            reliability.DEFERRED_HEADER,
+            RESENT_HEADER,
+        ):
             value = getattr(self.request, name, None) or headers.get(name)
             if value is not None:
                 headers[name] = value
@@ -250,8 +258,8 @@ class JobTask(Task):
         from jobs import tracking
 
         # A copy sent again during a database outage may find its row still running.
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or bool(
-            self.request_header(reliability.DEFERRED_HEADER)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or any(
+            self.request_header(name) for name in (reliability.DEFERRED_HEADER, RESENT_HEADER)
         )
         try:
             claimed = tracking.claim(str(job_id), task_id, (self.request.retries or 0) + 1, redelivered)

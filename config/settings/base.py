@@ -445,6 +445,10 @@ JOBS_BROKER_MAX_DELAY_SECONDS = env.int(
 )
 # A job row still unpublished this long after it was written (its request died between commit
 # and publish) is published by `default.release_jobs`.
+# jobs.reconcile: a job published this long ago whose message no broker holds is sent again;
+# the broker is read only while it holds at most JOBS_RECONCILE_MAX_MESSAGES messages.
+JOBS_RECONCILE_AFTER_SECONDS = env.int("JOBS_RECONCILE_AFTER_SECONDS", default=60, min_value=5)
+JOBS_RECONCILE_MAX_MESSAGES = env.int("JOBS_RECONCILE_MAX_MESSAGES", default=200_000, min_value=0)
 JOBS_PUBLISH_GRACE_SECONDS = env.int("JOBS_PUBLISH_GRACE_SECONDS", default=30, min_value=5)
 
 # --- Flower -------------------------------------------------------------------

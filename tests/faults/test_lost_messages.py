@@ -1,0 +1,99 @@
+"""Messages the broker lost (a restart without persistence, a flush): the reconciler sends them again.
+
+The queue's messages are deleted from Redis, as a broker restarted without an append-only
+file loses them; the job rows still say `queued`. `default.release_jobs` (each minute, here
+called directly) finds every job published a while ago whose message no broker holds and
+sends it again with the same task id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from jobs import reconcile
+from jobs.models import Job
+from tests.faults import oracle
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def _delete_every_message(celery_app: Celery) -> int:
+    with celery_app.connection_for_write() as connection:
+        client = connection.default_channel.client  # type: ignore[attr-defined]  # Redis channel
+        lost = int(client.llen("default"))
+        client.delete("default", "unacked", "unacked_index")
+    return lost
+
+
+def test_jobs_whose_messages_the_broker_lost_are_sent_again_and_run_once(
+    celery_app: Celery, empty_queues: None, worker_process, tmp_path: Path, settings
+) -> None:
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    count = oracle.size(200)
+    job_ids = oracle.accept_jobs(count, tmp_path / "effects")
+    assert reconcile.resend_lost() == 0  # every message is where it should be
+    assert _delete_every_message(celery_app) == count
+
+    assert reconcile.resend_lost() == count
+    assert reconcile.resend_lost() == 0  # and now they are there again
+    worker_process("after-loss", "-Q", "default", "-I", "tests.probes", "--concurrency=2")
+    recovered = oracle.wait_until_final(job_ids, timeout=120)
+
+    result = oracle.report("broker lost its messages", job_ids, tmp_path / "effects", recovered)
+    result.record()
+    assert result.perfect, result.line()
+    assert result.duplicate_executions == 0
+
+
+def test_a_job_still_running_is_not_sent_again_while_its_message_is_held(
+    celery_app: Celery, empty_queues: None, worker_process, tmp_path: Path, settings
+) -> None:
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    settings.CELERY_TASK_TIME_LIMIT = 0
+    worker_process("holder", "-Q", "default", "-I", "tests.probes", "--concurrency=1")
+    [job_id] = oracle.accept_jobs(1, tmp_path / "effects", seconds=3)
+    wait_for(lambda: Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).exists(), what="it running")
+    assert reconcile.resend_lost() == 0  # its message waits in `unacked` for the acknowledgement
+    wait_for(lambda: Job.objects.filter(pk=job_id, status=Job.Status.SUCCEEDED).exists(), timeout=30)
+
+
+def test_a_running_job_whose_result_was_stored_is_finished_from_it(settings) -> None:
+    """Its pool process died after the result was written and before the row was."""
+    from celery.utils import uuid
+    from django.utils import timezone
+    from django_celery_results.models import TaskResult
+
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    done, failed, still = (
+        Job.objects.create(
+            type="default.ping",
+            queue="default",
+            task_id=uuid(),
+            status=Job.Status.RUNNING,
+            started_at=timezone.now(),
+        )
+        for _ in range(3)
+    )
+    TaskResult.objects.create(task_id=done.task_id, status="SUCCESS", result='{"pong": true}')
+    TaskResult.objects.create(
+        task_id=failed.task_id,
+        status="FAILURE",
+        result='{"exc_type": "PermanentJobError", "exc_message": ["no such row"]}',
+    )
+    TaskResult.objects.create(task_id=still.task_id, status="STARTED", result="{}")
+
+    assert reconcile.finish_from_results() == 2
+
+    for job in (done, failed, still):
+        job.refresh_from_db()
+    assert (done.status, done.result) == (Job.Status.SUCCEEDED, {"pong": True})
+    assert (failed.status, failed.error_type, failed.error_message) == (
+        Job.Status.FAILED,
+        "PermanentJobError",
+        "no such row",
+    )
+    assert still.status == Job.Status.RUNNING
