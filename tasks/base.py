@@ -50,6 +50,10 @@ class InvalidArguments(PermanentJobError):
     """The arguments do not match the task's schema."""
 
 
+class DeliveryLimitExceeded(PermanentJobError):
+    """The message was delivered more than JOBS_MAX_DELIVERIES times: each time its worker died."""
+
+
 class TransientJobError(Exception):
     """Something outside the task failed and may work later: retry with backoff."""
 
@@ -197,6 +201,8 @@ class JobTask(Task):
             )
         headers = self.carried_headers()
         headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
+        # A retry is a new message: its deliveries are counted afresh.
+        headers.pop(reliability.DELIVERY_COUNT_HEADER, None)
         options["headers"] = {**headers, **options.get("headers", {})}
         return super().retry(
             args,
@@ -211,6 +217,18 @@ class JobTask(Task):
 
     def request_header(self, name: str) -> Any:
         return getattr(self.request, name, None) or (self.request.headers or {}).get(name)
+
+    def delivery_count(self) -> int:
+        """How many times this message was delivered: 1 the first time.
+
+        Kept by the Redis transport (delivery/redis.py, `x_delivery_count`) and by RabbitMQ's
+        quorum queues (`x-delivery-count`, the redeliveries before this one).
+        """
+        counted = self.request_header(reliability.DELIVERY_COUNT_HEADER)
+        if counted is not None:
+            return max(1, int(counted))
+        redeliveries = self.request_header("x-delivery-count")
+        return int(redeliveries) + 1 if redeliveries is not None else 1
 
     def carried_headers(self) -> dict[str, Any]:
         """The message's headers, with ours, for a message that carries this one on."""
@@ -252,6 +270,16 @@ class JobTask(Task):
 
         if self.deferred:  # the STARTED state could not be written: this delivery ends here
             raise Ignore()
+        deliveries = self.delivery_count()
+        if deliveries > settings.JOBS_MAX_DELIVERIES:
+            # A message that kills whatever runs it (out of memory, a crash, the hard time limit)
+            # would otherwise go round for ever: it fails for good and leaves a dead letter.
+            raise DeliveryLimitExceeded(
+                f"{self.name}: delivered {deliveries} times (JOBS_MAX_DELIVERIES is "
+                f"{settings.JOBS_MAX_DELIVERIES}); each time, the worker running it was lost "
+                "(killed, out of memory, or past the hard time limit). Not run again: replay the "
+                "dead letter once the cause is fixed."
+            )
         job_id = self.request_header(JOB_HEADER)
         if job_id is None:
             return

@@ -36,6 +36,8 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connec
 logger = logging.getLogger(__name__)
 
 DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+# How many times a message was delivered (1 the first time), kept by delivery/redis.py.
+DELIVERY_COUNT_HEADER = "x_delivery_count"
 # How many times one delivery was sent again because the database was away. Not an attempt:
 # it does not count against the task's retries nor the delivery limit.
 DEFERRED_HEADER = "x_deferred"

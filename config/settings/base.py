@@ -259,6 +259,10 @@ CELERY_IMPORTS = (
 
 # Attempts in all (first run + retries) before a task goes to the dead letters.
 JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_value=100)
+# A message delivered more often than this (its worker died each time: out of memory, a crash,
+# the hard time limit) fails for good with a dead letter instead of going round for ever.
+# Deferrals while the database is away and a task's own retries are not deliveries.
+JOBS_MAX_DELIVERIES = env.int("JOBS_MAX_DELIVERIES", default=5, min_value=1, max_value=1000)
 # Retry n waits uniform(0, min(max, base * 2**n)) seconds: exponential with full jitter.
 JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
 JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
