@@ -43,6 +43,12 @@ def _publish_connection() -> Connection:
         return _connection
 
 
+def queue_for(task_name: str) -> str:
+    """The queue a task's messages go to (CELERY_TASK_ROUTES)."""
+    route = app.amqp.router.route({}, task_name, (), {})
+    return str(route["queue"].name)
+
+
 def broker_priority(priority: int | None) -> int | None:
     """API priority (9 runs first) as the broker reads it: Redis takes lower numbers first."""
     if priority is None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic import ValidationError as PydanticValidationError
 
 from config.celery_app import app
+from jobs.publish import queue_for
 from tasks.base import JobTask
 
 MAX_DELAY_SECONDS = 30 * 24 * 3600
@@ -111,11 +112,6 @@ def task_for(job_type: str) -> JobTask:
             [FieldError("type", f"unknown job type {job_type!r}; one of: {', '.join(allowed_types())}")]
         )
     return task
-
-
-def queue_for(job_type: str) -> str:
-    route = app.amqp.router.route({}, job_type, (), {})
-    return str(route["queue"].name)
 
 
 def _field_errors(error: PydanticValidationError, prefix: str = "") -> list[FieldError]:

@@ -47,6 +47,32 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
     return bool(claimed)
 
 
+def record_and_claim(
+    task_name: str, task_id: str, queue: str, payload: dict[str, Any], attempt: int, redelivered: bool
+) -> str | None:
+    """The record of a task sent without one (plain apply_async, beat), made when it starts.
+
+    Returns the job's id, or None when the message must not run it (its record says it was
+    cancelled or is done: a duplicate message).
+    """
+    now = timezone.now()
+    job, created = Job.objects.get_or_create(
+        task_id=task_id,
+        defaults={
+            "type": task_name,
+            "queue": queue,
+            "payload": payload,
+            "status": Job.Status.RUNNING,
+            "attempts": attempt,
+            "started_at": now,
+            "published_at": now,
+        },
+    )
+    if created or claim(str(job.pk), task_id, attempt, redelivered):
+        return str(job.pk)
+    return None
+
+
 def _current(job_id: str, task_id: str) -> Any:
     # Never overwrite a cancel, nor a newer run's row.
     return Job.objects.filter(pk=job_id, task_id=task_id).exclude(status=Job.Status.CANCELLED)

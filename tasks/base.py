@@ -280,17 +280,26 @@ class JobTask(Task):
                 "(killed, out of memory, or past the hard time limit). Not run again: replay the "
                 "dead letter once the cause is fixed."
             )
-        job_id = self.request_header(JOB_HEADER)
-        if job_id is None:
-            return
         from jobs import tracking
 
+        job_id = self.request_header(JOB_HEADER)
         # A copy sent again during a database outage may find its row still running.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or any(
             self.request_header(name) for name in (reliability.DEFERRED_HEADER, RESENT_HEADER)
         )
+        attempt = (self.request.retries or 0) + 1
         try:
-            claimed = tracking.claim(str(job_id), task_id, (self.request.retries or 0) + 1, redelivered)
+            if job_id is None:
+                # Sent with plain apply_async (or by beat): the job's record is made now, and
+                # travels with its retries from here on.
+                queue = (self.request.delivery_info or {}).get("routing_key") or ""
+                arguments = self.bind_arguments(args or (), kwargs or {})
+                job_id = tracking.record_and_claim(self.name, task_id, queue, arguments, attempt, redelivered)
+                claimed = job_id is not None
+                if claimed:
+                    setattr(self.request, JOB_HEADER, job_id)
+            else:
+                claimed = tracking.claim(str(job_id), task_id, attempt, redelivered)
         except reliability.DATABASE_ERRORS as exc:
             self._defer_if_outage(exc)
             raise

@@ -26,6 +26,7 @@ Kind = Literal[
     "events",
     "event_batches",
     "scheduled_runs",
+    "jobs",
 ]
 
 

@@ -364,6 +364,8 @@ MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = env.int(
 MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = env.int(
     "MAINTENANCE_EMAIL_LOG_RETENTION_DAYS", default=90, min_value=0
 )
+# Jobs' records (every job, API or not) once final: succeeded, failed or cancelled.
+MAINTENANCE_JOB_RETENTION_DAYS = env.int("MAINTENANCE_JOB_RETENTION_DAYS", default=30, min_value=0)
 MAINTENANCE_SYNC_RUN_RETENTION_DAYS = env.int("MAINTENANCE_SYNC_RUN_RETENTION_DAYS", default=90, min_value=0)
 # Seconds one clean-up run may spend deleting before it stops between batches (the next
 # run goes on from there): it must finish well inside the task's soft time limit.

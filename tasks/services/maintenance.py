@@ -87,6 +87,7 @@ def retention_cutoffs(now: datetime | None = None) -> dict[str, datetime | None]
         "events": _older_than(settings.ANALYTICS_EVENT_RETENTION_DAYS, now),
         "event_batches": _older_than(settings.ANALYTICS_INGEST_KEY_RETENTION_DAYS, now),
         "scheduled_runs": _older_than(settings.SCHEDULES_HISTORY_DAYS, now),
+        "jobs": _older_than(settings.MAINTENANCE_JOB_RETENTION_DAYS, now),
     }
 
 
@@ -117,6 +118,11 @@ def expired(kind: str, cutoff: datetime) -> QuerySet[Any]:
         from scheduling.models import ScheduledRun
 
         return ScheduledRun.objects.filter(dispatched_at__lt=cutoff)
+    if kind == "jobs":
+        from jobs.models import Job
+
+        # Only finished jobs: a waiting or running one is work in progress, whatever its age.
+        return Job.objects.filter(finished_at__lt=cutoff, status__in=Job.FINAL)
     raise ValueError(f"unknown clean-up kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -129,6 +135,7 @@ KINDS = (
     "events",
     "event_batches",
     "scheduled_runs",
+    "jobs",
 )
 
 

@@ -6,11 +6,13 @@ from datetime import datetime, timedelta
 from typing import Any, get_args
 
 import pytest
+from celery.utils import uuid
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_results.models import GroupResult, TaskResult
 
+from jobs.models import Job
 from scheduling.models import ScheduledRun
 from tasks.base import InvalidArguments
 from tasks.maintenance import Kind, cleanup
@@ -140,6 +142,7 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
     settings.ANALYTICS_EVENT_RETENTION_DAYS = 365
     settings.ANALYTICS_INGEST_KEY_RETENTION_DAYS = 7
     settings.SCHEDULES_HISTORY_DAYS = 14
+    settings.MAINTENANCE_JOB_RETENTION_DAYS = 30
     return {
         "task_results": ([make_task_result(ago(days=8)) for _ in range(3)], [make_task_result(ago(days=6))]),
         "group_results": ([make_group_result(ago(days=7, minutes=1))], [make_group_result(ago(days=6))]),
@@ -160,7 +163,22 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
         "events": ([make_event(ago(days=366, seconds=i)) for i in range(5)], [make_event(ago(days=364))]),
         "event_batches": ([make_event_batch(ago(days=8))], [make_event_batch(ago(days=6))]),
         "scheduled_runs": ([make_scheduled_run(ago(days=15))], [make_scheduled_run(ago(days=13))]),
+        "jobs": (
+            [make_job(ago(days=31), status) for status in ("succeeded", "failed", "cancelled")],
+            # Recent, or old but not finished (work in progress whatever its age).
+            [
+                make_job(ago(days=29), "succeeded"),
+                make_job(ago(days=60), "running"),
+                make_job(None, "queued"),
+            ],
+        ),
     }
+
+
+def make_job(finished: datetime | None, status: str) -> Job:
+    return Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid(), status=status, finished_at=finished
+    )
 
 
 def make_scheduled_run(when: datetime) -> ScheduledRun:

@@ -51,6 +51,7 @@ def test_cleanup_runs_on_the_default_queue_and_deletes_old_rows_in_batches(
         "events": 5,
         "event_batches": 0,
         "scheduled_runs": 0,
+        "jobs": 0,
     }
     assert outcome["batches"]["events"] == 3 and outcome["batches"]["dead_letters"] == 2
     assert list(Event.objects.values_list("name", flat=True)) == ["new"]

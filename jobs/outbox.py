@@ -1,0 +1,97 @@
+"""`enqueue()`: a job recorded in the caller's transaction and sent when it commits.
+
+For application code that must not lose a job (a transactional outbox, as pg-boss and
+Procrastinate give by keeping the queue in PostgreSQL):
+
+    from jobs.outbox import enqueue
+
+    with transaction.atomic():
+        order = Order.objects.create(...)
+        enqueue("email.send", to=order.email, template="order_confirmation", context={...})
+
+The job's row is written in the same transaction as the caller's own rows: if the
+transaction rolls back there is no job, and if it commits there is one. Its message is
+published when the transaction commits; if the broker does not take it then (or the process
+dies first), the row stays unpublished and `default.release_jobs` publishes it within a
+minute, with the same task id (a second message cannot run it twice: jobs.tracking.claim).
+Arguments are checked against the task's schema before anything is written.
+
+`task.apply_async(...)` stays the way to send when the broker's own durability is enough:
+such a task gets its record when a worker claims it (tasks.base.JobTask.before_start).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from celery.utils import uuid
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from config.celery_app import app
+from jobs.models import Job
+from jobs.publish import BrokerUnavailable, publish, queue_for
+from tasks.base import InvalidArguments, JobTask
+
+logger = logging.getLogger(__name__)
+
+
+def enqueue(
+    task: JobTask | str,
+    /,
+    *,
+    priority: int | None = None,
+    delay_seconds: float = 0,
+    using: str | None = None,
+    **kwargs: Any,
+) -> Job:
+    """Records a job of `task` with keyword arguments `kwargs`; sends it when the transaction commits.
+
+    `priority` 0-9 (9 first), `delay_seconds` to run it later. Raises InvalidArguments when the
+    arguments do not match the task's schema or are not JSON.
+    """
+    if isinstance(task, str):
+        found = app.tasks.get(task)
+        if not isinstance(found, JobTask):
+            raise InvalidArguments(f"{task!r} is not a task of this project")
+        task = found
+    task.validate_arguments((), kwargs)
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArguments(f"{task.name}: arguments must be JSON values ({exc})") from None
+    if priority is not None and not 0 <= priority <= 9:
+        raise InvalidArguments(f"{task.name}: priority must be 0-9, not {priority}")
+    now = timezone.now()
+    run_at = now + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
+    job = Job.objects.using(using).create(
+        type=task.name,
+        queue=queue_for(task.name),
+        payload=kwargs,
+        priority=priority,
+        status=Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,
+        task_id=uuid(),
+        run_at=run_at,
+    )
+    held = run_at is not None and delay_seconds > settings.JOBS_BROKER_MAX_DELAY_SECONDS
+    if not held:  # a long delay waits in the database; default.release_jobs sends it when due
+        transaction.on_commit(partial(_send, job), using=using, robust=True)
+    return job
+
+
+def _send(job: Job) -> None:
+    try:
+        publish([job])
+    except BrokerUnavailable:
+        logger.warning(
+            "job %s (%s) is recorded; the broker did not take it now, default.release_jobs sends it",
+            job.pk,
+            job.type,
+        )
+        return
+    Job.objects.filter(pk=job.pk, published_at__isnull=True).update(published_at=timezone.now())
