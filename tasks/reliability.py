@@ -158,9 +158,10 @@ class DatabaseGate(bootsteps.StartStopStep):
         super().__init__(consumer, **kwargs)
 
     def start(self, consumer: Any) -> None:
-        # The first probe is made here, before the event loop takes anything.
+        # The first probe is made here, before the event loop takes anything. The consumer also
+        # restarts here after a broker reconnection: a gate closed before stays closed (its queues
+        # are deselected, so the new consumer takes nothing) and opens them when the database answers.
         gate._reachable = database_reachable(timeout=settings.JOBS_DATABASE_PROBE_TIMEOUT_SECONDS)
-        gate.closed_since = None
         gate.apply(consumer)
         if self._thread is None:
             self._thread = threading.Thread(

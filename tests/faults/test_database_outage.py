@@ -130,3 +130,39 @@ def test_beat_outlives_a_database_outage_and_sends_again_once_it_is_back(tmp_pat
     log = beat.log.read_text()
     assert log.count("the database is unreachable") == 1, log[-3000:]
     assert "the database answers again" in log
+
+
+def test_a_worker_that_reconnects_to_the_broker_during_an_outage_consumes_again_after_it(
+    celery_app, worker_process, tmp_path: Path
+) -> None:
+    """The consumer restarts after a broker reconnection; the gate must still reopen its queues."""
+    from localdev.embedded_broker import EmbeddedBroker, free_port
+    from tests import probes
+
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker", persist=False)
+    broker.start()
+    try:
+        worker = worker_process(
+            "reconnects", "-Q", "default", "-I", "tests.probes", "--concurrency=1", broker_url=broker.url
+        )
+        with database_unreachable():
+            wait_for(lambda: "database unreachable" in worker.log.read_text(), timeout=30, what="gate closed")
+            with celery_app.connection_for_write(broker.url) as connection:
+                connection.default_channel.client.execute_command("CLIENT", "KILL", "TYPE", "normal")
+            wait_for(
+                lambda: "Connection to broker lost" in worker.log.read_text(), timeout=30, what="reconnect"
+            )
+            time.sleep(3)
+        directory = tmp_path / "effects"
+        directory.mkdir()
+        with celery_app.connection_for_write(broker.url) as connection:
+            result = probes.probe_effect.apply_async(
+                kwargs={"directory": str(directory), "key": "after"}, connection=connection
+            )
+        wait_for(
+            lambda: Job.objects.filter(task_id=result.id, status=Job.Status.SUCCEEDED).exists(),
+            timeout=60,
+            what="a job taken after the outage",
+        )
+    finally:
+        broker.stop()
