@@ -17,8 +17,8 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # not found by autodiscovery); any Django app's own tasks.py still is.
 app.autodiscover_tasks()
 # Workers consume only while the database that records every job answers (by name: the
-# step lives with the tasks, and is loaded only when a worker builds its consumer).
-app.steps["consumer"].add("tasks.reliability:DatabaseGate")
+# step is loaded only when a worker builds its consumer).
+app.steps["consumer"].add("jobs.gate:DatabaseGate")
 
 
 @setup_logging.connect

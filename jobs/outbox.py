@@ -14,7 +14,8 @@ transaction rolls back there is no job, and if it commits there is one. Its mess
 published when the transaction commits; if the broker does not take it then (or the process
 dies first), the row stays unpublished and `default.release_jobs` publishes it within a
 minute, with the same task id (a second message cannot run it twice: jobs.tracking.claim).
-Arguments are checked against the task's schema before anything is written.
+Arguments are checked against the task's schema before anything is written: bad ones raise
+InvalidJob (a ValueError) naming the field.
 
 `task.apply_async(...)` stays the way to send when the broker's own durability is enough:
 such a task gets its record when a worker claims it (tasks.base.JobTask.before_start).
@@ -36,13 +37,16 @@ from django.utils import timezone
 from config.celery_app import app
 from jobs.models import Job
 from jobs.publish import BrokerUnavailable, publish, queue_for
-from tasks.base import InvalidArguments, JobTask
 
 logger = logging.getLogger(__name__)
 
 
+class InvalidJob(ValueError):
+    """The job cannot be recorded as asked: unknown task, arguments that do not fit, bad options."""
+
+
 def enqueue(
-    task: JobTask | str,
+    task: Any,
     /,
     *,
     priority: int | None = None,
@@ -52,26 +56,31 @@ def enqueue(
 ) -> Job:
     """Records a job of `task` with keyword arguments `kwargs`; sends it when the transaction commits.
 
-    `priority` 0-9 (9 first), `delay_seconds` to run it later. Raises InvalidArguments when the
-    arguments do not match the task's schema or are not JSON.
+    `task` is a task of this project (a JobTask) or its name; `priority` 0-9 (9 first),
+    `delay_seconds` to run it later. Raises InvalidJob when the task is unknown, the arguments
+    do not match its schema or are not JSON, or an option is out of range.
     """
-    if isinstance(task, str):
-        found = app.tasks.get(task)
-        if not isinstance(found, JobTask):
-            raise InvalidArguments(f"{task!r} is not a task of this project")
-        task = found
-    task.validate_arguments((), kwargs)
+    name = task if isinstance(task, str) else getattr(task, "name", repr(task))
+    task = app.tasks.get(name)
+    # Every JobTask checks its arguments against its schema (tasks.base); other tasks cannot.
+    validate = getattr(task, "validate_arguments", None)
+    if validate is None:
+        raise InvalidJob(f"{name!r} is not a task of this project")
+    try:
+        validate((), kwargs)
+    except Exception as exc:  # InvalidArguments, with the field and what is wrong with it
+        raise InvalidJob(str(exc)) from None
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError) as exc:
-        raise InvalidArguments(f"{task.name}: arguments must be JSON values ({exc})") from None
+        raise InvalidJob(f"{name}: arguments must be JSON values ({exc})") from None
     if priority is not None and not 0 <= priority <= 9:
-        raise InvalidArguments(f"{task.name}: priority must be 0-9, not {priority}")
+        raise InvalidJob(f"{name}: priority must be 0-9, not {priority}")
     now = timezone.now()
     run_at = now + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
     job = Job.objects.using(using).create(
-        type=task.name,
-        queue=queue_for(task.name),
+        type=name,
+        queue=queue_for(name),
         payload=kwargs,
         priority=priority,
         status=Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,

@@ -14,14 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from kombu import Connection
+from kombu.exceptions import LimitExceeded
 from kombu.pools import producers
 
 from config.celery_app import app
-from tasks.base import JOB_HEADER, PermanentJobError
+from jobs.protocol import BROKER_ERRORS, JOB_HEADER
 
 if TYPE_CHECKING:
     from jobs.models import Job
 
+
+# The broker down or frozen, or every pooled connection busy: the job was not taken.
+_UNAVAILABLE: tuple[type[Exception], ...] = (*BROKER_ERRORS, LimitExceeded)
 
 _lock = threading.Lock()
 _connection: Connection | None = None
@@ -93,7 +97,5 @@ def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
                     retry_policy=retry_policy,
                     **message_options(job, headers),
                 )
-    except (BrokerUnavailable, PermanentJobError):  # arguments were checked before: not expected
-        raise
-    except Exception as exc:
+    except _UNAVAILABLE as exc:  # down, frozen, or every connection busy
         raise BrokerUnavailable(f"the broker did not take the job(s): {type(exc).__name__}") from exc

@@ -31,8 +31,8 @@ from django.utils import timezone
 
 from config.celery_app import app
 from jobs.models import Job
+from jobs.protocol import RESENT_HEADER
 from jobs.publish import publish
-from tasks.base import RESENT_HEADER
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_ready
 from celery.worker.control import control_command
 
-from tasks.reliability import gate
+from jobs.gate import gate
 
 logger = logging.getLogger(__name__)
 

@@ -29,33 +29,31 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from jobs.protocol import (
+    DEFERRED_HEADER,
+    DELIVERY_COUNT_HEADER,
+    FIRST_FAILURE_HEADER,
+    JOB_HEADER,
+    REPLAY_HEADER,
+    RESENT_HEADER,
+)
 from tasks import reliability
+from tasks.errors import DeliveryLimitExceeded, InvalidArguments, PermanentJobError, TransientJobError
+
+# Re-exported: task modules and the faces import them from here.
+__all__ = [
+    "FIRST_FAILURE_HEADER",
+    "JOB_HEADER",
+    "REPLAY_HEADER",
+    "RESENT_HEADER",
+    "DeliveryLimitExceeded",
+    "InvalidArguments",
+    "JobTask",
+    "PermanentJobError",
+    "TransientJobError",
+]
 
 logger = logging.getLogger(__name__)
-
-# Message headers this module adds; they travel with retries and replays.
-FIRST_FAILURE_HEADER = "x_first_failure_at"
-REPLAY_HEADER = "x_dead_letter_id"
-# Set on messages sent by the REST API (jobs.publish): the task keeps the job's row up to date.
-JOB_HEADER = "x_job_id"
-# Set by jobs.reconcile on a job's message it sends again because the broker lost the first.
-RESENT_HEADER = "x_resent"
-
-
-class PermanentJobError(Exception):
-    """The task cannot succeed by trying again: fail now, no retry."""
-
-
-class InvalidArguments(PermanentJobError):
-    """The arguments do not match the task's schema."""
-
-
-class DeliveryLimitExceeded(PermanentJobError):
-    """The message was delivered more than JOBS_MAX_DELIVERIES times: each time its worker died."""
-
-
-class TransientJobError(Exception):
-    """Something outside the task failed and may work later: retry with backoff."""
 
 
 def mask_email(address: str) -> str:
@@ -202,7 +200,7 @@ class JobTask(Task):
         headers = self.carried_headers()
         headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
         # A retry is a new message: its deliveries are counted afresh.
-        headers.pop(reliability.DELIVERY_COUNT_HEADER, None)
+        headers.pop(DELIVERY_COUNT_HEADER, None)
         options["headers"] = {**headers, **options.get("headers", {})}
         return super().retry(
             args,
@@ -224,7 +222,7 @@ class JobTask(Task):
         Kept by the Redis transport (delivery/redis.py, `x_delivery_count`) and by RabbitMQ's
         quorum queues (`x-delivery-count`, the redeliveries before this one).
         """
-        counted = self.request_header(reliability.DELIVERY_COUNT_HEADER)
+        counted = self.request_header(DELIVERY_COUNT_HEADER)
         if counted is not None:
             return max(1, int(counted))
         redeliveries = self.request_header("x-delivery-count")
@@ -237,7 +235,7 @@ class JobTask(Task):
             FIRST_FAILURE_HEADER,
             REPLAY_HEADER,
             JOB_HEADER,
-            reliability.DEFERRED_HEADER,
+            DEFERRED_HEADER,
             RESENT_HEADER,
         ):
             value = getattr(self.request, name, None) or headers.get(name)
@@ -285,7 +283,7 @@ class JobTask(Task):
         job_id = self.request_header(JOB_HEADER)
         # A copy sent again during a database outage may find its row still running.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or any(
-            self.request_header(name) for name in (reliability.DEFERRED_HEADER, RESENT_HEADER)
+            self.request_header(name) for name in (DEFERRED_HEADER, RESENT_HEADER)
         )
         attempt = (self.request.retries or 0) + 1
         try:

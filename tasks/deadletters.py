@@ -5,21 +5,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from celery.utils import uuid
 from django.db.models import F, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks.base import FIRST_FAILURE_HEADER, REPLAY_HEADER, PermanentJobError
+from jobs.protocol import FIRST_FAILURE_HEADER, REPLAY_HEADER
+from tasks.errors import PermanentJobError
 from tasks.models import DeadLetter
 from tasks.services.maintenance import delete_in_batches
 
-if TYPE_CHECKING:
-    from tasks.base import JobTask
-
 logger = logging.getLogger(__name__)
+
+
+class JobTask(Protocol):
+    """What a dead letter needs of the task that failed (tasks.base.JobTask, which calls us)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def request(self) -> Any: ...
+
+    def request_header(self, name: str) -> Any: ...
 
 
 def _first_failure(task: JobTask, now: datetime) -> datetime:

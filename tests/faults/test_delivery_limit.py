@@ -49,7 +49,7 @@ def test_a_message_delivered_too_often_fails_for_good_with_a_dead_letter_and_the
     assert poison.error_type == "DeliveryLimitExceeded"
     assert f"delivered {settings.JOBS_MAX_DELIVERIES + 1} times" in poison.error_message
     letter = DeadLetter.objects.get(task_id=poison.task_id)
-    assert letter.exception_type == "tasks.base.DeliveryLimitExceeded"
+    assert letter.exception_type == "tasks.errors.DeliveryLimitExceeded"
     assert letter.kwargs["key"] == "poison"  # kept for a replay once the cause is fixed
     executed = (tmp_path / "effects" / "executions.log").read_text().split()
     assert "poison" not in executed and "last" in executed

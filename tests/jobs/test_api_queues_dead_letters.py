@@ -33,7 +33,7 @@ def letter(task_name: str = "default.ping", *, minutes_ago: float = 1, **fields:
         "task_id": f"task-{DeadLetter.objects.count()}-{failed_at.timestamp()}",
         "task_name": task_name,
         "queue": task_name.split(".")[0],
-        "exception_type": "tasks.base.PermanentJobError",
+        "exception_type": "tasks.errors.PermanentJobError",
         "exception_message": "it broke",
         "traceback": 'Traceback (most recent call last):\n  File "x.py", line 1\nPermanentJobError: it broke',
         "attempts": 1,
@@ -207,7 +207,7 @@ def test_it_lists_dead_letters_newest_failure_first(api_client: ApiClient) -> No
     assert (item["task_name"], item["queue"], item["exception_type"]) == (
         "email.send",
         "email",
-        "tasks.base.PermanentJobError",
+        "tasks.errors.PermanentJobError",
     )
     assert "kwargs" not in item and "traceback" not in item
 

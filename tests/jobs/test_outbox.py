@@ -14,9 +14,8 @@ from django.db import transaction
 
 from jobs import services
 from jobs.models import Job
-from jobs.outbox import enqueue
+from jobs.outbox import InvalidJob, enqueue
 from localdev.embedded_broker import free_port
-from tasks.base import InvalidArguments
 from tests import probes
 from tests.waiting import wait_for
 
@@ -78,11 +77,11 @@ def test_a_job_the_broker_refused_at_commit_is_sent_by_the_release_task(
 
 
 def test_arguments_are_checked_before_anything_is_written() -> None:
-    with pytest.raises(InvalidArguments, match="key"):
+    with pytest.raises(InvalidJob, match="key"):
         enqueue("default.probe_effect", directory="/tmp", key="not a valid key!")
-    with pytest.raises(InvalidArguments, match="not a task of this project"):
+    with pytest.raises(InvalidJob, match="not a task of this project"):
         enqueue("default.nothing_of_the_sort")
-    with pytest.raises(InvalidArguments, match="priority"):
+    with pytest.raises(InvalidJob, match="priority"):
         enqueue("default.probe_effect", priority=10, **effect(Path("/tmp"), "k"))
     assert not Job.objects.exists()
 

@@ -65,7 +65,7 @@ def test_a_hostile_file_goes_to_the_dead_letters_at_once(
         result.get(timeout=30)
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
     assert (letter.task_name, letter.queue, letter.attempts) == ("images.process", "images", 1)
-    assert letter.exception_type == "tasks.base.PermanentJobError"
+    assert letter.exception_type == "tasks.errors.PermanentJobError"
     assert letter.kwargs == {
         "asset_id": asset.pk,
         "operations": [{"op": "thumbnail", "width": 64, "height": 64}],

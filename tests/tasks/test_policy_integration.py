@@ -30,7 +30,7 @@ def test_a_task_that_runs_out_of_attempts_becomes_a_dead_letter(celery_worker: o
     assert letter.queue == "default"
     assert letter.kwargs == {"fail_times": 5}
     assert letter.attempts == 3
-    assert letter.exception_type == "tasks.base.TransientJobError"
+    assert letter.exception_type == "tasks.errors.TransientJobError"
     assert "raise TransientJobError" in letter.traceback
     assert letter.first_failed_at < letter.last_failed_at
 

@@ -1,0 +1,34 @@
+"""The words a job's message and its record share: header names, and what a broker raises.
+
+The lowest layer of the project (with config): the record (jobs.models, tracking, publish,
+outbox, reconcile, gate), the task policy (tasks.base) and the faces all use these names, and
+this module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
+
+# The job's row (jobs.models.Job) a message is for; every JobTask message carries it once claimed.
+JOB_HEADER = "x_job_id"
+# When the first attempt of a task failed; travels with its retries and replays.
+FIRST_FAILURE_HEADER = "x_first_failure_at"
+# The dead letter a message replays.
+REPLAY_HEADER = "x_dead_letter_id"
+# Set by jobs.reconcile on a job's message it sends again because the broker lost the first.
+RESENT_HEADER = "x_resent"
+# How many times one delivery was sent again because the database was away (tasks.reliability).
+# Not an attempt: it counts against neither the task's retries nor the delivery limit.
+DEFERRED_HEADER = "x_deferred"
+# How many times a message was delivered, 1 the first time (kept by delivery/redis.py).
+DELIVERY_COUNT_HEADER = "x_delivery_count"
+
+# What sending to a broker that is down or frozen raises (after the publish retry policy and the
+# socket timeouts in settings): kombu's OperationalError, redis-py's errors, socket errors.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    KombuOperationalError,
+    RedisError,
+    ConnectionError,
+    TimeoutError,
+)
