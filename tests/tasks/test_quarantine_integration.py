@@ -71,11 +71,12 @@ def test_poison_messages_are_quarantined_counted_and_acked_and_the_worker_goes_o
 
     # The worker is still there and takes the next message.
     assert probe_flaky.delay(fail_times=0).get(timeout=30) == {"attempts": 1}
-    rows = wait_for(
-        lambda: len(rows := list(QuarantinedMessage.objects.order_by("id"))) >= len(poison) and rows,
+    wait_for(
+        lambda: QuarantinedMessage.objects.count() >= len(poison),
         timeout=30,
         what="every poison message in the quarantine",
     )
+    rows = list(QuarantinedMessage.objects.order_by("id"))
     assert [row.kind for row in rows] == [kind for kind, *_ in poison], [(r.kind, r.reason) for r in rows]
     assert {row.queue for row in rows} == {"default"}
     by_id = {row.task_id: row for row in rows}
@@ -88,7 +89,8 @@ def test_poison_messages_are_quarantined_counted_and_acked_and_the_worker_goes_o
 
     # Nothing is left in the queue or waiting to be redelivered: every bad message was acked.
     with celery_app.connection_for_write() as connection:
-        client = connection.default_channel.client
+        channel: Any = connection.default_channel  # kombu's Redis channel
+        client = channel.client
         assert client.llen("default") == 0
         assert client.zcard("unacked_index") == 0 and client.hlen("unacked") == 0
 
