@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -40,6 +40,7 @@ RAW_MAX_ENTRIES = 10_000
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADERS_CHARS = 8 * 1024
 DRAIN_BATCH = 100
+BASE64_MARK = " [body in base64]"  # on a reason pushed by push_raw whose body is base64 text
 
 # Sent once per quarantined message: sender=QuarantinedMessage, queue, kind, task (or ""), size, source.
 message_quarantined = Signal()
@@ -92,8 +93,8 @@ def build(
 ) -> QuarantinedMessage:
     """An unsaved row for one message; `size` overrides the body's length (a body cut upstream)."""
     fields = _body_fields(body)
-    if size is not None and size > fields["size"]:
-        fields.update(size=size, truncated=True)
+    if size is not None:  # the size of the message as received, before anyone cut its body
+        fields.update(size=size, truncated=fields["truncated"] or size > fields["size"])
     safe_headers = headers if isinstance(headers, Mapping) else {}
     return QuarantinedMessage(
         quarantined_at=at or timezone.now(),
@@ -134,7 +135,9 @@ def record_message(row: QuarantinedMessage, *, redis_client: Any = None) -> str:
         row.get_kind_display(),
     )
     try:
-        close_old_connections()  # the consumer is not a request: drop a connection the database closed
+        if not connection.in_atomic_block:
+            # The consumer is not a request: drop a connection the database closed meanwhile.
+            close_old_connections()
         row.save(force_insert=True)
         where = "database"
     except Exception as exc:
@@ -179,7 +182,7 @@ def push_raw(row: QuarantinedMessage, client: Any = None) -> None:
     client = client or redis_client()
     if client is None:
         raise RuntimeError("the broker is not Redis: there is no quarantine list")
-    reason = row.reason if row.body_encoding == "utf-8" else f"{row.reason} [body in base64]"
+    reason = row.reason if row.body_encoding == "utf-8" else f"{row.reason}{BASE64_MARK}"
     entry = {
         "queue": row.queue,
         "reason": f"{row.kind}: {reason}",
@@ -217,14 +220,18 @@ def row_from_entry(raw: bytes | str) -> QuarantinedMessage:
         )
         size = entry.get("size")
         body = entry.get("body")
-        return build(
+        in_base64 = reason.endswith(BASE64_MARK)
+        row = build(
             queue=str(entry.get("queue") or ""),
             kind=kind,
-            reason=reason,
+            reason=reason.removesuffix(BASE64_MARK),
             body=body if isinstance(body, str) else json.dumps(body),
             at=at,
             size=size if isinstance(size, int) and size >= 0 else None,
         )
+        if in_base64:
+            row.body_encoding = QuarantinedMessage.BodyEncoding.BASE64
+        return row
     except (ValueError, TypeError, OverflowError, OSError):
         return build(
             queue="",
@@ -257,7 +264,6 @@ def drain_transport_quarantine(
             break
         rows = [row_from_entry(item) for item in popped]
         try:
-            close_old_connections()
             QuarantinedMessage.objects.bulk_create(rows)
         except Exception:
             client.rpush(RAW_KEY, *reversed(popped))
