@@ -31,10 +31,11 @@ HANG = 60  # seconds: anything longer is a hang, whatever the machine's load
 
 def reset_broker_connections() -> None:
     """Drops every pooled broker connection of this process, so the next use opens a new one."""
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    app.amqp._producer_pool = None
+    celery: Any = app  # Celery keeps its pools in private attributes; the stubs do not list them
+    if celery._pool is not None:
+        celery._pool.force_close_all()
+        celery._pool = None
+    celery.amqp._producer_pool = None
     if publish._connection is not None:
         publish._connection.release()
         publish._connection = None
