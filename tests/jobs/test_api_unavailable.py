@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from celery.utils import uuid
 from django.utils import timezone
+from kombu import pools
 
 from config.celery_app import app
 from jobs import publish, ratelimit
@@ -32,10 +33,9 @@ HANG = 60  # seconds: anything longer is a hang, whatever the machine's load
 def reset_broker_connections() -> None:
     """Drops every pooled broker connection of this process, so the next use opens a new one."""
     celery: Any = app  # Celery keeps its pools in private attributes; the stubs do not list them
-    if celery._pool is not None:
-        celery._pool.force_close_all()
-        celery._pool = None
+    celery._pool = None
     celery.amqp._producer_pool = None
+    pools.reset()  # kombu's registry of pools, by connection: closed, and forgotten
     if publish._connection is not None:
         publish._connection.release()
         publish._connection = None
