@@ -24,6 +24,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 from celery.exceptions import NotRegistered
+from celery.utils.collections import AttributeDict
 from kombu.exceptions import ContentDisallowed
 
 from tasks import quarantine
@@ -174,8 +175,6 @@ class PoisonMessages(bootsteps.Step):
                     "reply_to": (getattr(message, "properties", None) or {}).get("reply_to"),
                     "errbacks": None,
                 }
-                from celery.utils.collections import AttributeDict
-
                 c.app.backend.mark_as_failure(task_id, NotRegistered(name), request=AttributeDict(request))
                 if c.event_dispatcher:
                     c.event_dispatcher.send("task-failed", uuid=task_id, exception=f"NotRegistered({name!r})")

@@ -42,10 +42,12 @@ def task_headers(name: str, task_id: str, **more: Any) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("clean_metrics")
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
 def test_poison_messages_are_quarantined_counted_and_acked_and_the_worker_goes_on(
-    celery_app: Celery, empty_queues: None, worker_process, tmp_path: Path
+    celery_app: Celery, empty_queues: None, worker_process, tmp_path: Path, pool: str
 ) -> None:
-    worker = worker_process("poison", "-Q", "default", "-I", "tests.probes", "--pool=solo")
+    # prefork as the Procfile runs it: the consumer (main process) writes the rows, children run tasks.
+    worker = worker_process("poison", "-Q", "default", "-I", "tests.probes", f"--pool={pool}", "-c", "1")
     good_body = '[[], {"fail_times": 0}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
     flaky = "default.probe_flaky"
     pickled = pickle.dumps(((), {"fail_times": 0, "note": SECRET}, {}))
