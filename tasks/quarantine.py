@@ -51,7 +51,8 @@ Kind = QuarantinedMessage.Kind
 def _body_fields(body: bytes | str | None) -> dict[str, Any]:
     """The first MAX_BODY_BYTES of `body` as text (base64 when it is not UTF-8), its size, and
     whether it was cut."""
-    raw = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else bytes(body or b"")
+    # A lone surrogate (JSON allows "\ud800") is kept as the bytes it would be: not UTF-8, so base64.
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body or b"")
     kept = raw[:MAX_BODY_BYTES]
     try:
         # Incremental: a character split by the cap is dropped, not taken for binary.

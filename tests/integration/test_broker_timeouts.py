@@ -28,7 +28,7 @@ from localdev.embedded_broker import EmbeddedBroker, free_port
 from scheduling.beat import Scheduler
 from scheduling.models import ScheduledRun
 from tasks.default import ping
-from tasks.models import DeadLetter
+from tasks.models import DataSource, DeadLetter
 from tests.jobs.test_api_unavailable import reset_broker_connections
 from tests.scheduling.beatdriver import Clock, add_interval
 
@@ -154,13 +154,14 @@ def test_admin_actions_show_an_error_within_seconds_when_the_broker_freezes(send
         last_failed_at=now,
     )
     periodic = add_interval("hourly ping", 3600)
+    source = DataSource.objects.create(name="crm", url="https://crm.example.com/api/people")
     send_to.freeze()
 
-    for what, url, pk in (
-        ("admin: replay dead letter", "/admin/tasks/deadletter/", letter.pk),
-        ("admin: run schedule now", "/admin/django_celery_beat/periodictask/", periodic.pk),
+    for what, url, action, pk in (
+        ("admin: replay dead letter", "/admin/tasks/deadletter/", "replay_selected", letter.pk),
+        ("admin: run schedule now", "/admin/django_celery_beat/periodictask/", "run_now", periodic.pk),
+        ("admin: sync now", "/admin/tasks/datasource/", "sync_now", source.pk),
     ):
-        action = "replay_selected" if "deadletter" in url else "run_now"
         started = time.monotonic()
         response = client.post(url, {"action": action, "_selected_action": [pk]}, follow=True)
         elapsed = time.monotonic() - started

@@ -69,6 +69,9 @@ def test_a_body_that_is_not_text_is_kept_in_base64() -> None:
     nul = quarantine.build(queue="default", kind="undecodable", reason="nul", body=b"a\x00b")
     assert nul.body_encoding == "base64"
     nul.save()
+    surrogate = quarantine.build(queue="default", kind="transport", reason="lone surrogate", body="a\ud800")
+    assert surrogate.body_encoding == "base64" and surrogate.size == 4
+    surrogate.save()
 
 
 # --- draining the transport's list ------------------------------------------------
