@@ -18,6 +18,7 @@ Registered in TasksConfig.ready (every process; only workers build a consumer).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,13 @@ Kind = quarantine.Kind
 def _queue_of(message: Any) -> str:
     info = getattr(message, "delivery_info", None) or {}
     return str(info.get("routing_key") or info.get("exchange") or "")
+
+
+def _raw_text(payload: Any) -> str:
+    try:
+        return json.dumps(payload, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(payload)
 
 
 def _headers_of(message: Any) -> dict[str, Any]:
@@ -105,11 +113,14 @@ class PoisonMessages(bootsteps.Step):
 
     def quarantine(self, message: Any, kind: str, reason: str) -> None:
         try:
+            # kombu hands on_decode_error the raw payload (a dict) when it could not even make a
+            # Message of it: keep that whole.
+            body = getattr(message, "body", None) if hasattr(message, "ack") else _raw_text(message)
             row = quarantine.build(
                 queue=_queue_of(message),
                 kind=kind,
                 reason=reason,
-                body=getattr(message, "body", None),
+                body=body,
                 headers=getattr(message, "headers", None),
                 content_type=getattr(message, "content_type", None),
                 content_encoding=getattr(message, "content_encoding", None),
@@ -123,7 +134,7 @@ class PoisonMessages(bootsteps.Step):
             self.ack(message)
 
     def ack(self, message: Any) -> None:
-        if not getattr(message, "acknowledged", False):
+        if hasattr(message, "ack_log_error") and not getattr(message, "acknowledged", False):
             message.ack_log_error(logger, self.consumer.connection_errors)
 
     def guard(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:

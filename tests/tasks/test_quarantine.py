@@ -234,3 +234,27 @@ def test_the_drain_takes_little_time_per_entry(raw_list: redis.Redis) -> None:
     started = time.monotonic()
     assert quarantine.drain_transport_quarantine(raw_list) == 1000
     print(f"drained 1000 entries in {time.monotonic() - started:.2f} s")
+
+
+def test_a_payload_kombu_could_not_make_a_message_of_is_kept_whole() -> None:
+    """kombu calls on_decode_error with the raw payload (a dict, no ack) when even that failed."""
+    from tasks.poison import PoisonMessages
+
+    class Consumer:
+        """Celery's consumer, as far as on_decode_error touches it: no broker involved."""
+
+        connection_errors = ()
+
+        def create_task_handler(self) -> None:
+            return None
+
+    consumer: Any = Consumer()
+    step = PoisonMessages(consumer)
+    payload = {"body": "not base64!", "properties": {"body_encoding": "base64"}}
+
+    consumer.on_decode_error(payload, ValueError("Incorrect padding"))
+
+    row = QuarantinedMessage.objects.get()
+    assert row.kind == "undecodable" and "Incorrect padding" in row.reason
+    assert json.loads(row.body) == payload
+    assert step.consumer is consumer
