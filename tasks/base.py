@@ -30,6 +30,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from jobs.protocol import (
+    BROKER_ERRORS,
     DEFERRED_HEADER,
     DELIVERY_COUNT_HEADER,
     FIRST_FAILURE_HEADER,
@@ -42,6 +43,7 @@ from tasks.errors import DeliveryLimitExceeded, InvalidArguments, PermanentJobEr
 
 # Re-exported: task modules and the faces import them from here.
 __all__ = [
+    "BROKER_ERRORS",
     "FIRST_FAILURE_HEADER",
     "JOB_HEADER",
     "REPLAY_HEADER",

@@ -201,11 +201,29 @@ CELERY_TASK_TIME_LIMIT = env.int(
 CELERY_BROKER_VISIBILITY_TIMEOUT = env.int(
     "CELERY_BROKER_VISIBILITY_TIMEOUT", default=2 * 3600, min_value=CELERY_TASK_TIME_LIMIT + 1
 )
+# Seconds any broker command (a publish from the web, beat, the admin or a worker, an ack)
+# may wait for the broker's answer, and to open a connection: a frozen or unreachable broker
+# gives the caller an error instead of a hang. Workers' blocking BRPOP is not affected (kombu
+# reads it from its event loop when the socket is readable; the server answers it every second).
+CELERY_BROKER_SOCKET_TIMEOUT = env.float(
+    "CELERY_BROKER_SOCKET_TIMEOUT", default=3.0, min_value=0.5, max_value=60
+)
+CELERY_BROKER_CONNECTION_TIMEOUT = CELERY_BROKER_SOCKET_TIMEOUT
+# A publish that fails is tried once more (a pooled connection the broker closed in a restart
+# is replaced), then the caller gets the error: at most about two socket timeouts in all.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
     # Detect half-open connections (NAT, load balancers) instead of hanging.
     "health_check_interval": 25,
     "socket_keepalive": True,
+    "socket_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
+    "socket_connect_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
     # Redis: one list per priority 0-9, so an API job's priority is honoured step by step
     # (messages sent without one go to the first list, as before).
     "priority_steps": list(range(10)),
@@ -360,6 +378,10 @@ MAINTENANCE_BATCH_SIZE = env.int("MAINTENANCE_BATCH_SIZE", default=1000, min_val
 # results follow CELERY_RESULT_EXPIRES. Email logs: only rows in a final state (sent, failed, unknown).
 MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = env.int(
     "MAINTENANCE_DEAD_LETTER_RETENTION_DAYS", default=30, min_value=0
+)
+# Quarantined messages (broker messages no worker could run), by the time they were quarantined.
+MAINTENANCE_QUARANTINE_RETENTION_DAYS = env.int(
+    "MAINTENANCE_QUARANTINE_RETENTION_DAYS", default=30, min_value=0
 )
 MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = env.int(
     "MAINTENANCE_EMAIL_LOG_RETENTION_DAYS", default=90, min_value=0

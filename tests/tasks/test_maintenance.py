@@ -16,7 +16,7 @@ from jobs.models import Job
 from scheduling.models import ScheduledRun
 from tasks.base import InvalidArguments
 from tasks.maintenance import Kind, cleanup
-from tasks.models import DataSource, DeadLetter, EmailLog, Event, EventBatch, SyncRun
+from tasks.models import DataSource, DeadLetter, EmailLog, Event, EventBatch, QuarantinedMessage, SyncRun
 from tasks.services import maintenance as service
 
 pytestmark = pytest.mark.django_db
@@ -137,6 +137,7 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
     """(old, recent) rows of every kind, against retentions of 7 days (results) and 30/90/90/365/7 days."""
     settings.CELERY_RESULT_EXPIRES = 7 * 24 * 3600
     settings.MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = 30
+    settings.MAINTENANCE_QUARANTINE_RETENTION_DAYS = 30
     settings.MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = 90
     settings.MAINTENANCE_SYNC_RUN_RETENTION_DAYS = 90
     settings.ANALYTICS_EVENT_RETENTION_DAYS = 365
@@ -149,6 +150,10 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
         "dead_letters": (
             [make_dead_letter(ago(days=31, minutes=i)) for i in range(3)],
             [make_dead_letter(ago(days=29))],
+        ),
+        "quarantined_messages": (
+            [make_quarantined(ago(days=31)), make_quarantined(ago(days=400))],
+            [make_quarantined(ago(days=29))],
         ),
         "email_logs": (
             [make_email_log(ago(days=91), status) for status in ("sent", "failed", "unknown")],
@@ -178,6 +183,12 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
 def make_job(finished: datetime | None, status: str) -> Job:
     return Job.objects.create(
         type="default.ping", queue="default", task_id=uuid(), status=status, finished_at=finished
+    )
+
+
+def make_quarantined(when: datetime) -> QuarantinedMessage:
+    return QuarantinedMessage.objects.create(
+        quarantined_at=when, queue="email", kind="undecodable", reason="not JSON", body="{", size=1
     )
 
 
