@@ -132,3 +132,24 @@ def probe_fail(self: JobTask, address: str, api_token: str, transient_failures: 
     if self.request.retries < transient_failures:
         raise TransientJobError(f"mail server busy for {address}")
     raise PermanentJobError(f"mailbox {address} does not exist (signed in with {len(smtp_password)} chars)")
+
+
+# --- Probe of delivery (delivery/redis.py) -----------------------------------------
+
+
+@app.task(bind=True, name="default.probe_delivery")
+def probe_delivery(self: Any, path: str, seconds: float) -> int:
+    """Appends how it was delivered (pid, delivery count, redelivered), then sleeps: a task to kill under."""
+    import json
+    import os
+    import time
+
+    with open(path, "a") as handle:
+        record = {
+            "pid": os.getpid(),
+            "delivery_count": getattr(self.request, "x_delivery_count", None),
+            "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+        }
+        handle.write(json.dumps(record) + "\n")
+    time.sleep(seconds)
+    return len(Path(path).read_text().splitlines())
