@@ -495,7 +495,8 @@ def test_a_sigkilled_workers_task_runs_again_on_another_worker_within_30_s(
     worker_process("rescuer", "-Q", "default", "-I", "tests.probes", "--pool=prefork", "-c", "1")
     wait_for(lambda: len(_lines(marker)) >= 2, timeout=40, what="the task to run again")
 
-    assert time.monotonic() - killed_at < 30
+    back_after = time.monotonic() - killed_at
+    assert back_after < 30, f"the task ran again {back_after:.1f} s after the kill"
     first, second = (json.loads(line) for line in _lines(marker))
     assert first["delivery_count"] is None and not first["redelivered"]
     assert second["delivery_count"] == 2 and second["redelivered"]
