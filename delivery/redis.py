@@ -36,6 +36,8 @@ transport changes only how a consumer *takes* messages; publishing is kombu's.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
@@ -48,12 +50,15 @@ from collections.abc import Iterable, Iterator
 from queue import Empty
 from typing import Any
 
-import kombu.transport
 import redis as redis_py
-from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+
+# A transport subclass lives on kombu's private attributes, which the kombu stubs (celery-types)
+# do not declare: the two modules are typed as Any rather than sprinkled with ignores.
+kombu_redis: Any = importlib.import_module("kombu.transport.redis")
+virtual: Any = importlib.import_module("kombu.transport.virtual")
+kombu_transports: Any = importlib.import_module("kombu.transport")
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +489,7 @@ class Channel(kombu_redis.Channel):
             self.qos._remove_from_indices(tag, pipe)
             pipe.rpush(key, item).execute()
 
-    def _get(self, queue: str) -> dict[str, Any]:
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """basic_get: the same atomic fetch, from one queue, without waiting."""
         self._start_pulse()
         queue_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
@@ -494,7 +499,7 @@ class Channel(kombu_redis.Channel):
                 if not reply:
                     self._maybe_update_queues_expire(client, queue)
                     raise Empty()
-                ((key, item, tag, reason),) = _quads(reply)
+                ((_key, item, tag, reason),) = _quads(reply)
                 if reason:
                     self._quarantine(queue, item, reason, held_field=tag)
                     continue
@@ -690,10 +695,8 @@ class Channel(kombu_redis.Channel):
                 cycle._unregister_from_poll(fileno)
             except (KeyError, ValueError, OSError):
                 pass
-        try:
+        with contextlib.suppress(*self.connection_errors):
             doorbell.close()
-        except self.connection_errors:
-            pass
 
     # --- closing ----------------------------------------------------------------------
 
@@ -770,9 +773,7 @@ class Transport(kombu_redis.Transport):
         old = getattr(self.cycle, "_fetch_poll_tref", None)
         if old is not None:
             old.cancel()
-        interval = connection.client.transport_options.get(
-            "fetch_poll_interval", Channel.fetch_poll_interval
-        )
+        interval = connection.client.transport_options.get("fetch_poll_interval", Channel.fetch_poll_interval)
         # A timer wakes the event loop, whose tick then fetches for any idle channel that is due.
         self.cycle._fetch_poll_tref = loop.call_repeatedly(interval, _noop)
 
@@ -784,5 +785,5 @@ def _noop() -> None:
 def register() -> None:
     """Makes redis:// and rediss:// URLs use this transport in this process (kombu's own alias table)."""
     for scheme in ("redis", "rediss"):
-        kombu.transport.TRANSPORT_ALIASES[scheme] = "delivery.redis:Transport"
-        kombu.transport._transport_cache.pop(scheme, None)
+        kombu_transports.TRANSPORT_ALIASES[scheme] = "delivery.redis:Transport"
+        kombu_transports._transport_cache.pop(scheme, None)

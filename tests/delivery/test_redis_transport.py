@@ -7,6 +7,7 @@ tests at the end run `celery -A config worker` processes as the Procfile does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,11 @@ from delivery.redis import DELIVERY_COUNT_HEADER, QUARANTINE_KEY, Transport
 from tests import probes
 from tests.processes import descendants
 from tests.waiting import wait_for
+
+
+def channel_of(connection: Connection) -> Any:
+    """The transport's channel (typed Any: kombu's stubs know only the generic channel)."""
+    return connection.default_channel
 
 
 class Broker:
@@ -59,10 +65,14 @@ class Broker:
         self.connections.append(connection)
         return connection
 
-    def publish(self, queue: Queue, body: Any, priority: int | None = None) -> None:
+    def publish(self, queue: Queue, body: Any, priority: int = 0) -> None:
         with Connection(self.url) as connection:  # kombu's stock producer: publishing is unchanged
             Producer(connection).publish(
-                body, exchange=self.exchange, routing_key=queue.routing_key, declare=[queue], priority=priority
+                body,
+                exchange=self.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                priority=priority,
             )
 
     def lpush(self, queue: Queue, raw: bytes | str) -> None:
@@ -71,8 +81,8 @@ class Broker:
     def quarantined(self) -> list[dict[str, Any]]:
         return [json.loads(entry) for entry in self.redis.lrange(self.quarantine_key, 0, -1)]
 
-    def inflight(self, connection: Connection) -> set[bytes]:
-        return self.redis.smembers(connection.default_channel.inflight_key)
+    def inflight(self, connection: Connection) -> set[Any]:
+        return self.redis.smembers(channel_of(connection).inflight_key)
 
     def close(self) -> None:
         for connection in self.connections:
@@ -110,10 +120,8 @@ class Inbox:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no message within {timeout} s")
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.connection.drain_events(timeout=remaining)
-            except TimeoutError:
-                pass
         return self.messages.pop(0)
 
     def nothing(self, seconds: float) -> bool:
@@ -131,18 +139,18 @@ def test_a_fetch_records_the_message_in_flight_in_the_same_step_as_it_pops_it(br
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
     connection = broker.connect()
-    channel = connection.default_channel
+    channel = channel_of(connection)
     queue(channel).declare()
     channel.basic_consume(queue.name, False, lambda message: None, "ctag")
 
     # Send the fetch and never read its reply, as a worker SIGKILLed right after it would.
-    connection.transport.cycle._register_BRPOP(channel)  # connects and sends the fetch
+    channel.connection.cycle._register_BRPOP(channel)  # connects and sends the fetch
     wait_for(lambda: broker.redis.llen(queue.name) == 0, timeout=5, what="the fetch to run")
 
     tags = broker.inflight(connection)
     assert len(tags) == 1
     tag = tags.pop()
-    record = json.loads(broker.redis.hget(channel.unacked_key, tag))
+    record = json.loads(broker.redis.hget(channel.unacked_key, tag) or b"")
     assert record[0]["properties"]["delivery_tag"] == tag.decode()
     assert record[1:] == [broker.name, queue.routing_key]
     assert broker.redis.zscore(channel.unacked_index_key, tag) is not None
@@ -160,7 +168,7 @@ def test_an_ack_removes_the_message_from_every_in_flight_record(broker: Broker) 
     assert broker.inflight(connection) == {message.delivery_tag.encode()}
     message.ack()
 
-    channel = connection.default_channel
+    channel = channel_of(connection)
     assert broker.inflight(connection) == set()
     assert broker.redis.hget(channel.unacked_key, message.delivery_tag) is None
     assert broker.redis.zscore(channel.unacked_index_key, message.delivery_tag) is None
@@ -197,7 +205,7 @@ def test_the_visibility_timeout_restore_also_counts_the_delivery(broker: Broker)
     first = inbox.next()
     time.sleep(1)
 
-    connection.default_channel.qos.restore_visible(num=100, interval=1)
+    channel_of(connection).qos.restore_visible(num=100, interval=1)
 
     again = inbox.next()
     assert again.payload == {"n": 1}
@@ -212,7 +220,7 @@ def test_closing_the_channel_returns_its_unacked_messages_and_signs_the_consumer
     connection = broker.connect()
     inbox = Inbox(connection, [queue])
     inbox.next()
-    channel = connection.default_channel
+    channel = channel_of(connection)
 
     connection.release()  # as a warm shutdown does
 
@@ -236,7 +244,7 @@ def test_basic_get_fetches_atomically_too(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
     connection = broker.connect()
-    channel = connection.default_channel
+    channel = channel_of(connection)
     queue(channel).declare()
 
     message = channel.basic_get(queue.name)
@@ -308,7 +316,7 @@ def test_an_idle_consumer_is_woken_by_a_publish_not_by_polling(broker: Broker) -
 def test_without_client_tracking_an_idle_consumer_still_polls(broker: Broker) -> None:
     queue = broker.queue()
     connection = broker.connect(fetch_poll_interval=0.2)
-    connection.default_channel._doorbell_supported = False  # as on a server that refuses CLIENT TRACKING
+    channel_of(connection)._doorbell_supported = False  # as on a server that refuses CLIENT TRACKING
     inbox = Inbox(connection, [queue])
     assert inbox.nothing(0.3)
 
@@ -322,10 +330,10 @@ def test_without_client_tracking_an_idle_consumer_still_polls(broker: Broker) ->
 
 def _stop_heartbeat(connection: Connection) -> None:
     """The consumer 'dies' without closing: its heartbeat thread stops, its messages stay in flight."""
-    channel = connection.default_channel
+    channel = channel_of(connection)
     channel._pulse.stop()
     channel._closing = True  # its poller would beat through the fetch script otherwise
-    connection._default_channel = None  # so the test's release does not restore them
+    connection._default_channel = None  # type: ignore[attr-defined]  # the test's release must not restore them
 
 
 def test_the_reaper_returns_a_dead_consumers_messages_marked_redelivered(broker: Broker) -> None:
@@ -333,7 +341,7 @@ def test_the_reaper_returns_a_dead_consumers_messages_marked_redelivered(broker:
     broker.publish(queue, {"n": 1})
     doomed = broker.connect()
     Inbox(doomed, [queue]).next()
-    dead_channel = doomed.default_channel
+    dead_channel = channel_of(doomed)
     _stop_heartbeat(doomed)
 
     survivor = broker.connect()
@@ -365,7 +373,7 @@ def test_a_live_consumers_messages_are_never_returned_however_long_it_holds_them
 def test_the_reaper_quarantines_undecodable_messages_a_dead_consumer_held(broker: Broker) -> None:
     queue = broker.queue()
     doomed = broker.connect()
-    channel = doomed.default_channel
+    channel = channel_of(doomed)
     broker.lpush(queue, b"not json")
     # The fetch script holds the bad item; the consumer dies before it can quarantine it.
     reply = channel._fetch_script(
@@ -376,7 +384,7 @@ def test_the_reaper_quarantines_undecodable_messages_a_dead_consumer_held(broker
 
     survivor = broker.connect()
     Inbox(survivor, [queue])
-    survivor.default_channel._start_pulse()
+    channel_of(survivor)._start_pulse()
 
     wait_for(broker.quarantined, timeout=5, what="the held message to be quarantined")
     assert broker.quarantined()[0]["body"] == "not json"
@@ -437,7 +445,7 @@ def test_an_undecodable_message_is_quarantined_and_the_next_good_one_delivered(
     assert entry["body"] == raw.decode("utf-8", errors="backslashreplace")
     assert abs(entry["at"] - time.time()) < 60
     assert broker.inflight(connection) == set()
-    assert broker.redis.hlen(connection.default_channel.held_key) == 0
+    assert broker.redis.hlen(channel_of(connection).held_key) == 0
     warnings = [r for r in caplog.records if r.name == "delivery.redis" and "Quarantined" in r.getMessage()]
     assert len(warnings) == 1
     assert raw.decode("utf-8", errors="replace")[:8] not in warnings[0].getMessage()
@@ -449,13 +457,13 @@ def test_the_quarantine_keeps_bodies_and_entries_bounded(broker: Broker) -> None
     huge = b"x" * 70_000
     broker.lpush(queue, huge)
     connection = broker.connect()
-    channel = connection.default_channel
+    channel = channel_of(connection)
     queue(channel).declare()
 
     assert channel.basic_get(queue.name) is None
 
     assert broker.redis.llen(broker.quarantine_key) == 10_000
-    entry = json.loads(broker.redis.lindex(broker.quarantine_key, 0))
+    entry = json.loads(broker.redis.lindex(broker.quarantine_key, 0) or b"")
     assert entry["size"] == 70_000
     assert len(entry["body"]) == 65_536
 
@@ -519,7 +527,8 @@ def test_undecodable_messages_do_not_kill_a_worker_and_are_quarantined(
 
     wait_for(lambda: _lines(marker), timeout=30, what="the good task to run")
     assert worker.process.poll() is None
-    entries = [json.loads(raw) for raw in client.lrange(QUARANTINE_KEY, 0, client.llen(QUARANTINE_KEY) - before - 1)]
+    new_entries = client.lrange(QUARANTINE_KEY, 0, client.llen(QUARANTINE_KEY) - before - 1)
+    entries = [json.loads(raw) for raw in new_entries]
     assert {entry["body"][:17] for entry in entries} >= {"this is {not json"}
     assert any(entry["reason"].startswith("cannot decode") for entry in entries)
     assert all(entry["queue"] == "default" for entry in entries)
