@@ -191,6 +191,7 @@ class QoS(kombu_redis.QoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel._take_recorded(delivery_tag):
+            self.channel._start_pulse()  # it holds a message now, whatever way it came
             virtual.QoS.append(self, message, delivery_tag)  # local bookkeeping only
         else:  # not from the fetch script (a fanout queue with acks): kombu's two writes
             super().append(message, delivery_tag)
@@ -381,7 +382,6 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues or not self._fetch_due():
             return
-        self._start_pulse()
         if not self._fetch_script_loaded:
             with self.conn_or_acquire() as client:
                 client.script_load(FETCH)
@@ -469,6 +469,15 @@ class Channel(kombu_redis.Channel):
             return None, f"cannot decode the envelope or body: {type(exc).__name__}: {str(exc)[:200]}"
         return payload, ""
 
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs["no_ack"] if "no_ack" in kwargs else bool(args and args[0])
+        if not no_ack:
+            # A consumer that acknowledges beats and reaps from the start, even before its first
+            # message: a worker started to replace a dead one must be able to give its jobs back.
+            # A no_ack consumer (Celery's control replies) holds nothing, so it needs no thread.
+            self._start_pulse()
+        return super().basic_consume(queue, *args, **kwargs)
+
     def _take_recorded(self, delivery_tag: str) -> bool:
         try:
             self._recorded.remove(delivery_tag)
@@ -491,7 +500,6 @@ class Channel(kombu_redis.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """basic_get: the same atomic fetch, from one queue, without waiting."""
-        self._start_pulse()
         queue_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
         with self.conn_or_acquire() as client:
             while True:

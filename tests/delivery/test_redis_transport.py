@@ -230,7 +230,7 @@ def test_closing_the_channel_returns_its_unacked_messages_and_signs_the_consumer
     assert broker.redis.zscore(channel.registry_key, channel.consumer_id) is None
 
 
-def test_a_no_ack_consumer_leaves_nothing_in_flight(broker: Broker) -> None:
+def test_a_no_ack_consumer_leaves_nothing_in_flight_and_starts_no_heartbeat_thread(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
     connection = broker.connect()
@@ -238,6 +238,7 @@ def test_a_no_ack_consumer_leaves_nothing_in_flight(broker: Broker) -> None:
 
     assert inbox.next().payload == {"n": 1}
     assert broker.inflight(connection) == set()
+    assert channel_of(connection)._pulse is None
 
 
 def test_basic_get_fetches_atomically_too(broker: Broker) -> None:
@@ -383,8 +384,7 @@ def test_the_reaper_quarantines_undecodable_messages_a_dead_consumer_held(broker
     assert broker.redis.hlen(channel.held_key) == 1
 
     survivor = broker.connect()
-    Inbox(survivor, [queue])
-    channel_of(survivor)._start_pulse()
+    Inbox(survivor, [queue])  # an acknowledging consumer: it beats and reaps from the start
 
     wait_for(broker.quarantined, timeout=5, what="the held message to be quarantined")
     assert broker.quarantined()[0]["body"] == "not json"
