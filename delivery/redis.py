@@ -442,7 +442,8 @@ class Channel(kombu_redis.Channel):
                 self.connection._deliver(payload, queue)
             except BaseException:
                 self._forget_unappended(tag)
-                for later_key, later_item, later_tag, later_reason in items[index + 1 :]:
+                # Back to the head of their queues, the last first, so they come out in order again.
+                for later_key, later_item, later_tag, later_reason in reversed(items[index + 1 :]):
                     if not later_reason:
                         self._give_back(later_key, later_item, later_tag)
                 raise

@@ -7,6 +7,7 @@ tests at the end run `celery -A config worker` processes as the Procfile does.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -256,6 +257,41 @@ def test_basic_get_fetches_atomically_too(broker: Broker) -> None:
     assert channel.basic_get(queue.name) is None
 
 
+def test_a_fetch_can_take_a_batch_in_one_round_trip(broker: Broker) -> None:
+    queue = broker.queue()
+    for n in range(5):
+        broker.publish(queue, {"n": n})
+    connection = broker.connect(fetch_batch_size=3)
+    inbox = Inbox(connection, [queue])
+    inbox.consumer.qos(prefetch_count=3)
+
+    connection.drain_events(timeout=5)  # one fetch, one reply
+
+    assert [message.payload["n"] for message in inbox.messages] == [0, 1, 2]
+    assert len(broker.inflight(connection)) == 3
+    assert broker.redis.llen(queue.name) == 2
+
+
+def test_when_delivery_fails_the_rest_of_a_batch_goes_back_unchanged(broker: Broker) -> None:
+    queue = broker.queue()
+    for n in range(3):
+        broker.publish(queue, {"n": n})
+    connection = broker.connect(fetch_batch_size=3)
+
+    def explode(body: Any, message: Any) -> None:
+        raise RuntimeError("the consumer's callback failed")
+
+    consumer = Consumer(connection, [queue], callbacks=[explode], accept=["json"])
+    consumer.consume()
+    with pytest.raises(RuntimeError):
+        connection.drain_events(timeout=5)
+
+    next_out = [json.loads(raw) for raw in reversed(broker.redis.lrange(queue.name, 0, -1))]
+    assert [json.loads(base64.b64decode(message["body"])) for message in next_out] == [{"n": 1}, {"n": 2}]
+    assert all(DELIVERY_COUNT_HEADER not in message["headers"] for message in next_out)
+    assert len(broker.inflight(connection)) == 1  # the first was handed to the consumer; it stays in flight
+
+
 # --- order: priorities and round robin, as kombu ------------------------------------------
 
 
@@ -324,6 +360,28 @@ def test_without_client_tracking_an_idle_consumer_still_polls(broker: Broker) ->
     broker.publish(queue, {"n": 1})
 
     inbox.next(timeout=2).ack()
+
+
+def test_a_consumer_keeps_delivering_after_the_server_forgets_its_scripts(tmp_path: Path) -> None:
+    """SCRIPT FLUSH (or a failover to a replica without them): the next fetch loads the script again."""
+    from localdev.embedded_broker import EmbeddedBroker, free_port
+
+    private = EmbeddedBroker(free_port(), tmp_path / "broker", persist=False)  # SCRIPT FLUSH is global
+    private.start()
+    try:
+        queue = Queue("flushed", Exchange("flushed"), routing_key="flushed")
+        with Connection(private.url, transport=Transport) as connection:
+            inbox = Inbox(connection, [queue])
+            with Connection(private.url) as producer_connection:
+                producer = Producer(producer_connection)
+                producer.publish({"n": 1}, exchange=queue.exchange, routing_key="flushed", declare=[queue])
+                inbox.next().ack()
+                redis.Redis.from_url(private.url).script_flush()
+                producer.publish({"n": 2}, exchange=queue.exchange, routing_key="flushed")
+
+            assert inbox.next().payload == {"n": 2}
+    finally:
+        private.stop()
 
 
 # --- heartbeat and reaper ------------------------------------------------------------------------
