@@ -144,10 +144,21 @@ end
 return 1
 """
 
-# When this process last failed to reach the broker (monotonic): no consumer in
-# it reaps until its own heartbeats have worked for a whole lapse since, so a
-# broker outage that stopped everyone's heartbeats does not look like deaths.
+# When this process last failed to reach the broker, or found it stalled
+# (monotonic): no consumer in it reaps until a whole lapse has passed since, so
+# an outage or a frozen broker that stopped everyone's heartbeats is not taken
+# for deaths (every live consumer beats again within an interval of its end).
 _broker_trouble_at: float | None = None
+
+
+def _note_broker_trouble() -> None:
+    global _broker_trouble_at
+    _broker_trouble_at = time.monotonic()
+
+
+def _may_reap(lapse: float) -> bool:
+    trouble = _broker_trouble_at
+    return trouble is None or time.monotonic() - trouble >= lapse
 
 
 def delivery_count(payload: dict[str, Any]) -> int:
@@ -242,7 +253,10 @@ class _Pulse(threading.Thread):
         self._channel = weakref.ref(channel)
         self._stopping = threading.Event()
         self.interval = channel.consumer_heartbeat_interval
-        self.client = channel.Client(connection_pool=redis_py.ConnectionPool(**channel._connparams()))
+        params = channel._connparams()
+        # A frozen broker must show up as an error here, not as a thread blocked forever.
+        params["socket_timeout"] = params["socket_connect_timeout"] = max(1.0, self.interval)
+        self.client = channel.Client(connection_pool=redis_py.ConnectionPool(**params))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -251,22 +265,23 @@ class _Pulse(threading.Thread):
         self.client.connection_pool.disconnect()
 
     def run(self) -> None:
-        global _broker_trouble_at
         failing = False
         while not self._stopping.is_set():
             channel = self._channel()
             if channel is None or channel._closing:
                 return
             try:
+                started = time.monotonic()
                 channel._beat(self.client)
-                trouble = _broker_trouble_at
-                if trouble is None or time.monotonic() - trouble >= channel.consumer_heartbeat_lapse:
+                if time.monotonic() - started > self.interval:
+                    _note_broker_trouble()  # the broker stalled: other heartbeats may be late too
+                if _may_reap(channel.consumer_heartbeat_lapse):
                     channel._reap(self.client)
                 if failing:
                     logger.info("consumer %s: heartbeat reaches the broker again", channel.consumer_id)
                 failing = False
             except Exception:
-                _broker_trouble_at = time.monotonic()
+                _note_broker_trouble()
                 if not failing:  # one line per outage, not one per beat
                     logger.warning(
                         "consumer %s: heartbeat or reaper cannot reach the broker; retrying every %s s",
@@ -406,6 +421,7 @@ class Channel(kombu_redis.Channel):
                 self._rung = True
                 raise Empty() from None
             except self.connection_errors:
+                _note_broker_trouble()
                 self.client.connection.disconnect()
                 raise
             if not reply:

@@ -415,6 +415,24 @@ def test_the_reaper_returns_a_dead_consumers_messages_marked_redelivered(broker:
     message.ack()
 
 
+def test_after_broker_trouble_no_consumer_in_the_process_reaps_for_a_lapse(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen or unreachable broker silences every heartbeat: wait until live consumers beat again."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    doomed = broker.connect()
+    Inbox(doomed, [queue]).next()
+    _stop_heartbeat(doomed)
+    monkeypatch.setattr(delivery_redis, "_broker_trouble_at", time.monotonic())
+
+    survivor = broker.connect(consumer_heartbeat_lapse=3.0)
+    inbox = Inbox(survivor, [queue])
+
+    assert inbox.nothing(2)  # the dead heartbeat lapsed after 1 s, but this process had trouble
+    assert inbox.next(timeout=3).payload == {"n": 1}
+
+
 def test_a_live_consumers_messages_are_never_returned_however_long_it_holds_them(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
@@ -590,3 +608,45 @@ def test_undecodable_messages_do_not_kill_a_worker_and_are_quarantined(
     assert {entry["body"][:17] for entry in entries} >= {"this is {not json"}
     assert any(entry["reason"].startswith("cannot decode") for entry in entries)
     assert all(entry["queue"] == "default" for entry in entries)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_task_cut_off_by_a_broker_restart_runs_again_within_30_s(
+    celery_app: Any, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The old connection's messages cannot be restored while the broker is down: the reaper returns them."""
+    from localdev.embedded_broker import EmbeddedBroker, free_port
+
+    private = EmbeddedBroker(free_port(), tmp_path / "broker", persist=True)  # a broker we may restart
+    private.start()
+    try:
+        worker_process(
+            "restarted",
+            "-Q",
+            "default",
+            "-I",
+            "tests.probes",
+            "--pool=prefork",
+            "-c",
+            "1",
+            broker_url=private.url,
+        )
+        marker = tmp_path / "runs.txt"
+        with celery_app.connection_for_write(private.url) as connection:
+            celery_app.send_task(
+                "default.probe_delivery", kwargs={"path": str(marker), "seconds": 120}, connection=connection
+            )
+        wait_for(lambda: _lines(marker), timeout=30, what="the first run to start")
+
+        private.stop()
+        time.sleep(2)
+        private.start()
+        restarted_at = time.monotonic()
+        wait_for(lambda: len(_lines(marker)) >= 2, timeout=45, what="the task to run again")
+
+        back_after = time.monotonic() - restarted_at
+        assert back_after < 30, f"the task ran again {back_after:.1f} s after the restart"
+        assert json.loads(_lines(marker)[1])["redelivered"]
+    finally:
+        private.stop()
