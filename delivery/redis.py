@@ -92,8 +92,10 @@ for i = 7, #KEYS do
     local reason = ''
     local tag = nil
     local ok, msg = pcall(cjson.decode, item)
-    if not ok or type(msg) ~= 'table' then
+    if not ok then
       reason = 'not JSON'
+    elseif type(msg) ~= 'table' then
+      reason = 'not a kombu message: not a JSON object'
     elseif type(msg.properties) ~= 'table' or type(msg.properties.delivery_tag) ~= 'string'
         or type(msg.properties.delivery_info) ~= 'table' then
       reason = 'not a kombu message: no properties.delivery_tag or delivery_info'
@@ -462,6 +464,9 @@ class Channel(kombu_redis.Channel):
                 for later_key, later_item, later_tag, later_reason in reversed(items[index + 1 :]):
                     if not later_reason:
                         self._give_back(later_key, later_item, later_tag)
+                    else:
+                        later_queue = bytes_to_str(later_key).rsplit(self.sep, 1)[0]
+                        self._quarantine(later_queue, later_item, later_reason, held_field=later_tag)
                 raise
             self._forget_unappended(tag)
             delivered += 1

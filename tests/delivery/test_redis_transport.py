@@ -472,7 +472,12 @@ def test_the_reaper_quarantines_undecodable_messages_a_dead_consumer_held(broker
 UNDECODABLE = {
     "not JSON": (b"this is {not json", "not JSON"),
     "not UTF-8": (b"\xff\xfe{bad", "not JSON"),
-    "a JSON string": (b'"just a string"', "not JSON"),
+    "a JSON string": (b'"just a string"', "not a kombu message"),
+    "a JSON array": (b"[1, 2]", "not a kombu message"),
+    "exchange not a string": (
+        b'{"properties": {"delivery_tag": "t", "delivery_info": {"exchange": 1}}}',
+        "not a kombu message",
+    ),
     "no properties": (b'{"body": "x", "headers": {}}', "not a kombu message"),
     "body not base64": (None, "cannot decode the envelope or body"),
 }
