@@ -247,6 +247,9 @@ class _Doorbell:
         self.connection.disconnect()
 
 
+_UNREACHABLE = (redis_py.exceptions.ConnectionError, redis_py.exceptions.TimeoutError, OSError)
+
+
 class _Pulse(threading.Thread):
     """Keeps a channel's heartbeat alive and reaps consumers whose heartbeat lapsed."""
 
@@ -282,7 +285,7 @@ class _Pulse(threading.Thread):
                 if failing:
                     logger.info("consumer %s: heartbeat reaches the broker again", channel.consumer_id)
                 failing = False
-            except Exception:
+            except _UNREACHABLE:
                 _note_broker_trouble()
                 if not failing:  # one line per outage, not one per beat
                     logger.warning(
@@ -292,6 +295,8 @@ class _Pulse(threading.Thread):
                         exc_info=True,
                     )
                 failing = True
+            except Exception:  # a bug, not an outage: say so, and keep the heartbeat going
+                logger.exception("consumer %s: heartbeat or reaper failed", channel.consumer_id)
             del channel
             self._stopping.wait(self.interval)
 
