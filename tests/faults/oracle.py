@@ -86,7 +86,7 @@ class Report:
         return not (self.not_final or self.duplicate_effects or self.missing_effects)
 
 
-def _final_count(job_ids: list[str]) -> int:
+def final_count(job_ids: list[str]) -> int:
     return Job.objects.filter(pk__in=job_ids, status__in=Job.FINAL).count()
 
 
@@ -95,7 +95,7 @@ def wait_until_final(job_ids: list[str], timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         try:
-            if _final_count(job_ids) == len(job_ids):
+            if final_count(job_ids) == len(job_ids):
                 break
         except Exception:  # the database may still be coming back
             connection.close()
