@@ -77,12 +77,18 @@ def private_broker(app: Celery, directory: Path, *, persist: bool) -> Iterator[A
 
     broker = EmbeddedBroker(free_port(), directory, persist=persist)
     broker.start()
-    shared = app.conf.broker_url
+    shared, shared_env = app.conf.broker_url, os.environ.get("CELERY_BROKER_URL")
+    # The environment wins over the configuration (celery.app.utils.Settings.broker_url).
+    os.environ["CELERY_BROKER_URL"] = broker.url
     app.conf.broker_url = broker.url  # type: ignore[misc]  # celery-types: read-only, it is not
     _reset_app_connections(app)
     try:
         yield broker
     finally:
+        if shared_env is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = shared_env
         app.conf.broker_url = shared  # type: ignore[misc]
         _reset_app_connections(app)
         if broker.process is not None and broker.process.poll() is None:
