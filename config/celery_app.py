@@ -9,7 +9,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging
 
+from delivery.redis import register as use_reliable_redis_transport
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+# redis:// and rediss:// broker URLs get kombu's Redis transport with atomic fetch, consumer
+# heartbeats, a reaper, a delivery count and a quarantine (delivery/redis.py); publishing is kombu's.
+use_reliable_redis_transport()
 
 app = Celery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")

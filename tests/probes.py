@@ -165,3 +165,28 @@ def probe_effect(self: JobTask, directory: str, key: str, seconds: float = 0) ->
         effects.write(f"{key}\n")
     open(marker, "w").close()
     return "done"
+
+
+# --- Probe of delivery (delivery/redis.py) -----------------------------------------
+
+
+@app.task(bind=True, name="default.probe_delivery")
+def probe_delivery(self: Any, path: str, seconds: float) -> int:
+    """Appends how it was delivered (pid, delivery count, redelivered), then sleeps: a task to kill under.
+
+    Only the first delivery sleeps, so a redelivered copy finishes at once.
+    """
+    import json
+    import os
+    import time
+
+    with open(path, "a") as handle:
+        record = {
+            "pid": os.getpid(),
+            "delivery_count": getattr(self.request, "x_delivery_count", None),
+            "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+        }
+        handle.write(json.dumps(record) + "\n")
+    if not record["redelivered"]:
+        time.sleep(seconds)
+    return len(Path(path).read_text().splitlines())

@@ -201,8 +201,18 @@ CELERY_TASK_TIME_LIMIT = env.int(
 CELERY_BROKER_VISIBILITY_TIMEOUT = env.int(
     "CELERY_BROKER_VISIBILITY_TIMEOUT", default=2 * 3600, min_value=CELERY_TASK_TIME_LIMIT + 1
 )
+# Redis consumers fetch and record in-flight atomically (delivery/redis.py) and beat every
+# DELIVERY_HEARTBEAT_INTERVAL seconds; one silent for DELIVERY_HEARTBEAT_LAPSE seconds is dead, and
+# its in-flight messages go back to their queues within about lapse + interval seconds. The lapse
+# must cover a few missed beats, so a busy machine does not look dead.
+DELIVERY_HEARTBEAT_INTERVAL = env.int("DELIVERY_HEARTBEAT_INTERVAL", default=5, min_value=1, max_value=60)
+DELIVERY_HEARTBEAT_LAPSE = env.int(
+    "DELIVERY_HEARTBEAT_LAPSE", default=15, min_value=2 * DELIVERY_HEARTBEAT_INTERVAL + 1, max_value=600
+)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
+    "consumer_heartbeat_interval": DELIVERY_HEARTBEAT_INTERVAL,
+    "consumer_heartbeat_lapse": DELIVERY_HEARTBEAT_LAPSE,
     # Detect half-open connections (NAT, load balancers) instead of hanging.
     "health_check_interval": 25,
     "socket_keepalive": True,

@@ -40,6 +40,8 @@ VARIABLES = [
     "CELERY_TASK_SOFT_TIME_LIMIT",
     "CELERY_TASK_TIME_LIMIT",
     "CELERY_BROKER_VISIBILITY_TIMEOUT",
+    "DELIVERY_HEARTBEAT_INTERVAL",
+    "DELIVERY_HEARTBEAT_LAPSE",
 ]
 
 
@@ -110,6 +112,8 @@ def test_every_variable_is_read_when_set() -> None:
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of"),
         ("CELERY_TASK_SOFT_TIME_LIMIT", "soon", "CELERY_TASK_SOFT_TIME_LIMIT='soon' is not an integer"),
         ("CELERY_BROKER_VISIBILITY_TIMEOUT", "60", "CELERY_BROKER_VISIBILITY_TIMEOUT=60 is too small"),
+        # A lapse shorter than two missed heartbeats would take a busy worker for a dead one.
+        ("DELIVERY_HEARTBEAT_LAPSE", "10", "DELIVERY_HEARTBEAT_LAPSE=10 is too small"),
     ],
 )
 def test_a_bad_value_fails_at_start_up_naming_the_variable(variable: str, value: str, message: str) -> None:

@@ -1,0 +1,657 @@
+"""The reliable Redis transport (delivery/redis.py) against a real Redis, then under real workers.
+
+Unit-level tests open kombu connections on the transport with their own queue
+names and key prefix (so they share the broker with nothing); the integration
+tests at the end run `celery -A config worker` processes as the Procfile does.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from delivery import redis as delivery_redis
+from delivery.redis import DELIVERY_COUNT_HEADER, QUARANTINE_KEY, Transport
+from tests import probes
+from tests.processes import descendants
+from tests.waiting import wait_for
+
+
+def channel_of(connection: Connection) -> Any:
+    """The transport's channel (typed Any: kombu's stubs know only the generic channel)."""
+    return connection.default_channel
+
+
+class Broker:
+    """One test's corner of the real broker: its own queue names, key prefix and quarantine list."""
+
+    def __init__(self) -> None:
+        self.url = settings.CELERY_BROKER_URL
+        self.name = f"dt-{uuid.uuid4().hex[:8]}"
+        self.redis = redis.Redis.from_url(self.url)
+        self.exchange = Exchange(self.name, type="direct")
+        self.connections: list[Connection] = []
+
+    def queue(self, suffix: str = "q") -> Queue:
+        return Queue(f"{self.name}-{suffix}", self.exchange, routing_key=f"{self.name}-{suffix}")
+
+    @property
+    def quarantine_key(self) -> str:
+        return f"{self.name}:quarantine"
+
+    def connect(self, **options: Any) -> Connection:
+        transport_options = {
+            "delivery_keyprefix": f"{self.name}:",
+            "quarantine_key": self.quarantine_key,
+            "priority_steps": list(range(10)),
+            "consumer_heartbeat_interval": 0.2,
+            "consumer_heartbeat_lapse": 1.0,
+            **options,
+        }
+        connection = Connection(self.url, transport=Transport, transport_options=transport_options)
+        self.connections.append(connection)
+        return connection
+
+    def publish(self, queue: Queue, body: Any, priority: int = 0) -> None:
+        with Connection(self.url) as connection:  # kombu's stock producer: publishing is unchanged
+            Producer(connection).publish(
+                body,
+                exchange=self.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                priority=priority,
+            )
+
+    def lpush(self, queue: Queue, raw: bytes | str) -> None:
+        self.redis.lpush(queue.name, raw)
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        return [json.loads(entry) for entry in self.redis.lrange(self.quarantine_key, 0, -1)]
+
+    def inflight(self, connection: Connection) -> set[Any]:
+        return self.redis.smembers(channel_of(connection).inflight_key)
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.release()
+        keys = list(self.redis.scan_iter(match=f"{self.name}*"))
+        if keys:
+            self.redis.delete(*keys)
+        self.redis.close()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    corner = Broker()
+    yield corner
+    corner.close()
+
+
+class Inbox:
+    """A kombu consumer that keeps what it receives; `next()` drains until a message arrives."""
+
+    def __init__(self, connection: Connection, queues: list[Queue], no_ack: bool = False) -> None:
+        self.connection = connection
+        self.messages: list[Any] = []
+        self.consumer = Consumer(
+            connection, queues, callbacks=[self._on_message], accept=["json"], no_ack=no_ack
+        )
+        self.consumer.consume()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self.messages.append(message)
+
+    def next(self, timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self.messages:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no message within {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=remaining)
+        return self.messages.pop(0)
+
+    def nothing(self, seconds: float) -> bool:
+        try:
+            self.next(timeout=seconds)
+        except AssertionError:
+            return True
+        return False
+
+
+# --- the atomic fetch ------------------------------------------------------------------
+
+
+def test_a_fetch_records_the_message_in_flight_in_the_same_step_as_it_pops_it(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    channel = channel_of(connection)
+    queue(channel).declare()
+    channel.basic_consume(queue.name, False, lambda message: None, "ctag")
+
+    # Send the fetch and never read its reply, as a worker SIGKILLed right after it would.
+    channel.connection.cycle._register_BRPOP(channel)  # connects and sends the fetch
+    wait_for(lambda: broker.redis.llen(queue.name) == 0, timeout=5, what="the fetch to run")
+
+    tags = broker.inflight(connection)
+    assert len(tags) == 1
+    tag = tags.pop()
+    record = json.loads(broker.redis.hget(channel.unacked_key, tag) or b"")
+    assert record[0]["properties"]["delivery_tag"] == tag.decode()
+    assert record[1:] == [broker.name, queue.routing_key]
+    assert broker.redis.zscore(channel.unacked_index_key, tag) is not None
+    broker.redis.hdel(channel.unacked_key, tag)
+    broker.redis.zrem(channel.unacked_index_key, tag)
+
+
+def test_an_ack_removes_the_message_from_every_in_flight_record(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+
+    message = inbox.next()
+    assert broker.inflight(connection) == {message.delivery_tag.encode()}
+    message.ack()
+
+    channel = channel_of(connection)
+    assert broker.inflight(connection) == set()
+    assert broker.redis.hget(channel.unacked_key, message.delivery_tag) is None
+    assert broker.redis.zscore(channel.unacked_index_key, message.delivery_tag) is None
+
+
+def test_a_rejected_message_comes_back_redelivered_with_its_delivery_count_raised(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+
+    first = inbox.next()
+    assert DELIVERY_COUNT_HEADER not in first.headers  # absent: the first delivery
+    first.reject(requeue=True)
+    second = inbox.next()
+    second.reject(requeue=True)
+    third = inbox.next()
+
+    assert third.payload == {"n": 1}
+    assert second.headers[DELIVERY_COUNT_HEADER] == 2
+    assert third.headers[DELIVERY_COUNT_HEADER] == 3
+    assert third.headers["redelivered"] is True
+    assert third.delivery_info["redelivered"] is True
+    assert len({first.delivery_tag, second.delivery_tag, third.delivery_tag}) == 3
+    third.ack()
+    assert broker.inflight(connection) == set()
+
+
+def test_the_visibility_timeout_restore_also_counts_the_delivery(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect(visibility_timeout=0.5)
+    inbox = Inbox(connection, [queue])
+    first = inbox.next()
+    time.sleep(1)
+
+    channel_of(connection).qos.restore_visible(num=100, interval=1)
+
+    again = inbox.next()
+    assert again.payload == {"n": 1}
+    assert again.headers[DELIVERY_COUNT_HEADER] == 2
+    assert again.delivery_tag != first.delivery_tag
+    again.ack()
+
+
+def test_closing_the_channel_returns_its_unacked_messages_and_signs_the_consumer_off(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+    inbox.next()
+    channel = channel_of(connection)
+
+    connection.release()  # as a warm shutdown does
+
+    assert broker.redis.llen(queue.name) == 1
+    assert broker.redis.smembers(channel.inflight_key) == set()
+    assert not broker.redis.exists(channel.heartbeat_key)
+    assert broker.redis.zscore(channel.registry_key, channel.consumer_id) is None
+
+
+def test_a_no_ack_consumer_leaves_nothing_in_flight_and_starts_no_heartbeat_thread(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue], no_ack=True)
+
+    assert inbox.next().payload == {"n": 1}
+    assert broker.inflight(connection) == set()
+    assert channel_of(connection)._pulse is None
+
+
+def test_basic_get_fetches_atomically_too(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    channel = channel_of(connection)
+    queue(channel).declare()
+
+    message = channel.basic_get(queue.name)
+
+    assert broker.inflight(connection) == {message.delivery_tag.encode()}
+    message.ack()
+    assert broker.inflight(connection) == set()
+    assert channel.basic_get(queue.name) is None
+
+
+def test_a_fetch_can_take_a_batch_in_one_round_trip(broker: Broker) -> None:
+    queue = broker.queue()
+    for n in range(5):
+        broker.publish(queue, {"n": n})
+    connection = broker.connect(fetch_batch_size=3)
+    inbox = Inbox(connection, [queue])
+    inbox.consumer.qos(prefetch_count=3)
+
+    connection.drain_events(timeout=5)  # one fetch, one reply
+
+    assert [message.payload["n"] for message in inbox.messages] == [0, 1, 2]
+    assert len(broker.inflight(connection)) == 3
+    assert broker.redis.llen(queue.name) == 2
+
+
+def test_when_delivery_fails_the_rest_of_a_batch_goes_back_unchanged(broker: Broker) -> None:
+    queue = broker.queue()
+    for n in range(3):
+        broker.publish(queue, {"n": n})
+    connection = broker.connect(fetch_batch_size=3)
+
+    def explode(body: Any, message: Any) -> None:
+        raise RuntimeError("the consumer's callback failed")
+
+    consumer = Consumer(connection, [queue], callbacks=[explode], accept=["json"])
+    consumer.consume()
+    with pytest.raises(RuntimeError):
+        connection.drain_events(timeout=5)
+
+    next_out = [json.loads(raw) for raw in reversed(broker.redis.lrange(queue.name, 0, -1))]
+    assert [json.loads(base64.b64decode(message["body"])) for message in next_out] == [{"n": 1}, {"n": 2}]
+    assert all(DELIVERY_COUNT_HEADER not in message["headers"] for message in next_out)
+    assert len(broker.inflight(connection)) == 1  # the first was handed to the consumer; it stays in flight
+
+
+# --- order: priorities and round robin, as kombu ------------------------------------------
+
+
+def test_higher_priority_messages_are_fetched_first(broker: Broker) -> None:
+    queue = broker.queue()
+    for n, priority in enumerate([0, 9, 3, 9]):
+        broker.publish(queue, {"n": n}, priority=priority)
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+
+    order = []
+    for _ in range(4):
+        message = inbox.next()
+        order.append(message.payload["n"])
+        message.ack()
+
+    assert order == [0, 2, 1, 3]  # kombu: a lower step number is consumed first; FIFO within a step
+
+
+def test_queues_are_consumed_round_robin(broker: Broker) -> None:
+    first, second = broker.queue("a"), broker.queue("b")
+    for n in range(3):
+        broker.publish(first, {"q": "a", "n": n})
+        broker.publish(second, {"q": "b", "n": n})
+    connection = broker.connect()
+    inbox = Inbox(connection, [first, second])
+
+    order = []
+    for _ in range(6):
+        message = inbox.next()
+        order.append(message.payload["q"])
+        message.ack()
+
+    assert order in (["a", "b"] * 3, ["b", "a"] * 3)
+
+
+# --- the blocking wait -----------------------------------------------------------------------
+
+
+def test_an_idle_consumer_is_woken_by_a_publish_not_by_polling(broker: Broker) -> None:
+    queue = broker.queue()
+    connection = broker.connect(fetch_poll_interval=30)
+    inbox = Inbox(connection, [queue])
+    assert inbox.nothing(0.3)
+    published_at: list[float] = []
+
+    def publish_later() -> None:
+        time.sleep(0.3)
+        published_at.append(time.monotonic())
+        broker.publish(queue, {"n": 1})
+
+    threading.Thread(target=publish_later).start()
+    message = inbox.next(timeout=5)
+
+    assert time.monotonic() - published_at[0] < 0.5  # not the 30 s poll
+    message.ack()
+
+
+def test_without_client_tracking_an_idle_consumer_still_polls(broker: Broker) -> None:
+    queue = broker.queue()
+    connection = broker.connect(fetch_poll_interval=0.2)
+    channel_of(connection)._doorbell_supported = False  # as on a server that refuses CLIENT TRACKING
+    inbox = Inbox(connection, [queue])
+    assert inbox.nothing(0.3)
+
+    broker.publish(queue, {"n": 1})
+
+    inbox.next(timeout=2).ack()
+
+
+def test_a_consumer_keeps_delivering_after_the_server_forgets_its_scripts(tmp_path: Path) -> None:
+    """SCRIPT FLUSH (or a failover to a replica without them): the next fetch loads the script again."""
+    from localdev.embedded_broker import EmbeddedBroker, free_port
+
+    private = EmbeddedBroker(free_port(), tmp_path / "broker", persist=False)  # SCRIPT FLUSH is global
+    private.start()
+    try:
+        queue = Queue("flushed", Exchange("flushed"), routing_key="flushed")
+        with Connection(private.url, transport=Transport) as connection:
+            inbox = Inbox(connection, [queue])
+            with Connection(private.url) as producer_connection:
+                producer = Producer(producer_connection)
+                producer.publish({"n": 1}, exchange=queue.exchange, routing_key="flushed", declare=[queue])
+                inbox.next().ack()
+                redis.Redis.from_url(private.url).script_flush()
+                producer.publish({"n": 2}, exchange=queue.exchange, routing_key="flushed")
+
+            assert inbox.next().payload == {"n": 2}
+    finally:
+        private.stop()
+
+
+# --- heartbeat and reaper ------------------------------------------------------------------------
+
+
+def _stop_heartbeat(connection: Connection) -> None:
+    """The consumer 'dies' without closing: its heartbeat thread stops, its messages stay in flight."""
+    channel = channel_of(connection)
+    channel._pulse.stop()
+    channel._closing = True  # its poller would beat through the fetch script otherwise
+    connection._default_channel = None  # type: ignore[attr-defined]  # the test's release must not restore them
+
+
+def test_the_reaper_returns_a_dead_consumers_messages_marked_redelivered(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    doomed = broker.connect()
+    Inbox(doomed, [queue]).next()
+    dead_channel = channel_of(doomed)
+    _stop_heartbeat(doomed)
+
+    survivor = broker.connect()
+    inbox = Inbox(survivor, [queue])
+    message = inbox.next(timeout=5)  # lapse 1 s + reaper every 0.2 s
+
+    assert message.payload == {"n": 1}
+    assert message.headers[DELIVERY_COUNT_HEADER] == 2
+    assert message.delivery_info["redelivered"] is True
+    assert broker.redis.smembers(dead_channel.inflight_key) == set()
+    assert broker.redis.zscore(dead_channel.registry_key, dead_channel.consumer_id) is None
+    message.ack()
+
+
+def test_after_broker_trouble_no_consumer_in_the_process_reaps_for_a_lapse(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen or unreachable broker silences every heartbeat: wait until live consumers beat again."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    doomed = broker.connect()
+    Inbox(doomed, [queue]).next()
+    _stop_heartbeat(doomed)
+    monkeypatch.setattr(delivery_redis, "_broker_trouble_at", time.monotonic())
+
+    survivor = broker.connect(consumer_heartbeat_lapse=3.0)
+    inbox = Inbox(survivor, [queue])
+
+    assert inbox.nothing(2)  # the dead heartbeat lapsed after 1 s, but this process had trouble
+    assert inbox.next(timeout=3).payload == {"n": 1}
+
+
+def test_a_live_consumers_messages_are_never_returned_however_long_it_holds_them(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    owner = broker.connect()
+    held = Inbox(owner, [queue]).next()
+    other = broker.connect()
+    inbox = Inbox(other, [queue])
+
+    assert inbox.nothing(4)  # four lapses, twenty reaper runs
+
+    assert broker.inflight(owner) == {held.delivery_tag.encode()}
+    held.ack()
+
+
+def test_the_reaper_quarantines_undecodable_messages_a_dead_consumer_held(broker: Broker) -> None:
+    queue = broker.queue()
+    doomed = broker.connect()
+    channel = channel_of(doomed)
+    broker.lpush(queue, b"not json")
+    # The fetch script holds the bad item; the consumer dies before it can quarantine it.
+    reply = channel._fetch_script(
+        channel._fetch_keys([queue.name]), channel._fetch_args(1), client=channel._create_client()
+    )
+    assert reply[3] == b"not JSON"
+    assert broker.redis.hlen(channel.held_key) == 1
+
+    survivor = broker.connect()
+    Inbox(survivor, [queue])  # an acknowledging consumer: it beats and reaps from the start
+
+    wait_for(broker.quarantined, timeout=5, what="the held message to be quarantined")
+    assert broker.quarantined()[0]["body"] == "not json"
+    assert broker.redis.hlen(channel.held_key) == 0
+
+
+# --- quarantine ---------------------------------------------------------------------------------
+
+UNDECODABLE = {
+    "not JSON": (b"this is {not json", "not JSON"),
+    "not UTF-8": (b"\xff\xfe{bad", "not JSON"),
+    "a JSON string": (b'"just a string"', "not a kombu message"),
+    "a JSON array": (b"[1, 2]", "not a kombu message"),
+    "exchange not a string": (
+        b'{"properties": {"delivery_tag": "t", "delivery_info": {"exchange": 1}}}',
+        "not a kombu message",
+    ),
+    "no properties": (b'{"body": "x", "headers": {}}', "not a kombu message"),
+    "body not base64": (None, "cannot decode the envelope or body"),
+}
+
+
+def _envelope_with_bad_base64(queue: Queue) -> bytes:
+    return json.dumps(
+        {
+            "body": "%%% not base64 at all !",
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": queue.exchange.name, "routing_key": queue.routing_key},
+                "priority": 0,
+            },
+        }
+    ).encode()
+
+
+@pytest.mark.parametrize("kind", list(UNDECODABLE))
+def test_an_undecodable_message_is_quarantined_and_the_next_good_one_delivered(
+    broker: Broker, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = broker.queue()
+    raw, reason = UNDECODABLE[kind]
+    raw = raw if raw is not None else _envelope_with_bad_base64(queue)
+    broker.publish(queue, {"n": 0})  # declares the queue
+    broker.redis.delete(queue.name)
+    broker.lpush(queue, raw)
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+
+    message = inbox.next()
+
+    assert message.payload == {"n": 1}
+    message.ack()
+    (entry,) = broker.quarantined()
+    assert set(entry) == {"queue", "reason", "size", "body", "at"}
+    assert entry["queue"] == queue.name
+    assert entry["reason"].startswith(reason)
+    assert entry["size"] == len(raw)
+    assert entry["body"] == raw.decode("utf-8", errors="backslashreplace")
+    assert abs(entry["at"] - time.time()) < 60
+    assert broker.inflight(connection) == set()
+    assert broker.redis.hlen(channel_of(connection).held_key) == 0
+    warnings = [r for r in caplog.records if r.name == "delivery.redis" and "Quarantined" in r.getMessage()]
+    assert len(warnings) == 1
+    assert raw.decode("utf-8", errors="replace")[:8] not in warnings[0].getMessage()
+
+
+def test_the_quarantine_keeps_bodies_and_entries_bounded(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.redis.rpush(broker.quarantine_key, *["old"] * 9_999)
+    huge = b"x" * 70_000
+    broker.lpush(queue, huge)
+    connection = broker.connect()
+    channel = channel_of(connection)
+    queue(channel).declare()
+
+    assert channel.basic_get(queue.name) is None
+
+    assert broker.redis.llen(broker.quarantine_key) == 10_000
+    entry = json.loads(broker.redis.lindex(broker.quarantine_key, 0) or b"")
+    assert entry["size"] == 70_000
+    assert len(entry["body"]) == 65_536
+
+
+def test_the_quarantine_contract_is_the_documented_key() -> None:
+    assert QUARANTINE_KEY == "jobs:quarantine:raw"
+    entry = json.loads(delivery_redis.quarantine_entry("default", b"\xffabc", "not JSON", at=1.5))
+    assert entry == {"queue": "default", "reason": "not JSON", "size": 4, "body": "\\xffabc", "at": 1.5}
+
+
+def test_overlapping_queue_names_become_one_tracking_prefix() -> None:
+    assert delivery_redis.tracking_prefixes(["email_bulk", "email", "images"]) == ["email", "images"]
+
+
+# --- real workers ------------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_sigkilled_workers_task_runs_again_on_another_worker_within_30_s(
+    empty_queues: None, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    doomed = worker_process("doomed", "-Q", "default", "-I", "tests.probes", "--pool=prefork", "-c", "1")
+    marker = tmp_path / "runs.txt"
+
+    probes.probe_delivery.delay(path=str(marker), seconds=120)
+    wait_for(lambda: _lines(marker), timeout=30, what="the first run to start")
+    for pid in [doomed.process.pid, *descendants(doomed.process.pid)]:
+        os.kill(pid, signal.SIGKILL)  # the whole worker, main process and pool, at once
+    killed_at = time.monotonic()
+    doomed.process.wait()
+
+    worker_process("rescuer", "-Q", "default", "-I", "tests.probes", "--pool=prefork", "-c", "1")
+    wait_for(lambda: len(_lines(marker)) >= 2, timeout=40, what="the task to run again")
+
+    back_after = time.monotonic() - killed_at
+    assert back_after < 30, f"the task ran again {back_after:.1f} s after the kill"
+    first, second = (json.loads(line) for line in _lines(marker))
+    assert first["delivery_count"] is None and not first["redelivered"]
+    assert second["delivery_count"] == 2 and second["redelivered"]
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_undecodable_messages_do_not_kill_a_worker_and_are_quarantined(
+    empty_queues: None, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    before = client.llen(QUARANTINE_KEY)
+    worker = worker_process("survivor", "-Q", "default", "-I", "tests.probes", "--pool=solo")
+    client.lpush("default", "this is {not json")
+    bad_base64 = json.loads(_envelope_with_bad_base64(Queue("default", Exchange("default"), "default")))
+    client.lpush("default", json.dumps(bad_base64))
+    marker = tmp_path / "runs.txt"
+
+    probes.probe_delivery.delay(path=str(marker), seconds=0)
+
+    wait_for(lambda: _lines(marker), timeout=30, what="the good task to run")
+    assert worker.process.poll() is None
+    new_entries = client.lrange(QUARANTINE_KEY, 0, client.llen(QUARANTINE_KEY) - before - 1)
+    entries = [json.loads(raw) for raw in new_entries]
+    assert {entry["body"][:17] for entry in entries} >= {"this is {not json"}
+    assert any(entry["reason"].startswith("cannot decode") for entry in entries)
+    assert all(entry["queue"] == "default" for entry in entries)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_task_cut_off_by_a_broker_restart_runs_again_within_30_s(
+    celery_app: Any, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The old connection's messages cannot be restored while the broker is down: the reaper returns them."""
+    from localdev.embedded_broker import EmbeddedBroker, free_port
+
+    private = EmbeddedBroker(free_port(), tmp_path / "broker", persist=True)  # a broker we may restart
+    private.start()
+    try:
+        worker_process(
+            "restarted",
+            "-Q",
+            "default",
+            "-I",
+            "tests.probes",
+            "--pool=prefork",
+            "-c",
+            "1",
+            broker_url=private.url,
+        )
+        marker = tmp_path / "runs.txt"
+        with celery_app.connection_for_write(private.url) as connection:
+            celery_app.send_task(
+                "default.probe_delivery", kwargs={"path": str(marker), "seconds": 120}, connection=connection
+            )
+        wait_for(lambda: _lines(marker), timeout=30, what="the first run to start")
+
+        private.stop()
+        time.sleep(2)
+        private.start()
+        restarted_at = time.monotonic()
+        wait_for(lambda: len(_lines(marker)) >= 2, timeout=45, what="the task to run again")
+
+        back_after = time.monotonic() - restarted_at
+        assert back_after < 30, f"the task ran again {back_after:.1f} s after the restart"
+        assert json.loads(_lines(marker)[1])["redelivered"]
+    finally:
+        private.stop()
