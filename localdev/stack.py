@@ -144,6 +144,12 @@ def report_when_ready(env: dict[str, str], started: float, stop: threading.Event
     )
 
 
+def embedded_broker(env: dict[str, str], state: Path = STATE) -> EmbeddedBroker:
+    """The broker `bin/run` starts when none is set: it keeps queued jobs across a restart (AOF)."""
+    port = int(env.get("EMBEDDED_BROKER_PORT", "6390"))
+    return EmbeddedBroker(port, state / "broker", persist=True)
+
+
 def main() -> int:
     started = time.monotonic()
     env = prepare_environment()
@@ -151,8 +157,7 @@ def main() -> int:
 
     broker: EmbeddedBroker | None = None
     if not env.get("CELERY_BROKER_URL"):
-        port = int(env.get("EMBEDDED_BROKER_PORT", "6390"))
-        broker = EmbeddedBroker(port, STATE / "broker", persist=True)
+        broker = embedded_broker(env)
         try:
             broker.start()
         except BrokerUnavailable as exc:

@@ -28,6 +28,7 @@ from celery import signals
 from django.conf import settings
 
 from monitoring import metrics
+from tasks import quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,24 @@ def on_rejected(message: Any = None, **kwargs: Any) -> None:
         logger.exception("metrics: rejected handler failed")
 
 
+def on_quarantined(
+    queue: str = "", kind: str = "", task: str = "", source: str = "worker", **kwargs: Any
+) -> None:
+    """A message kept in the quarantine: `exc:quarantined:<kind>` under its task (or "unknown").
+
+    The worker's poison messages are also counted `rejected` through Celery's signals; those
+    the transport refused never reached Celery, so they are counted `rejected` here."""
+    try:
+        assert _buffer is not None
+        now = time.time()
+        name = task or "unknown"
+        _buffer.add(now, name, queue or "unknown", f"exc:quarantined:{kind or 'unknown'}")
+        if source == "transport":
+            _buffer.add(now, name, queue or "unknown", "rejected")
+    except Exception:
+        logger.exception("metrics: quarantine handler failed")
+
+
 def on_shutdown(**kwargs: Any) -> None:
     if _buffer is not None:
         _buffer.flush()
@@ -275,6 +294,7 @@ def install() -> None:
     signals.task_revoked.connect(on_revoked, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
     signals.task_unknown.connect(on_rejected, weak=False)
+    quarantine.message_quarantined.connect(on_quarantined, weak=False)
     signals.worker_process_shutdown.connect(on_shutdown, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     atexit.register(on_shutdown)

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from config.celery_app import app
 from monitoring import alerts, rollup
+from tasks import quarantine
 from tasks.base import JobTask, TransientJobError
 
 
@@ -25,11 +26,17 @@ class NoArguments(BaseModel):
     schema=NoArguments,
     autoretry_for=(TransientJobError, OperationalError, RedisError),
     max_attempts=3,
-    idempotency="each minute's row is replaced by the minute's full counts; compaction is per hour, atomic",
+    idempotency="each minute's row is replaced by the minute's full counts; compaction is per hour, atomic; "
+    "a quarantine entry is popped by one drain only",
 )
 def metrics_rollup(self: JobTask) -> dict[str, Any]:
-    """Moves the per-minute counters from Redis into TaskMetric rows; compacts and prunes old rows."""
-    return asdict(rollup.roll_up())
+    """Moves the per-minute counters from Redis into TaskMetric rows; compacts and prunes old rows.
+
+    Also moves what the transport quarantined (the Redis list `jobs:quarantine:raw`) into
+    QuarantinedMessage rows, so the admin lists it within a minute."""
+    report = asdict(rollup.roll_up())
+    report["quarantined"] = quarantine.drain_transport_quarantine()
+    return report
 
 
 @app.task(

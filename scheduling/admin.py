@@ -31,7 +31,7 @@ from scheduling import beat
 from scheduling.cron import FIELDS, Cron, CronError, Occurrence, parse_field
 from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun, ScheduleOptions
-from tasks.admin.common import ReadOnlyAdmin
+from tasks.admin.common import ReadOnlyAdmin, reports_broker_errors
 from tasks.base import PermanentJobError
 
 TIME_ZONES = sorted(available_timezones())
@@ -303,6 +303,7 @@ class ScheduleAdmin(PeriodicTaskAdmin):
     # --- actions ------------------------------------------------------------------
 
     @admin.action(description="Run now")
+    @reports_broker_errors
     def run_now(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
         sent = []
         for task in queryset.select_related("crontab", "interval", "solar", "clocked"):

@@ -14,3 +14,8 @@ class TasksConfig(AppConfig):
         # validate arguments before anything reaches the broker.
         for module in settings.CELERY_IMPORTS:
             import_module(module)
+        # Workers quarantine messages they cannot run instead of dropping them or dying.
+        from config.celery_app import app
+        from tasks import poison
+
+        poison.install(app)

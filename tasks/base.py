@@ -27,7 +27,9 @@ from celery import Task
 from celery._state import _task_stack  # type: ignore[attr-defined]  # what Task.__call__ uses
 from django.conf import settings
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from tasks import reliability
 
@@ -48,6 +50,16 @@ class PermanentJobError(Exception):
 
 class InvalidArguments(PermanentJobError):
     """The arguments do not match the task's schema."""
+
+
+# What sending to a broker that is down or frozen raises (after the publish retry policy and the
+# socket timeouts in settings): kombu's OperationalError, redis-py's errors, socket errors.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    KombuOperationalError,
+    RedisError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 class TransientJobError(Exception):

@@ -12,7 +12,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from tasks.base import FIRST_FAILURE_HEADER, REPLAY_HEADER, PermanentJobError
+from tasks.base import BROKER_ERRORS, FIRST_FAILURE_HEADER, REPLAY_HEADER, PermanentJobError
 from tasks.models import DeadLetter
 from tasks.services.maintenance import delete_in_batches
 
@@ -118,6 +118,13 @@ def replay_many(letters: Iterable[DeadLetter]) -> tuple[list[str], list[str]]:
             sent.append(replay(letter))
         except PermanentJobError as exc:
             errors.append(f"dead letter {letter.pk}: {exc}")
+        except BROKER_ERRORS as exc:
+            # The rest would wait on the same broker: stop, and say what was left as it was.
+            errors.append(
+                f"dead letter {letter.pk}: the broker did not take the replay ({type(exc).__name__}); "
+                "it and the ones after it were not replayed, try again when the broker answers"
+            )
+            break
     return sent, errors
 
 

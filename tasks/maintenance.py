@@ -21,6 +21,7 @@ Kind = Literal[
     "task_results",
     "group_results",
     "dead_letters",
+    "quarantined_messages",
     "email_logs",
     "sync_runs",
     "events",
@@ -42,7 +43,8 @@ class CleanupSchema(BaseModel):
     idempotency="deletes by age only; a second run finds nothing left to delete",
 )
 def cleanup(self: JobTask, kinds: list[str] | None = None) -> dict[str, Any]:
-    """Deletes expired task results, group results, dead letters, email logs, sync runs and events.
+    """Deletes expired task results, group results, dead letters, quarantined messages, email logs,
+    sync runs and events.
 
     Returns the rows deleted and batches used per kind. A run stops between
     batches after MAINTENANCE_TIME_BUDGET_SECONDS (`complete: false`); the next

@@ -44,6 +44,47 @@ class DeadLetter(models.Model):
         return f"{self.task_name} [{self.task_id}] {self.exception_type}"
 
 
+# --- Quarantine -------------------------------------------------------------------
+
+
+class QuarantinedMessage(models.Model):
+    """A broker message no worker could run (unknown task, bad envelope, refused content type,
+    undecodable body), kept as received so a person can see what it was; the worker went on."""
+
+    class Kind(models.TextChoices):
+        UNKNOWN_TASK = "unknown_task", "unknown task"
+        CONTENT_TYPE = "content_type", "content type not accepted"
+        ENVELOPE = "envelope", "not a Celery message"
+        UNDECODABLE = "undecodable", "undecodable body"
+        TRANSPORT = "transport", "refused by the transport"
+
+    class BodyEncoding(models.TextChoices):
+        TEXT = "utf-8", "text (UTF-8)"
+        BASE64 = "base64", "base64 (the body is not UTF-8 text)"
+
+    quarantined_at = models.DateTimeField(default=timezone.now, db_index=True)
+    queue = models.CharField(max_length=200, blank=True, db_index=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices, db_index=True)
+    reason = models.CharField(max_length=500)
+    # From the message's headers, when it had readable ones.
+    task_name = models.CharField(max_length=255, blank=True)
+    task_id = models.CharField(max_length=255, blank=True)
+    content_type = models.CharField(max_length=100, blank=True)
+    content_encoding = models.CharField(max_length=50, blank=True)
+    headers = models.TextField(blank=True)
+    # Bytes of the body as received; `body` holds at most the first 64 KiB of it.
+    size = models.PositiveBigIntegerField(default=0)
+    body = models.TextField(blank=True)
+    body_encoding = models.CharField(max_length=10, choices=BodyEncoding.choices, default=BodyEncoding.TEXT)
+    truncated = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-quarantined_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.queue or '?'}: {self.reason[:80]}"
+
+
 # --- Email ------------------------------------------------------------------------
 
 

@@ -209,6 +209,22 @@ DELIVERY_HEARTBEAT_INTERVAL = env.int("DELIVERY_HEARTBEAT_INTERVAL", default=5, 
 DELIVERY_HEARTBEAT_LAPSE = env.int(
     "DELIVERY_HEARTBEAT_LAPSE", default=15, min_value=2 * DELIVERY_HEARTBEAT_INTERVAL + 1, max_value=600
 )
+# Seconds any broker command (a publish from the web, beat, the admin or a worker, an ack)
+# may wait for the broker's answer, and to open a connection: a frozen or unreachable broker
+# gives the caller an error instead of a hang. Workers' blocking BRPOP is not affected (kombu
+# reads it from its event loop when the socket is readable; the server answers it every second).
+CELERY_BROKER_SOCKET_TIMEOUT = env.float(
+    "CELERY_BROKER_SOCKET_TIMEOUT", default=3.0, min_value=0.5, max_value=60
+)
+CELERY_BROKER_CONNECTION_TIMEOUT = CELERY_BROKER_SOCKET_TIMEOUT
+# A publish that fails is tried once more (a pooled connection the broker closed in a restart
+# is replaced), then the caller gets the error: at most about two socket timeouts in all.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
     "consumer_heartbeat_interval": DELIVERY_HEARTBEAT_INTERVAL,
@@ -216,6 +232,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Detect half-open connections (NAT, load balancers) instead of hanging.
     "health_check_interval": 25,
     "socket_keepalive": True,
+    "socket_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
+    "socket_connect_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
     # Redis: one list per priority 0-9, so an API job's priority is honoured step by step
     # (messages sent without one go to the first list, as before).
     "priority_steps": list(range(10)),
@@ -366,6 +384,10 @@ MAINTENANCE_BATCH_SIZE = env.int("MAINTENANCE_BATCH_SIZE", default=1000, min_val
 # results follow CELERY_RESULT_EXPIRES. Email logs: only rows in a final state (sent, failed, unknown).
 MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = env.int(
     "MAINTENANCE_DEAD_LETTER_RETENTION_DAYS", default=30, min_value=0
+)
+# Quarantined messages (broker messages no worker could run), by the time they were quarantined.
+MAINTENANCE_QUARANTINE_RETENTION_DAYS = env.int(
+    "MAINTENANCE_QUARANTINE_RETENTION_DAYS", default=30, min_value=0
 )
 MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = env.int(
     "MAINTENANCE_EMAIL_LOG_RETENTION_DAYS", default=90, min_value=0

@@ -7,16 +7,24 @@ mapped here).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
+from limits.errors import StorageError
 from ninja import NinjaAPI
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.parser import Parser
+from redis.exceptions import RedisError
 
 from jobs.api.auth import ApiTokenAuth
 from jobs.api.common import ApiError, error_response
+from jobs.publish import BrokerUnavailable
+from jobs.ratelimit import LimiterUnavailable
 from jobs.registry import request_body_schema
+
+logger = logging.getLogger(__name__)
 
 API_DESCRIPTION = """Hand work to the jobs platform and follow it to the end.
 
@@ -86,6 +94,42 @@ def _bad_request(request: HttpRequest, exc: NinjaValidationError) -> HttpRespons
 @api.exception_handler(ApiError)
 def _api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
     return error_response(request, exc)
+
+
+# What the broker (kombu), Redis (redis-py, the rate limiter) or a socket raise when they are
+# down or frozen. Each endpoint says what it kept; this is the net under all of them: a 503
+# the client can retry, never a 500.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    KombuOperationalError,
+    RedisError,
+    StorageError,
+    BrokerUnavailable,
+    LimiterUnavailable,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _unavailable(request: HttpRequest, exc: Any) -> HttpResponse:
+    # The type only: connection errors name the server's address.
+    logger.warning(
+        "api: %s %s: the broker or Redis did not answer (%s)",
+        request.method,
+        request.path,
+        type(exc).__name__,
+    )
+    return error_response(
+        request,
+        ApiError(
+            503,
+            f"a service the API needs (the broker or Redis) did not answer ({type(exc).__name__}); try again",
+            Retry_After="5",
+        ),
+    )
+
+
+for _error in UNAVAILABLE:
+    api.add_exception_handler(_error, _unavailable)
 
 
 from jobs.api import dead_letters, jobs, queues  # noqa: E402  (routers use `api`)

@@ -115,7 +115,10 @@ def _invalid(error: InvalidJob) -> ApiError:
 
 
 def _rate_limit(token: ApiToken, cost: int) -> None:
-    wait = ratelimit.take(token.pk, cost)
+    try:
+        wait = ratelimit.take(token.pk, cost)
+    except ratelimit.LimiterUnavailable as exc:
+        raise ApiError(503, f"{exc}; nothing was queued, try again", Retry_After="5") from None
     if wait is not None:
         raise ApiError(
             429,

@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from tasks.admin.common import reports_broker_errors
 from tasks.models import DailyMetric, Event
 from tasks.services import analytics
 
@@ -67,6 +68,7 @@ class DailyMetricAdmin(admin.ModelAdmin):
         return request.user.has_perm("tasks.change_dailymetric")
 
     @admin.action(description="Recompute the selected days from their events", permissions=["recompute"])
+    @reports_broker_errors
     def recompute_days(self, request: HttpRequest, queryset: QuerySet[DailyMetric]) -> None:
         from tasks.analytics import aggregate_daily
 

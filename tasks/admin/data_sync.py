@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from tasks.admin.common import ReadOnlyAdmin
+from tasks.admin.common import ReadOnlyAdmin, reports_broker_errors
 from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
 from tasks.services.fetch import FetchError, check_url
 
@@ -52,6 +52,7 @@ class DataSourceAdmin(admin.ModelAdmin):
         return f"{run.status} at {run.started_at:%Y-%m-%d %H:%M}" if run else "never"
 
     @admin.action(description="Sync now", permissions=["change"])
+    @reports_broker_errors
     def sync_now(self, request: HttpRequest, queryset: QuerySet[DataSource]) -> None:
         from tasks.data_sync import sync
 

@@ -13,6 +13,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from tasks.admin.common import reports_broker_errors
 from tasks.models import ImageAsset, ImageOutput
 from tasks.services import images as service
 
@@ -85,6 +86,7 @@ class ImageAssetAdmin(admin.ModelAdmin):
         return getattr(asset, "output_total", 0)
 
     @admin.action(description="Make 256 px thumbnails (oriented, metadata stripped)", permissions=["change"])
+    @reports_broker_errors
     def make_thumbnails(self, request: HttpRequest, queryset: QuerySet[ImageAsset]) -> None:
         from tasks.images import process
 

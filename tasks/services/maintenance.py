@@ -82,6 +82,7 @@ def retention_cutoffs(now: datetime | None = None) -> dict[str, datetime | None]
         "task_results": now - timedelta(seconds=settings.CELERY_RESULT_EXPIRES),
         "group_results": now - timedelta(seconds=settings.CELERY_RESULT_EXPIRES),
         "dead_letters": _older_than(settings.MAINTENANCE_DEAD_LETTER_RETENTION_DAYS, now),
+        "quarantined_messages": _older_than(settings.MAINTENANCE_QUARANTINE_RETENTION_DAYS, now),
         "email_logs": _older_than(settings.MAINTENANCE_EMAIL_LOG_RETENTION_DAYS, now),
         "sync_runs": _older_than(settings.MAINTENANCE_SYNC_RUN_RETENTION_DAYS, now),
         "events": _older_than(settings.ANALYTICS_EVENT_RETENTION_DAYS, now),
@@ -94,7 +95,7 @@ def expired(kind: str, cutoff: datetime) -> QuerySet[Any]:
     """The rows of `kind` that are older than `cutoff`."""
     from django_celery_results.models import GroupResult, TaskResult
 
-    from tasks.models import DeadLetter, EmailLog, Event, EventBatch, SyncRun
+    from tasks.models import DeadLetter, EmailLog, Event, EventBatch, QuarantinedMessage, SyncRun
 
     if kind == "task_results":
         return TaskResult.objects.filter(date_done__lt=cutoff)
@@ -102,6 +103,8 @@ def expired(kind: str, cutoff: datetime) -> QuerySet[Any]:
         return GroupResult.objects.filter(date_done__lt=cutoff)
     if kind == "dead_letters":
         return DeadLetter.objects.filter(last_failed_at__lt=cutoff)
+    if kind == "quarantined_messages":
+        return QuarantinedMessage.objects.filter(quarantined_at__lt=cutoff)
     if kind == "email_logs":
         # Pending or sending rows are work in progress (a retry may still need them).
         final = [EmailLog.Status.SENT, EmailLog.Status.FAILED, EmailLog.Status.UNKNOWN]
@@ -124,6 +127,7 @@ KINDS = (
     "task_results",
     "group_results",
     "dead_letters",
+    "quarantined_messages",
     "email_logs",
     "sync_runs",
     "events",

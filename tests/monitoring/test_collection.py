@@ -52,9 +52,9 @@ def test_successes_failures_and_retries_are_counted_exactly_and_survive_a_worker
     celery_app.control.revoke(revoked_id, reply=True, timeout=5)
     flaky.apply_async(kwargs={"fail_times": 0}, task_id=revoked_id)
     wait_for(lambda: "Discarding revoked task" in worker.log.read_text(), timeout=30, what="the revoke")
-    # A message for a task this worker does not know: rejected, counted under the name it asked for.
+    # A message for a task this worker does not know: quarantined, counted rejected under its name.
     celery_app.send_task("default.no_such_task")
-    wait_for(lambda: "unregistered task" in worker.log.read_text(), timeout=30, what="the rejection")
+    wait_for(lambda: "no worker knows the task" in worker.log.read_text(), timeout=30, what="the rejection")
     flush_here()
     worker.stop()  # a warm shutdown flushes what the pool processes (and the main one) still hold
 

@@ -14,7 +14,7 @@ from django_celery_results.models import GroupResult, TaskResult
 from scheduling.models import ScheduledRun
 from tasks.base import InvalidArguments
 from tasks.maintenance import Kind, cleanup
-from tasks.models import DataSource, DeadLetter, EmailLog, Event, EventBatch, SyncRun
+from tasks.models import DataSource, DeadLetter, EmailLog, Event, EventBatch, QuarantinedMessage, SyncRun
 from tasks.services import maintenance as service
 
 pytestmark = pytest.mark.django_db
@@ -135,6 +135,7 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
     """(old, recent) rows of every kind, against retentions of 7 days (results) and 30/90/90/365/7 days."""
     settings.CELERY_RESULT_EXPIRES = 7 * 24 * 3600
     settings.MAINTENANCE_DEAD_LETTER_RETENTION_DAYS = 30
+    settings.MAINTENANCE_QUARANTINE_RETENTION_DAYS = 30
     settings.MAINTENANCE_EMAIL_LOG_RETENTION_DAYS = 90
     settings.MAINTENANCE_SYNC_RUN_RETENTION_DAYS = 90
     settings.ANALYTICS_EVENT_RETENTION_DAYS = 365
@@ -146,6 +147,10 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
         "dead_letters": (
             [make_dead_letter(ago(days=31, minutes=i)) for i in range(3)],
             [make_dead_letter(ago(days=29))],
+        ),
+        "quarantined_messages": (
+            [make_quarantined(ago(days=31)), make_quarantined(ago(days=400))],
+            [make_quarantined(ago(days=29))],
         ),
         "email_logs": (
             [make_email_log(ago(days=91), status) for status in ("sent", "failed", "unknown")],
@@ -161,6 +166,12 @@ def rows_of_every_kind(settings) -> dict[str, tuple[list[Any], list[Any]]]:
         "event_batches": ([make_event_batch(ago(days=8))], [make_event_batch(ago(days=6))]),
         "scheduled_runs": ([make_scheduled_run(ago(days=15))], [make_scheduled_run(ago(days=13))]),
     }
+
+
+def make_quarantined(when: datetime) -> QuarantinedMessage:
+    return QuarantinedMessage.objects.create(
+        quarantined_at=when, queue="email", kind="undecodable", reason="not JSON", body="{", size=1
+    )
 
 
 def make_scheduled_run(when: datetime) -> ScheduledRun:

@@ -46,6 +46,7 @@ def test_cleanup_runs_on_the_default_queue_and_deletes_old_rows_in_batches(
         "task_results": 1,
         "group_results": 0,
         "dead_letters": 3,
+        "quarantined_messages": 0,
         "email_logs": 1,
         "sync_runs": 0,
         "events": 5,
