@@ -60,11 +60,12 @@ def kill_whole_worker(worker: Any) -> None:
 
 
 def _reset_app_connections(app: Celery) -> None:
-    """Forgets the pooled connections of `app` and of jobs.publish, so the next use opens new ones."""
-    with contextlib.suppress(Exception):
-        if app._pool is not None:  # type: ignore[attr-defined]  # Celery's connection pool
-            app._pool.force_close_all()  # type: ignore[attr-defined]
-    app._pool = None  # type: ignore[attr-defined]
+    """Forgets the pooled connections of `app` and of jobs.publish, so the next use opens new ones.
+
+    The old pools are dropped, not closed: kombu keeps one pool per broker URL for the whole
+    process (kombu.pools), and a closed one would be handed out again for the same URL.
+    """
+    app._pool = None  # type: ignore[attr-defined]  # Celery's broker connection pool
     app.amqp._producer_pool = None  # type: ignore[attr-defined]
     with publish._lock:
         publish._connection = None

@@ -30,14 +30,19 @@ def size(default: int) -> int:
     return int(os.environ.get("FAULTS_JOBS", default))
 
 
-def accept_jobs(count: int, directory: Path, seconds: float = 0.0, queue: str = "default") -> list[str]:
-    """Writes `count` job rows and publishes them, as POST /api/jobs does; returns their ids."""
+def accept_jobs(
+    count: int, directory: Path, seconds: float = 0.0, queue: str = "default", first: int = 0
+) -> list[str]:
+    """Writes `count` job rows and publishes them, as POST /api/jobs does; returns their ids.
+
+    Their keys are k<first> to k<first + count - 1>: a second batch into the same directory
+    starts where the first ended."""
     directory.mkdir(parents=True, exist_ok=True)
     jobs = [
         Job(
             type="default.probe_effect",
             queue=queue,
-            payload={"directory": str(directory), "key": f"k{index}", "seconds": seconds},
+            payload={"directory": str(directory), "key": f"k{first + index}", "seconds": seconds},
             task_id=uuid(),
         )
         for index in range(count)

@@ -89,7 +89,7 @@ def test_workers_outlive_poison_messages_and_every_good_job_completes(
         for raw in poisons.values():
             client.lpush("default", raw)
         client.close()
-        job_ids += oracle.accept_jobs(half, effects, seconds=0.05)  # more good ones behind them
+        job_ids += oracle.accept_jobs(half, effects, seconds=0.05, first=half)  # more good ones behind them
         started = time.monotonic()
         while oracle.final_count(job_ids) < len(job_ids) and time.monotonic() - started < 60:
             if all(worker.process.poll() is not None for worker in workers):
