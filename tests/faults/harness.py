@@ -105,7 +105,8 @@ def reconcile_now() -> tuple[int, int]:
     from jobs import reconcile
 
     try:
-        return reconcile.resend_lost(), reconcile.finish_from_results()
+        finished = reconcile.finish_from_results()  # first, as release_jobs does
+        return reconcile.resend_lost(), finished
     except Exception as exc:  # the broker may still be coming back; the next round tries again
         logger.warning("reconciler round failed: %s", exc)
         connection.close()

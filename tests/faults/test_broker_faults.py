@@ -28,22 +28,14 @@ def _executions(effects: Path) -> int:
     return len(oracle._lines(effects / "executions.log"))
 
 
-# The tasks running when the connection drops are cancelled by the worker (Celery's
-# worker_cancel_long_running_tasks_on_connection_loss) and their messages restored to a broker
-# that forgets them: the rows stay `running`, which the reconciler leaves alone until the hard
-# time limit (11 min) has passed.
-RUNNING_ROWS_WAIT_FOR_THE_TIME_LIMIT = pytest.mark.xfail(
-    strict=True,
-    reason="jobs.reconcile sends again a `running` job whose message is lost only after "
-    "CELERY_TASK_TIME_LIMIT + JOBS_RECONCILE_AFTER_SECONDS",
-)
-
-
 @pytest.mark.parametrize(
     "persist",
     [
         pytest.param(True, id="append-only file"),
-        pytest.param(False, id="no persistence", marks=RUNNING_ROWS_WAIT_FOR_THE_TIME_LIMIT),
+        # The tasks running when the connection drops are cancelled (Celery's
+        # worker_cancel_long_running_tasks_on_connection_loss) and their messages given back to a
+        # broker that forgets them: the reconciler sends their `running` jobs again.
+        pytest.param(False, id="no persistence"),
     ],
 )
 def test_jobs_survive_a_broker_restart(
