@@ -26,8 +26,10 @@ from jobs.publish import publish
 from tests import probes  # noqa: F401  (registers default.probe_effect here too)
 
 
-def size(default: int) -> int:
-    return int(os.environ.get("FAULTS_JOBS", default))
+def size(default: int, most: int | None = None) -> int:
+    """FAULTS_JOBS, or `default`; at most `most` (scenarios of long tasks stay minutes long)."""
+    count = int(os.environ.get("FAULTS_JOBS", default))
+    return count if most is None else min(count, most)
 
 
 def accept_jobs(

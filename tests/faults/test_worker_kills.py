@@ -53,7 +53,7 @@ def test_a_worker_stopped_during_long_tasks_finishes_them_and_loses_nothing(
 ) -> None:
     """SIGTERM (a deploy): the warm shutdown finishes what runs; the rest waits for the next worker."""
     effects = tmp_path / "effects"
-    job_ids = oracle.accept_jobs(oracle.size(12), effects, seconds=2)
+    job_ids = oracle.accept_jobs(oracle.size(12, most=40), effects, seconds=2)
     first = worker_process("deployed", *harness.WORKER_ARGS)
     wait_for(lambda: len(oracle._lines(effects / "executions.log")) >= 2, what="two tasks running")
 
