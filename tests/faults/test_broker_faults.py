@@ -51,15 +51,15 @@ def test_jobs_survive_a_broker_restart(
         broker.stop()  # SIGTERM: with an append-only file, what it holds is on disk
         time.sleep(3)
         broker.start()
-        recovered = harness.wait_reconciling(job_ids, timeout=60)  # the goal is 30 s
+        recovery = harness.wait_after_fault(job_ids, harness.patience(job_ids), reconcile_every=5)
 
         log = worker.log.read_text()
     kind = "with" if persist else "without"
-    result = oracle.report(f"broker SIGTERM and restart {kind} AOF", job_ids, effects, recovered)
-    result.record("reconciler every 5 s")
+    result = oracle.report(f"broker SIGTERM and restart {kind} AOF", job_ids, effects, recovery.final)
+    result.record(recovery.note())
     assert worker.process.poll() is None, log[-3000:]
     assert result.perfect, result.line() + "\n" + log[-3000:]
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())
 
 
 def test_jobs_survive_a_frozen_broker(celery_app: Celery, worker_process, tmp_path: Path) -> None:
@@ -74,14 +74,14 @@ def test_jobs_survive_a_frozen_broker(celery_app: Celery, worker_process, tmp_pa
         os.kill(broker.process.pid, signal.SIGSTOP)
         time.sleep(10)
         os.kill(broker.process.pid, signal.SIGCONT)
-        recovered = oracle.wait_until_final(job_ids, timeout=90)
+        recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids))
 
         log = worker.log.read_text()
-    result = oracle.report("broker frozen (SIGSTOP) 10 s", job_ids, effects, recovered)
-    result.record()
+    result = oracle.report("broker frozen (SIGSTOP) 10 s", job_ids, effects, recovery.final)
+    result.record(recovery.note())
     assert worker.process.poll() is None, log[-3000:]
     assert result.perfect, result.line() + "\n" + log[-3000:]
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())
 
 
 def test_jobs_survive_the_broker_killing_worker_connections(
@@ -98,11 +98,11 @@ def test_jobs_survive_the_broker_killing_worker_connections(
         admin = redis.Redis(host=broker.host, port=broker.port)
         killed = int(admin.execute_command("CLIENT", "KILL", "TYPE", "normal"))
         admin.close()
-        recovered = oracle.wait_until_final(job_ids, timeout=90)
+        recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids, per_job=2))
 
         log = worker.log.read_text()
-    result = oracle.report("CLIENT KILL during 2 s tasks", job_ids, effects, recovered)
-    result.record(f"{killed} connections killed")
+    result = oracle.report("CLIENT KILL during 2 s tasks", job_ids, effects, recovery.final)
+    result.record(f"{killed} connections killed; {recovery.note()}")
     assert worker.process.poll() is None, log[-3000:]
     assert result.perfect, result.line() + "\n" + log[-3000:]
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())

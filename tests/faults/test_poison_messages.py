@@ -91,7 +91,9 @@ def test_workers_outlive_poison_messages_and_every_good_job_completes(
         client.close()
         job_ids += oracle.accept_jobs(half, effects, seconds=0.05, first=half)  # more good ones behind them
         started = time.monotonic()
-        while oracle.final_count(job_ids) < len(job_ids) and time.monotonic() - started < 60:
+        while oracle.final_count(job_ids) < len(job_ids) and time.monotonic() - started < harness.patience(
+            job_ids
+        ):
             if all(worker.process.poll() is not None for worker in workers):
                 break  # nothing left to take them
             time.sleep(0.2)

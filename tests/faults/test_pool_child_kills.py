@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def test_jobs_survive_a_storm_of_pool_process_kills(
-    empty_queues: None, worker_process, tmp_path: Path
+    empty_queues: None, worker_process, tmp_path: Path, settings
 ) -> None:
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
     worker = worker_process("children", *harness.WORKER_ARGS)
     effects = tmp_path / "effects"
     job_ids = oracle.accept_jobs(oracle.size(150), effects, seconds=0.2)
@@ -34,10 +35,13 @@ def test_jobs_survive_a_storm_of_pool_process_kills(
         if harness.kill_random_child(worker, rng) is not None:
             kills += 1
         time.sleep(1.0)
-    recovered = oracle.wait_until_final(job_ids, timeout=90)
+    # A pool process killed after its task's result was stored and before the job's row was
+    # written leaves the row `running` and the message acknowledged ("succeeded before the
+    # worker was lost"): the reconciler finishes it from the result, as release_jobs does.
+    recovery = harness.wait_after_fault(job_ids, harness.patience(job_ids), reconcile_every=5)
 
-    result = oracle.report("pool process SIGKILL every 1 s", job_ids, effects, recovered)
-    result.record(f"{kills} pool processes killed")
+    result = oracle.report("pool process SIGKILL every 1 s", job_ids, effects, recovery.final)
+    result.record(f"{kills} pool processes killed; {recovery.note()}")
     assert worker.process.poll() is None, harness.tail(worker)
     assert result.perfect, result.line() + "\n" + harness.tail(worker)
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())

@@ -40,12 +40,12 @@ def test_jobs_survive_a_storm_of_whole_worker_kills(
         harness.kill_whole_worker(worker)
         kills += 1
         worker = worker_process(f"whole-{kills}", *harness.WORKER_ARGS)
-    recovered = oracle.wait_until_final(job_ids, timeout=60)  # the goal is 30 s
+    recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids))
 
-    result = oracle.report("whole worker SIGKILL every 3 s", job_ids, effects, recovered)
-    result.record(f"{kills} workers killed, a fresh one started after each")
+    result = oracle.report("whole worker SIGKILL every 3 s", job_ids, effects, recovery.final)
+    result.record(f"{kills} workers killed, a fresh one started after each; {recovery.note()}")
     assert result.perfect, result.line() + "\n" + harness.tail(worker)
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())
 
 
 def test_a_worker_stopped_during_long_tasks_finishes_them_and_loses_nothing(
@@ -61,11 +61,11 @@ def test_a_worker_stopped_during_long_tasks_finishes_them_and_loses_nothing(
     first.stop()  # SIGTERM, then waits for the warm shutdown
     shutdown = time.monotonic() - stopping
     second = worker_process("next", *harness.WORKER_ARGS)
-    recovered = oracle.wait_until_final(job_ids, timeout=90)
+    recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids, per_job=2))
 
-    result = oracle.report("worker SIGTERM during 2 s tasks", job_ids, effects, recovered)
+    result = oracle.report("worker SIGTERM during 2 s tasks", job_ids, effects, recovery.final)
     result.record(f"warm shutdown took {shutdown:.1f} s, exit code {first.process.returncode}")
     assert first.process.returncode == 0, harness.tail(first)
     assert result.perfect, result.line() + "\n" + harness.tail(first, second)
     assert result.duplicate_executions == 0, result.line()  # what ran was finished, not cut short
-    assert result.recovery_seconds < 30, result.line()
+    recovery.check(result.line())
