@@ -4,7 +4,8 @@ A broker that restarts without persistence (or loses a message any other way) le
 rows `queued` with nothing to deliver them. Every run of `default.release_jobs` (each
 minute) looks at the jobs that should have a message by now: published more than
 JOBS_RECONCILE_AFTER_SECONDS ago and still `queued`, `scheduled` or `retrying`, or
-`running` for longer than the hard time limit allows. It reads every message the Redis
+`running` for as long (a running task's message waits in `unacked` until the task ends: a
+running job whose message is nowhere was cut short and lost). It reads every message the Redis
 broker holds (the queues with their priority lists, and the `unacked` hash where messages
 taken by workers wait for their acknowledgement) and sends again, with the same task id,
 each job whose message is in neither, twice in a row (a message moving from a queue to
@@ -80,12 +81,13 @@ def broker_task_ids(queues: list[str]) -> set[str] | None:
 
 
 def _waiting(now: Any) -> Any:
-    published_before = now - timedelta(seconds=settings.JOBS_RECONCILE_AFTER_SECONDS)
-    started_before = now - timedelta(
-        seconds=settings.CELERY_TASK_TIME_LIMIT + settings.JOBS_RECONCILE_AFTER_SECONDS
-    )
-    return Job.objects.filter(published_at__lte=published_before).filter(
-        Q(status__in=Job.STARTABLE) | Q(status=Job.Status.RUNNING, started_at__lte=started_before)
+    # A running job's message stays in `unacked` until its task has ended (late acks, on every
+    # task): one in no queue and not there either was lost with the broker, or was restored to
+    # a broker that then lost it, while its task was cut short (Celery cancels what runs when
+    # its broker connection drops). It need not wait for the hard time limit to be sent again.
+    before = now - timedelta(seconds=settings.JOBS_RECONCILE_AFTER_SECONDS)
+    return Job.objects.filter(published_at__lte=before).filter(
+        Q(status__in=Job.STARTABLE) | Q(status=Job.Status.RUNNING, started_at__lte=before)
     )
 
 

@@ -28,7 +28,8 @@ def release_jobs(self: JobTask) -> dict[str, Any]:
     publish was interrupted; sends again jobs whose message the broker lost (jobs.reconcile);
     re-sends queue pauses to workers that may have missed them."""
     released = services.release_due()
-    resent = reconcile.resend_lost()
+    # Finished first: a running job whose outcome is stored has no message left, and is not lost.
     finished = reconcile.finish_from_results()
+    resent = reconcile.resend_lost()
     queues.broadcast_pauses()
     return {"released": released, "resent": resent, "finished": finished}

@@ -26,18 +26,25 @@ from jobs.publish import publish
 from tests import probes  # noqa: F401  (registers default.probe_effect here too)
 
 
-def size(default: int) -> int:
-    return int(os.environ.get("FAULTS_JOBS", default))
+def size(default: int, most: int | None = None) -> int:
+    """FAULTS_JOBS, or `default`; at most `most` (scenarios of long tasks stay minutes long)."""
+    count = int(os.environ.get("FAULTS_JOBS", default))
+    return count if most is None else min(count, most)
 
 
-def accept_jobs(count: int, directory: Path, seconds: float = 0.0, queue: str = "default") -> list[str]:
-    """Writes `count` job rows and publishes them, as POST /api/jobs does; returns their ids."""
+def accept_jobs(
+    count: int, directory: Path, seconds: float = 0.0, queue: str = "default", first: int = 0
+) -> list[str]:
+    """Writes `count` job rows and publishes them, as POST /api/jobs does; returns their ids.
+
+    Their keys are k<first> to k<first + count - 1>: a second batch into the same directory
+    starts where the first ended."""
     directory.mkdir(parents=True, exist_ok=True)
     jobs = [
         Job(
             type="default.probe_effect",
             queue=queue,
-            payload={"directory": str(directory), "key": f"k{index}", "seconds": seconds},
+            payload={"directory": str(directory), "key": f"k{first + index}", "seconds": seconds},
             task_id=uuid(),
         )
         for index in range(count)
@@ -86,7 +93,7 @@ class Report:
         return not (self.not_final or self.duplicate_effects or self.missing_effects)
 
 
-def _final_count(job_ids: list[str]) -> int:
+def final_count(job_ids: list[str]) -> int:
     return Job.objects.filter(pk__in=job_ids, status__in=Job.FINAL).count()
 
 
@@ -95,7 +102,7 @@ def wait_until_final(job_ids: list[str], timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         try:
-            if _final_count(job_ids) == len(job_ids):
+            if final_count(job_ids) == len(job_ids):
                 break
         except Exception:  # the database may still be coming back
             connection.close()

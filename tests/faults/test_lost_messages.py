@@ -97,3 +97,19 @@ def test_a_running_job_whose_result_was_stored_is_finished_from_it(settings) -> 
         "no such row",
     )
     assert still.status == Job.Status.RUNNING
+
+
+def test_a_running_job_whose_message_the_broker_lost_is_sent_again_without_waiting_for_the_time_limit(
+    celery_app: Celery, empty_queues: None, tmp_path: Path, settings
+) -> None:
+    """Its task was cut short when the worker's connection dropped, and the broker forgot the message."""
+    from django.utils import timezone
+
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    [job_id] = oracle.accept_jobs(1, tmp_path / "effects")
+    Job.objects.filter(pk=job_id).update(status=Job.Status.RUNNING, started_at=timezone.now())
+    assert reconcile.resend_lost() == 0  # its message is still there
+    assert _delete_every_message(celery_app) == 1
+
+    assert reconcile.resend_lost() == 1
+    assert reconcile.resend_lost() == 0
