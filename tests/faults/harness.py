@@ -9,7 +9,6 @@ it for the length of the test.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import random
@@ -29,12 +28,6 @@ logger = logging.getLogger(__name__)
 
 # As the Procfile's `worker` runs, on the one queue the probe uses, with the probe tasks loaded.
 WORKER_ARGS = ("-Q", "default", "-I", "tests.probes", "--pool=prefork", "--concurrency=2", "-l", "INFO")
-
-# The reliable Redis transport (delivery/redis.py: atomic fetch, heartbeats, reaper) is on
-# another branch; scenarios that need it are expected to fail without it.
-HAS_DELIVERY_TRANSPORT = importlib.util.find_spec("delivery") is not None
-# Celery-level quarantine of poison messages (tasks/poison.py), on another branch too.
-HAS_QUARANTINE = importlib.util.find_spec("tasks.poison") is not None
 
 
 def pool_children(worker: Any) -> list[int]:

@@ -113,3 +113,30 @@ def test_a_running_job_whose_message_the_broker_lost_is_sent_again_without_waiti
 
     assert reconcile.resend_lost() == 1
     assert reconcile.resend_lost() == 0
+
+
+def test_a_tasks_final_state_and_its_jobs_row_are_written_together() -> None:
+    """So a pool process killed between the two cannot leave the row running (no reconciler needed)."""
+    from celery.app.task import Context
+    from celery.utils import uuid
+    from django.utils import timezone
+    from django_celery_results.models import TaskResult
+
+    from config.celery_app import app
+
+    now = timezone.now()
+    done, failed = (
+        Job.objects.create(
+            type="default.ping", queue="default", task_id=uuid(), status="running", started_at=now
+        )
+        for _ in range(2)
+    )
+    for job, state, value in ((done, "SUCCESS", {"pong": True}), (failed, "FAILURE", KeyError("gone"))):
+        request = Context({"id": job.task_id, "x_job_id": str(job.pk), "task": "default.ping"})
+        app.backend.store_result(job.task_id, value, state, request=request)
+
+    done.refresh_from_db()
+    failed.refresh_from_db()
+    assert (done.status, done.result) == (Job.Status.SUCCEEDED, {"pong": True})
+    assert (failed.status, failed.error_type) == (Job.Status.FAILED, "KeyError")
+    assert TaskResult.objects.filter(task_id__in=[done.task_id, failed.task_id]).count() == 2

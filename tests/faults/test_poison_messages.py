@@ -66,12 +66,6 @@ def poison_messages() -> dict[str, str]:
     }
 
 
-@pytest.mark.xfail(
-    not (harness.HAS_DELIVERY_TRANSPORT and harness.HAS_QUARANTINE),
-    strict=True,
-    reason="kombu's Redis transport raises JSONDecodeError / binascii.Error out of the worker's "
-    "read loop and the worker exits (branches `delivery` and `edges` are not merged)",
-)
 def test_workers_outlive_poison_messages_and_every_good_job_completes(
     celery_app: Celery, worker_process, tmp_path: Path
 ) -> None:

@@ -20,12 +20,6 @@ from tests.waiting import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.mark.xfail(
-    not harness.HAS_DELIVERY_TRANSPORT,
-    strict=True,
-    reason="kombu's Redis transport gives a dead worker's messages back only after the visibility "
-    "timeout (2 h); the reliable transport (delivery/redis.py, branch `delivery`) is not merged",
-)
 def test_jobs_survive_a_storm_of_whole_worker_kills(
     empty_queues: None, worker_process, tmp_path: Path
 ) -> None:
