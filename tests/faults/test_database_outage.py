@@ -123,6 +123,8 @@ def test_beat_outlives_a_database_outage_and_sends_again_once_it_is_back(tmp_pat
             timeout=30,
             what="a run sent after the outage",
         )
+        # Logged once the tick that sent it returns (the run's row is written before that).
+        wait_for(lambda: beat.says("the database answers again"), timeout=30, what="beat's recovery line")
         assert beat.process.poll() is None
     finally:
         beat.stop()
