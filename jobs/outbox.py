@@ -70,6 +70,9 @@ def enqueue(
         validate((), kwargs)
     except Exception as exc:  # InvalidArguments, with the field and what is wrong with it
         raise InvalidJob(str(exc)) from None
+    missing = task.missing_references(kwargs)
+    if missing:
+        raise InvalidJob(f"{name}: " + "; ".join(f"field '{f}': {why}" for f, why in missing.items()))
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError) as exc:

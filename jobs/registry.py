@@ -177,6 +177,9 @@ def parse_job(data: Any, *, header_key: str | None = None) -> JobRequest:
             task.schema.model_validate_json(json.dumps(payload), strict=True)
         except PydanticValidationError as exc:
             raise InvalidJob(_field_errors(exc, "payload")) from None
+    missing = task.missing_references(payload)
+    if missing:
+        raise InvalidJob([FieldError(f"payload.{name}", message) for name, message in missing.items()])
     nul = _nul_at(payload, "payload")
     if nul is not None:
         raise InvalidJob([FieldError(nul, "must not contain the NUL character (U+0000)")])

@@ -32,7 +32,7 @@ from scheduling.cron import FIELDS, Cron, CronError, Occurrence, parse_field
 from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun, ScheduleOptions
 from tasks.admin.common import ReadOnlyAdmin, reports_broker_errors
-from tasks.base import PermanentJobError
+from tasks.base import JobTask, PermanentJobError
 
 TIME_ZONES = sorted(available_timezones())
 
@@ -131,7 +131,7 @@ class ScheduleForm(PeriodicTaskForm):
     def _clean_arguments(self, data: dict[str, Any]) -> None:
         """Arguments are checked against the task's schema here, not when beat sends them at 2 a.m."""
         task = app.tasks.get(data.get("task") or "")
-        if task is None or not hasattr(task, "validate_arguments") or self.errors.keys() & {"args", "kwargs"}:
+        if not isinstance(task, JobTask) or self.errors.keys() & {"args", "kwargs"}:
             return
         try:
             args, kwargs = loads(data.get("args") or "[]"), loads(data.get("kwargs") or "{}")
@@ -139,7 +139,10 @@ class ScheduleForm(PeriodicTaskForm):
                 raise PermanentJobError(
                     "positional arguments must be a JSON list, keyword arguments a JSON object"
                 )
-            task.validate_arguments(args, kwargs)
+            arguments = task.validate_arguments(args, kwargs)
+            missing = task.missing_references(arguments)
+            if missing:
+                raise PermanentJobError("; ".join(f"field '{f}': {why}" for f, why in missing.items()))
         except (PermanentJobError, ValueError) as error:
             self.add_error("kwargs", str(error))
 

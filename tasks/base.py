@@ -21,13 +21,14 @@ import inspect
 import logging
 import random
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from celery import Task
 from celery._state import _task_stack  # type: ignore[attr-defined]  # what Task.__call__ uses
+from django.apps import apps as django_apps
 from django.conf import settings
 from django.utils import timezone
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from jobs.protocol import (
     BROKER_ERRORS,
@@ -46,16 +47,25 @@ __all__ = [
     "BROKER_ERRORS",
     "FIRST_FAILURE_HEADER",
     "JOB_HEADER",
+    "MAX_INTEGER",
     "REPLAY_HEADER",
     "RESENT_HEADER",
     "DeliveryLimitExceeded",
     "InvalidArguments",
     "JobTask",
     "PermanentJobError",
+    "RowId",
     "TransientJobError",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The largest integer a database column holds (PostgreSQL bigint; SQLite's integer too). Every integer
+# argument of a task is bounded by it or less in its schema, so 10**30 is refused when the job is
+# sent, not by the database in the worker (tests/tasks/test_policy.py checks every schema).
+MAX_INTEGER = 2**63 - 1
+# An argument that names a row by its primary key.
+RowId = Annotated[int, Field(gt=0, le=MAX_INTEGER)]
 
 
 def mask_email(address: str) -> str:
@@ -108,6 +118,9 @@ class JobTask(Task):
     # How a second run with the same arguments does no harm; every task says it.
     idempotency: ClassVar[str] = ""
     masked: ClassVar[frozenset[str]] = frozenset()
+    # Arguments that name a row, and its model: {"asset_id": "tasks.ImageAsset"}. Checked where a job
+    # comes from outside (the API, jobs.outbox.enqueue, the schedule admin): one indexed lookup each.
+    references: ClassVar[Mapping[str, str]] = {}
 
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (TransientJobError,)
     dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (PermanentJobError,)
@@ -145,6 +158,18 @@ class JobTask(Task):
         except ValidationError as exc:
             raise InvalidArguments(describe_validation_error(self.name, exc)) from None
         return {name: getattr(validated, name) for name in type(validated).model_fields}
+
+    def missing_references(self, arguments: Mapping[str, Any]) -> dict[str, str]:
+        """Argument name -> why the row it names does not do, for each of `references` that is not there."""
+        missing = {}
+        for name, label in self.references.items():
+            value = arguments.get(name)
+            if value is None:
+                continue
+            model = django_apps.get_model(label)
+            if not model._default_manager.filter(pk=value).exists():
+                missing[name] = f"{model._meta.verbose_name} {value} does not exist"
+        return missing
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:  # type: ignore[override]
         """Sends the task after checking its arguments; masked ones are shown masked."""

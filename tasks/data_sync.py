@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from celery import Signature, chord
 from celery.result import AsyncResult
@@ -31,7 +31,7 @@ from django.db import OperationalError
 from pydantic import BaseModel, Field
 
 from config.celery_app import app
-from tasks.base import InvalidArguments, JobTask, PermanentJobError, TransientJobError
+from tasks.base import MAX_INTEGER, InvalidArguments, JobTask, PermanentJobError, RowId, TransientJobError
 from tasks.models import DataSource, SyncRun
 from tasks.services import data_sync as service
 from tasks.services.fetch import PermanentFetchError, TransientFetchError
@@ -96,7 +96,7 @@ TRANSIENT = (TransientJobError, OperationalError)
 
 
 class SyncSchema(BaseModel):
-    source_id: int = Field(gt=0)
+    source_id: RowId
 
 
 @app.task(
@@ -104,6 +104,7 @@ class SyncSchema(BaseModel):
     base=RunTask,
     name="data_sync.sync",
     schema=SyncSchema,
+    references={"source_id": "tasks.DataSource"},
     autoretry_for=TRANSIENT,
     idempotency=(
         "the SyncRun is keyed by the task id, so a retry or redelivery reuses it (and does nothing once "
@@ -147,7 +148,7 @@ def sync(self: RunTask, source_id: int) -> dict[str, Any]:
 
 
 class UpsertBatchSchema(BaseModel):
-    run_id: int = Field(gt=0)
+    run_id: RowId
     records: list[Any] = Field(max_length=MAX_BATCH_SIZE)
 
 
@@ -169,9 +170,9 @@ def upsert_batch(self: RunTask, run_id: int, records: list[Any]) -> dict[str, in
 
 
 class FinishRunSchema(BaseModel):
-    results: list[dict[str, int]]
-    run_id: int = Field(gt=0)
-    failed_before: int = Field(default=0, ge=0)
+    results: list[dict[str, Annotated[int, Field(ge=0, le=MAX_INTEGER)]]]
+    run_id: RowId
+    failed_before: int = Field(default=0, ge=0, le=MAX_INTEGER)
 
 
 @app.task(
@@ -197,7 +198,7 @@ def finish_run(
 
 class FailRunSchema(BaseModel):
     failed_task_id: str = Field(min_length=1, max_length=255)
-    run_id: int = Field(gt=0)
+    run_id: RowId
 
 
 @app.task(
@@ -238,7 +239,7 @@ def finishing_callback(run_id: int, failed_before: int = 0) -> Signature[Any]:
 
 
 class ExportSchema(BaseModel):
-    source_id: int | None = Field(default=None, gt=0)
+    source_id: RowId | None = None
 
 
 @app.task(
@@ -246,6 +247,7 @@ class ExportSchema(BaseModel):
     base=JobTask,
     name="data_sync.export",
     schema=ExportSchema,
+    references={"source_id": "tasks.DataSource"},
     autoretry_for=TRANSIENT,
     idempotency=(
         "each export starts where the previous one's watermark ended; run again at once, it exports "

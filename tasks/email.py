@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import validate_email
 from django.utils import timezone
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from config.celery_app import app
 from tasks.base import REPLAY_HEADER, JobTask
@@ -32,6 +32,21 @@ def _checked_address(value: str) -> str:
     return value
 
 
+def _existing_template(name: str) -> str:
+    missing = service.missing_template_parts(name)
+    if len(missing) == len(service.TEMPLATE_PARTS):
+        raise ValueError(f"there is no email template {name!r} (templates/email/{name}/)")
+    if missing:
+        raise ValueError(f"email template {name!r} has no {', '.join(missing)}")
+    return name
+
+
+# A template name that can be sent: checked when the job is sent (API, enqueue, schedule admin), not
+# found missing by the worker.
+Template = Annotated[
+    str, Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200), AfterValidator(_existing_template)
+]
+
 # The addresses are checked by Django's validate_email; the document says `format: email`.
 EMAIL_FORMAT: dict[str, Any] = {"format": "email"}
 # A window longer than this would leave batches waiting past the Redis visibility timeout.
@@ -40,7 +55,7 @@ MAX_WINDOW_SECONDS = settings.CELERY_BROKER_VISIBILITY_TIMEOUT - settings.CELERY
 
 class SendSchema(BaseModel):
     to: str = Field(max_length=320, json_schema_extra=EMAIL_FORMAT)
-    template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    template: Template
     context: dict[str, Any] = Field(default_factory=dict)
     key: str | None = Field(default=None, min_length=1, max_length=200)
 
@@ -75,7 +90,7 @@ def send(
 
 class NewsletterSchema(BaseModel):
     campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=100)
-    template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    template: Template
     recipients: list[Annotated[str, Field(json_schema_extra=EMAIL_FORMAT)]] = Field(
         min_length=1, max_length=MAX_NEWSLETTER_RECIPIENTS
     )
@@ -144,7 +159,7 @@ def newsletter(
 
 class BatchSchema(BaseModel):
     campaign: str = Field(max_length=100)
-    template: str = Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    template: Template
     recipients: list[Annotated[str, Field(json_schema_extra=EMAIL_FORMAT)]] = Field(
         min_length=1, max_length=1000
     )
@@ -175,7 +190,7 @@ def send_batch(
 
 class WeeklyNewsletterSchema(BaseModel):
     group: str = Field(default="newsletter", min_length=1, max_length=150)
-    template: str = Field(default="newsletter", pattern=service.TEMPLATE_NAME.pattern, max_length=200)
+    template: Template = "newsletter"
     context: dict[str, Any] = Field(default_factory=dict)
     window_seconds: int = Field(
         default=3600, ge=0, le=6 * 3600, json_schema_extra={"maximum": max(0, MAX_WINDOW_SECONDS)}

@@ -16,13 +16,13 @@ from django.db import OperationalError
 from pydantic import BaseModel, Field
 
 from config.celery_app import app
-from tasks.base import JobTask, PermanentJobError, TransientJobError
+from tasks.base import JobTask, PermanentJobError, RowId, TransientJobError
 from tasks.models import ImageAsset
 from tasks.services import images as service
 
 
 class ProcessSchema(BaseModel):
-    asset_id: int = Field(gt=0)
+    asset_id: RowId
     operations: list[service.Operation] = Field(min_length=1, max_length=service.MAX_OPERATIONS)
 
 
@@ -31,6 +31,7 @@ class ProcessSchema(BaseModel):
     base=JobTask,
     name="images.process",
     schema=ProcessSchema,
+    references={"asset_id": "tasks.ImageAsset"},
     autoretry_for=(TransientJobError, OperationalError),
     idempotency="outputs are keyed (asset, digest of the operations, step) and written under a name "
     "derived from that key; a second run replaces the same files and rows",

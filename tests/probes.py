@@ -90,7 +90,7 @@ def probe_sleep(self: JobTask, path: str, seconds: float) -> int:
 
 class Window(BaseModel):
     start: date
-    days: int = Field(ge=1)
+    days: int = Field(ge=1, le=366)
 
 
 class ParsedSchema(BaseModel):

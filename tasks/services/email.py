@@ -23,7 +23,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.utils import DNS_NAME
 from django.db import transaction
 from django.template import TemplateDoesNotExist
-from django.template.loader import render_to_string
+from django.template.loader import get_template, render_to_string
 from django.utils import timezone
 from limits import RateLimitItem, parse, storage, strategies
 
@@ -42,6 +42,20 @@ def mask_addresses(text: str) -> str:
 
 
 # --- rendering ------------------------------------------------------------------
+
+
+TEMPLATE_PARTS = ("subject.txt", "body.txt", "body.html")
+
+
+def missing_template_parts(template: str) -> list[str]:
+    """The files of template `template` that the template loaders cannot find (none: it can be sent)."""
+    missing = []
+    for part in TEMPLATE_PARTS:
+        try:
+            get_template(f"email/{template}/{part}")
+        except TemplateDoesNotExist:
+            missing.append(part)
+    return missing
 
 
 def render(template: str, context: dict[str, Any]) -> tuple[str, str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 from tasks.models import ImageAsset, ImageOutput
 
 MAX_SIDE = 10_000  # pixels on either side of a requested size
+MAX_COORDINATE = 2**31 - 1  # Pillow keeps coordinates in C ints
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "AVIF": "avif"}
 LOSSY = {"JPEG", "WEBP", "AVIF"}
 
@@ -72,10 +74,10 @@ class Crop(_Op):
     """The box from (`left`, `top`) to (`right`, `bottom`), which must lie inside the image."""
 
     op: Literal["crop"]
-    left: int = Field(ge=0)
-    top: int = Field(ge=0)
-    right: int = Field(ge=1)
-    bottom: int = Field(ge=1)
+    left: int = Field(ge=0, le=MAX_COORDINATE)
+    top: int = Field(ge=0, le=MAX_COORDINATE)
+    right: int = Field(ge=1, le=MAX_COORDINATE)
+    bottom: int = Field(ge=1, le=MAX_COORDINATE)
 
     @model_validator(mode="after")
     def _box(self) -> Crop:
@@ -162,6 +164,10 @@ def operations_key(operations: Iterable[Any]) -> str:
 # --- Opening an image safely ---------------------------------------------------------
 
 
+# Pillow's DecompressionBombError/Warning: "Image size (400000000 pixels) exceeds limit of ...".
+_POSSIBLE_BOMB = re.compile(r"Image size \((\d+) pixels\)")
+
+
 def describe_pixels(pixels: int) -> str:
     return f"{pixels / 1_000_000:.1f} MP"
 
@@ -182,7 +188,14 @@ def open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=allowed)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        # Pillow refuses past its own limit (about 89 MP) before we see the size: its message gives
+        # the pixel count, which is said our way, naming our cap.
+        counted = _POSSIBLE_BOMB.search(str(exc))
+        size = f" {describe_pixels(int(counted.group(1)))}," if counted else ""
+        raise ImageError(
+            f"the image is{size} over the cap of {describe_pixels(settings.IMAGES_MAX_PIXELS)} "
+            "(IMAGES_MAX_PIXELS): refused from its header as a possible decompression bomb"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(
             f"not an image in an allowed format ({', '.join(allowed)}; IMAGES_ALLOWED_FORMATS)"

@@ -24,6 +24,7 @@ from jobs.models import Job
 from tasks.models import DeadLetter, EmailLog
 from tests.jobs.conftest import ApiClient
 from tests.smtp import SmtpServer
+from tests.tasks import images
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -568,23 +569,24 @@ def test_it_retries_a_transient_failure_and_counts_the_attempts(
 def test_it_marks_a_permanently_failing_job_failed_with_its_error_and_a_dead_letter(
     celery_worker: object, api_client: ApiClient
 ) -> None:
+    asset = images.asset(b"GIF89a not really", "fake.gif")  # there, but not an image
     job_id = api_client.post(
         "/api/jobs",
-        {"type": "images.process", "payload": {"asset_id": 987654, "operations": [{"op": "save"}]}},
+        {"type": "images.process", "payload": {"asset_id": asset.pk, "operations": [{"op": "save"}]}},
     ).json()["id"]
 
     wait_for(lambda: status_of(job_id) == "failed", timeout=30, what="the job to fail")
 
     body = api_client.get(f"/api/jobs/{job_id}").json()
     assert body["error"]["type"] == "PermanentJobError"
-    assert "987654" in body["error"]["message"]
+    assert f"image asset {asset.pk}: not an image" in body["error"]["message"]
     assert body["attempts"] == 1
     assert body["result"] is None
     assert body["finished_at"] is not None
     job = Job.objects.get(pk=job_id)
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=job.task_id).first(), what="the dead letter")
     assert letter.task_name == "images.process"
-    assert letter.kwargs["asset_id"] == 987654
+    assert letter.kwargs["asset_id"] == asset.pk
     assert letter.attempts == 1
 
 
