@@ -112,6 +112,13 @@ def ingest(self: JobTask, events: list[dict[str, Any]], batch_key: str | None = 
 class AggregateSchema(BaseModel):
     day: IsoDate | None = None
 
+    @model_validator(mode="after")
+    def _recomputable(self) -> AggregateSchema:
+        # ValueError: the day's events may be gone (ANALYTICS_EVENT_RETENTION_DAYS); refused when sent.
+        if self.day is not None:
+            service.check_recomputable(date.fromisoformat(self.day))
+        return self
+
 
 @app.task(
     bind=True,
@@ -141,6 +148,8 @@ class BackfillSchema(BaseModel):
     def _range(self) -> BackfillSchema:
         # ValueError: reversed, or longer than allowed.
         service.days_between(date.fromisoformat(self.start), date.fromisoformat(self.end))
+        # The first day is the oldest: if its events are kept, every later day's are.
+        service.check_recomputable(date.fromisoformat(self.start))
         return self
 
 

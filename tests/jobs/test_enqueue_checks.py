@@ -184,3 +184,17 @@ def test_every_integer_argument_of_every_task_is_bounded_by_what_the_database_ho
     }
 
     assert unbounded == {}
+
+
+def test_a_day_whose_events_may_be_deleted_is_refused_when_sent(api_client: ApiClient, settings: Any) -> None:
+    settings.ANALYTICS_EVENT_RETENTION_DAYS = 30
+
+    aggregate = refused_fields(
+        api_client, {"type": "analytics.aggregate_daily", "payload": {"day": "2020-01-01"}}
+    )
+    backfill = refused_fields(
+        api_client, {"type": "analytics.backfill", "payload": {"start": "2020-01-01", "end": "2020-01-03"}}
+    )
+
+    assert "ANALYTICS_EVENT_RETENTION_DAYS=30" in aggregate["payload"]
+    assert "ANALYTICS_EVENT_RETENTION_DAYS=30" in backfill["payload"]
