@@ -94,7 +94,13 @@ def bearer_token_matches(request: HttpRequest) -> bool:
     expected = settings.METRICS_TOKEN
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), expected)
+    # As bytes: compare_digest raises TypeError (a 500) on a str that is not ASCII, and a header
+    # may hold any Latin-1 character.
+    return (
+        bool(expected)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), expected.encode())
+    )
 
 
 @require_GET

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from celery.utils import uuid
+from celery.utils import uuid as new_task_id
 from django.db.models import F, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, REPLAY_HEADER
+from jobs.models import Job
+from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER
 from tasks.errors import PermanentJobError
 from tasks.models import DeadLetter
 from tasks.services.maintenance import delete_in_batches
@@ -35,6 +37,15 @@ def _first_failure(task: JobTask, now: datetime) -> datetime:
     stamped = task.request_header(FIRST_FAILURE_HEADER)
     parsed = parse_datetime(stamped) if isinstance(stamped, str) else None
     return parsed or now
+
+
+def _job_of(task: JobTask) -> uuid.UUID | None:
+    """The id of the job row the failed message was for (its `x_job_id`), if that row exists."""
+    try:
+        job_id = uuid.UUID(str(task.request_header(JOB_HEADER)))
+    except ValueError:  # absent (None) or not a job id
+        return None
+    return Job.objects.filter(pk=job_id).values_list("pk", flat=True).first()
 
 
 def record_failure(
@@ -67,6 +78,7 @@ def record_failure(
             "kwargs": dict(kwargs or {}),
             "attempts": attempts,
             "first_failed_at": _first_failure(task, now),
+            "job_id": _job_of(task),
             **details,
         },
     )
@@ -97,7 +109,7 @@ def replay(letter: DeadLetter) -> str:
     if task is None:
         raise PermanentJobError(f"task {letter.task_name!r} is not registered; it cannot be replayed")
     # Recorded before sending: the replay may finish, and write its outcome, before apply_async returns.
-    task_id = uuid()
+    task_id = new_task_id()
     DeadLetter.objects.filter(pk=letter.pk).update(
         replay_count=F("replay_count") + 1,
         replayed_at=timezone.now(),

@@ -36,6 +36,11 @@ class DeadLetter(models.Model):
     replayed_at = models.DateTimeField(null=True, blank=True)
     replay_task_id = models.CharField(max_length=255, blank=True)
     replay_status = models.CharField(max_length=20, choices=ReplayStatus.choices, default="", blank=True)
+    # The job whose task this was (the message's x_job_id), set when the letter is written. Through
+    # it the API shows a non-staff token the dead letters of its own jobs and no others.
+    job = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="dead_letters"
+    )
 
     class Meta:
         ordering = ["-last_failed_at"]

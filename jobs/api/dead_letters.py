@@ -1,4 +1,8 @@
-"""/api/dead-letters: tasks that failed for good; replay (staff)."""
+"""/api/dead-letters: tasks that failed for good; replay (staff).
+
+A non-staff token sees the dead letters of its own jobs only (jobs.api.access), with personal
+arguments masked and the traceback cut to its final exception line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from ninja import Query, Router, Schema, Status
 from pydantic import Field
 
 from config.celery_app import app
+from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import (
     AUTH_ERRORS,
@@ -19,6 +24,7 @@ from jobs.api.common import (
     keyset_page,
 )
 from jobs.api.schemas import DeadLetterDetail, DeadLetterPage, Error, ReplayOut
+from jobs.models import ApiToken
 from jobs.publish import BrokerUnavailable
 from tasks import deadletters
 from tasks.base import PermanentJobError, mask_value
@@ -48,11 +54,19 @@ class DeadLetterFilters(Schema):
     cursor: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
 
 
-def _letter_or_404(letter_id: int) -> DeadLetter:
-    letter = DeadLetter.objects.filter(pk=letter_id).first()
+def _letter_or_404(request: HttpRequest, letter_id: int) -> DeadLetter:
+    # Another user's letter is "not found", as one that does not exist: a 403 would say it does.
+    letter = access.visible_dead_letters(token_of(request)).filter(pk=letter_id).first()
     if letter is None:
         raise ApiError(404, f"dead letter {letter_id} not found")
     return letter
+
+
+def _summary(letter: DeadLetter, viewer: ApiToken) -> dict[str, Any]:
+    summary = {name: getattr(letter, name) for name in SUMMARY_FIELDS}
+    if not access.is_staff(viewer):
+        summary["exception_message"] = access.redact_paths(letter.exception_message)
+    return summary
 
 
 @router.get(
@@ -61,16 +75,15 @@ def _letter_or_404(letter_id: int) -> DeadLetter:
     summary="Dead letters, newest failure first",
 )
 def list_dead_letters(request: HttpRequest, filters: Query[DeadLetterFilters]) -> dict[str, Any]:
-    letters = DeadLetter.objects.all()
+    """Staff tokens see every dead letter; other tokens those of the jobs their user sent."""
+    token = token_of(request)
+    letters = access.visible_dead_letters(token)
     if filters.task:
         letters = letters.filter(task_name=filters.task)
     if filters.queue:
         letters = letters.filter(queue=filters.queue)
     page = keyset_page(letters, by="last_failed_at", limit=filters.limit, cursor=filters.cursor, pk_type=int)
-    return {
-        **page,
-        "items": [{name: getattr(letter, name) for name in SUMMARY_FIELDS} for letter in page["items"]],
-    }
+    return {**page, "items": [_summary(letter, token) for letter in page["items"]]}
 
 
 @router.get(
@@ -79,21 +92,22 @@ def list_dead_letters(request: HttpRequest, filters: Query[DeadLetterFilters]) -
     summary="One dead letter, with its arguments and traceback",
 )
 def get_dead_letter(request: HttpRequest, letter_id: int) -> dict[str, Any]:
-    """Arguments a task marks as personal (e.g. email recipients) are shown masked to non-staff tokens."""
-    letter = _letter_or_404(letter_id)
+    """Staff tokens see any dead letter, as stored. Other tokens see those of their own jobs only
+    (404 for the rest): arguments a task marks as personal (e.g. email recipients) masked, and the
+    traceback cut to its final exception line, without file paths."""
+    token = token_of(request)
+    letter = _letter_or_404(request, letter_id)
     kwargs = dict(letter.kwargs or {})
     args = list(letter.args or [])
-    task = app.tasks.get(letter.task_name)
-    masked: frozenset[str] = getattr(task, "masked", frozenset())
-    if masked and not token_of(request).user.is_staff:
-        kwargs = {key: mask_value(value) if key in masked else value for key, value in kwargs.items()}
-        args = [mask_value(value) for value in args]
-    return {
-        **{name: getattr(letter, name) for name in SUMMARY_FIELDS},
-        "args": args,
-        "kwargs": kwargs,
-        "traceback": letter.traceback,
-    }
+    traceback = letter.traceback
+    if not access.is_staff(token):
+        task = app.tasks.get(letter.task_name)
+        masked: frozenset[str] = getattr(task, "masked", frozenset())
+        if masked:
+            kwargs = {key: mask_value(value) if key in masked else value for key, value in kwargs.items()}
+            args = [mask_value(value) for value in args]
+        traceback = access.final_exception_line(letter.exception_type, letter.exception_message)
+    return {**_summary(letter, token), "args": args, "kwargs": kwargs, "traceback": traceback}
 
 
 @router.post(
@@ -104,7 +118,7 @@ def get_dead_letter(request: HttpRequest, letter_id: int) -> dict[str, Any]:
     openapi_extra=STAFF_ONLY,
 )
 def replay_dead_letter(request: HttpRequest, letter_id: int) -> Status:
-    letter = _letter_or_404(letter_id)
+    letter = _letter_or_404(request, letter_id)
     try:
         task_id = deadletters.replay(letter)
     except PermanentJobError as exc:

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from jobs import ratelimit, services
+from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import (
     AUTH_ERRORS,
@@ -64,7 +65,11 @@ def _progress(job: Job) -> dict[str, Any]:
         return {"percent": 0.0, "message": ""}
 
 
-def job_out(job: Job, *, with_progress: bool = True) -> dict[str, Any]:
+def job_out(job: Job, viewer: ApiToken, *, with_progress: bool = True) -> dict[str, Any]:
+    """The job as `viewer` may see it: to non-staff tokens, file paths in its error and result are
+    cut to their file name (jobs.api.access)."""
+    staff = access.is_staff(viewer)
+    error_message = job.error_message if staff else access.redact_paths(job.error_message)
     return {
         "id": job.id,
         "type": job.type,
@@ -73,8 +78,8 @@ def job_out(job: Job, *, with_progress: bool = True) -> dict[str, Any]:
         "priority": job.priority,
         "progress": _progress(job) if with_progress else {"percent": 0.0, "message": ""},
         "attempts": job.attempts,
-        "result": job.result,
-        "error": {"type": job.error_type, "message": job.error_message} if job.error_type else None,
+        "result": job.result if staff else access.redact_in(job.result),
+        "error": {"type": job.error_type, "message": error_message} if job.error_type else None,
         "created_at": job.created_at,
         "run_at": job.run_at,
         "started_at": job.started_at,
@@ -82,14 +87,8 @@ def job_out(job: Job, *, with_progress: bool = True) -> dict[str, Any]:
     }
 
 
-def visible_jobs(token: ApiToken) -> Any:
-    """Staff see every job; others the jobs sent with their user's tokens."""
-    jobs = Job.objects.all()
-    return jobs if token.user.is_staff else jobs.filter(token__user=token.user)
-
-
 def _job_or_404(request: HttpRequest, job_id: UUID) -> Job:
-    job = visible_jobs(token_of(request)).filter(pk=job_id).first()
+    job = access.visible_jobs(token_of(request)).filter(pk=job_id).first()
     if job is None:
         raise ApiError(404, f"job {job_id} not found")
     return job
@@ -177,7 +176,7 @@ def create_job(
     [outcome] = _enqueue([job_request], token)
     if isinstance(outcome, services.Conflict):
         raise ApiError(409, str(outcome))
-    return Status(202 if outcome.created else 200, job_out(outcome.job, with_progress=False))
+    return Status(202 if outcome.created else 200, job_out(outcome.job, token, with_progress=False))
 
 
 @router.post(
@@ -241,7 +240,7 @@ def create_batch(request: HttpRequest) -> dict[str, Any]:
                 "index": index,
                 "accepted": True,
                 "status_code": 202 if outcome.created else 200,
-                "job": job_out(outcome.job, with_progress=False),
+                "job": job_out(outcome.job, token, with_progress=False),
                 "error": None,
             }
     accepted = sum(1 for item in results if item and item["accepted"])
@@ -299,7 +298,8 @@ class JobFilters(Schema):
 
 @router.get("", response={200: JobPageOut, 400: Error, **AUTH_ERRORS}, summary="List jobs, newest first")
 def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any]:
-    jobs = visible_jobs(token_of(request))
+    token = token_of(request)
+    jobs = access.visible_jobs(token)
     if filters.type:
         jobs = jobs.filter(type=filters.type)
     if filters.status:
@@ -307,7 +307,7 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any
     if filters.since:
         jobs = jobs.filter(created_at__gte=filters.since)
     page = keyset_page(jobs, by="created_at", limit=filters.limit, cursor=filters.cursor, pk_type=UUID)
-    return {**page, "items": [job_out(job) for job in page["items"]]}
+    return {**page, "items": [job_out(job, token) for job in page["items"]]}
 
 
 @router.get(
@@ -316,7 +316,7 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]) -> dict[str, Any
     summary="A job's status, progress, result",
 )
 def get_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
-    return job_out(_job_or_404(request, job_id))
+    return job_out(_job_or_404(request, job_id), token_of(request))
 
 
 # --- control (staff) ----------------------------------------------------------------------
@@ -337,7 +337,7 @@ def retry_job(request: HttpRequest, job_id: UUID) -> Status:
         raise ApiError(409, str(exc)) from None
     except BrokerUnavailable as exc:
         raise ApiError(503, f"{exc}; the job was left as it was", Retry_After="5") from None
-    return Status(202, job_out(job, with_progress=False))
+    return Status(202, job_out(job, token_of(request), with_progress=False))
 
 
 @router.delete(
@@ -355,4 +355,4 @@ def cancel_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
         job = services.cancel(job)
     except services.Conflict as exc:
         raise ApiError(409, str(exc)) from None
-    return job_out(job, with_progress=False)
+    return job_out(job, token_of(request), with_progress=False)

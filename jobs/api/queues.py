@@ -13,6 +13,7 @@ from ninja import Query, Router, Schema
 from pydantic import Field
 
 from jobs import queues
+from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import AUTH_ERRORS, STAFF_ERRORS, STAFF_ONLY, ApiError
 from jobs.api.schemas import Error, QueuesOut, QueueStatsOut
@@ -37,6 +38,9 @@ def _queue(name: str) -> str:
     "", response={200: QueuesOut, **AUTH_ERRORS}, summary="Every queue: depth, scheduled, workers, paused"
 )
 def list_queues(request: HttpRequest) -> dict[str, Any]:
+    """Every token sees every queue (the service's state, not anyone's jobs); worker names are
+    host names, so tokens of non-staff users get `worker-1`, `worker-2`, ... in their place."""
+    staff = access.is_staff(token_of(request))
     with ThreadPoolExecutor(max_workers=1) as pool:
         asked = pool.submit(broker.live_queues)
         held = dict(
@@ -46,6 +50,8 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
         )
         paused = queues.paused()
         live = asked.result()
+    every_worker = sorted({name for row in live["rows"] for name in row["held"].workers})
+    label = {name: name if staff else f"worker-{n}" for n, name in enumerate(every_worker, start=1)}
     items = []
     for row in live["rows"]:
         depth, workers, name = row["depth"], row["held"], row["name"]
@@ -57,7 +63,7 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
                 "scheduled": workers.scheduled + held.get(name, 0),
                 "reserved": workers.reserved,
                 "active": workers.active,
-                "workers": list(workers.workers),
+                "workers": [label[worker] for worker in workers.workers],
                 "paused": name in paused,
             }
         )

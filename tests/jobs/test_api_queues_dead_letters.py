@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
 from django.conf import settings
 from django.utils import timezone
 
-from jobs.models import Job, QueuePause
+from jobs.models import ApiToken, Job, QueuePause
+from jobs.tokens import hash_token
 from monitoring.models import TaskMetric
 from tasks.models import DeadLetter
 from tests.jobs.conftest import ApiClient
@@ -19,6 +21,14 @@ from tests.monitoring.conftest import add_metric_row
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def job_of(client: ApiClient) -> Job:
+    """A finished job sent with `client`'s token (its owner is that token's user)."""
+    token = ApiToken.objects.get(key_hash=hash_token(client.token))  # type: ignore[attr-defined]
+    return Job.objects.create(
+        type="email.send", queue="email", task_id=uuid4().hex, status=Job.Status.FAILED, token=token
+    )
 
 
 def queues_by_name(client: ApiClient) -> dict[str, dict[str, Any]]:
@@ -92,18 +102,31 @@ def test_it_lists_every_queue_with_its_depth_scheduled_workers_and_pause(
 
 
 def test_it_lists_the_worker_that_consumes_each_queue(
-    celery_worker: Any, celery_app: Celery, api_client: ApiClient
+    celery_worker: Any, celery_app: Celery, staff_client: ApiClient
 ) -> None:
     hostname = celery_worker.hostname
 
     def listed_everywhere() -> dict[str, dict[str, Any]] | None:
-        queues = queues_by_name(api_client)
+        queues = queues_by_name(staff_client)
         return queues if all(hostname in queue["workers"] for queue in queues.values()) else None
 
     queues = wait_for(listed_everywhere, timeout=20, what="every queue to list the in-process worker")
 
     assert set(queues) == set(settings.TASK_QUEUES)
     assert all(queue["paused"] is False for queue in queues.values())
+
+
+def test_it_shows_non_staff_tokens_numbered_workers_instead_of_host_names(
+    celery_worker: Any, api_client: ApiClient
+) -> None:
+    def listed_everywhere() -> dict[str, dict[str, Any]] | None:
+        queues = queues_by_name(api_client)
+        return queues if all(queue["workers"] for queue in queues.values()) else None
+
+    queues = wait_for(listed_everywhere, timeout=20, what="every queue to list a worker")
+
+    assert {worker for queue in queues.values() for worker in queue["workers"]} == {"worker-1"}
+    assert celery_worker.hostname.split("@")[-1] not in str(queues)
 
 
 def test_it_answers_401_for_queues_without_a_token() -> None:
@@ -193,11 +216,11 @@ def test_it_refuses_pause_and_resume_to_non_staff_tokens(pausable: str, api_clie
 # --- dead letters ------------------------------------------------------------------------------
 
 
-def test_it_lists_dead_letters_newest_failure_first(api_client: ApiClient) -> None:
+def test_it_lists_dead_letters_newest_failure_first(staff_client: ApiClient) -> None:
     old = letter("default.ping", minutes_ago=60)
     new = letter("email.send", minutes_ago=1, kwargs={"to": "ann@example.com", "template": "welcome"})
 
-    response = api_client.get("/api/dead-letters")
+    response = staff_client.get("/api/dead-letters")
 
     assert response.status_code == 200
     body = response.json()
@@ -212,19 +235,19 @@ def test_it_lists_dead_letters_newest_failure_first(api_client: ApiClient) -> No
     assert "kwargs" not in item and "traceback" not in item
 
 
-def test_it_filters_dead_letters_by_task_and_queue(api_client: ApiClient) -> None:
+def test_it_filters_dead_letters_by_task_and_queue(staff_client: ApiClient) -> None:
     ping = letter("default.ping")
     mail = letter("email.send", kwargs={"to": "x@example.com", "template": "welcome"})
 
     def ids(**params: Any) -> list[int]:
-        return [item["id"] for item in api_client.get("/api/dead-letters", **params).json()["items"]]
+        return [item["id"] for item in staff_client.get("/api/dead-letters", **params).json()["items"]]
 
     assert ids(task="default.ping") == [ping.pk]
     assert ids(queue="email") == [mail.pk]
     assert ids(task="email.send", queue="default") == []
 
 
-def test_it_walks_every_dead_letter_once_through_the_pages(api_client: ApiClient) -> None:
+def test_it_walks_every_dead_letter_once_through_the_pages(staff_client: ApiClient) -> None:
     made = [letter(minutes_ago=i % 4) for i in range(10)]  # several share a failure time
     same = timezone.now() - timedelta(minutes=30)
     DeadLetter.objects.filter(pk__in=[m.pk for m in made[:4]]).update(last_failed_at=same)
@@ -233,7 +256,7 @@ def test_it_walks_every_dead_letter_once_through_the_pages(api_client: ApiClient
     cursor = None
     for _ in range(10):
         params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
-        body = api_client.get("/api/dead-letters", **params).json()
+        body = staff_client.get("/api/dead-letters", **params).json()
         seen += [item["id"] for item in body["items"]]
         cursor = body["next_cursor"]
         if cursor is None:
@@ -259,10 +282,10 @@ def test_it_refuses_a_bad_dead_letter_list_parameter(api_client: ApiClient, para
     assert api_client.get("/api/dead-letters", **params).status_code == 400
 
 
-def test_it_shows_a_dead_letter_with_arguments_and_traceback(api_client: ApiClient) -> None:
+def test_it_shows_a_dead_letter_with_arguments_and_traceback(staff_client: ApiClient) -> None:
     dead = letter("images.process", kwargs={"asset_id": 5, "operations": [{"op": "save"}]})
 
-    response = api_client.get(f"/api/dead-letters/{dead.pk}")
+    response = staff_client.get(f"/api/dead-letters/{dead.pk}")
 
     assert response.status_code == 200
     body = response.json()
@@ -277,7 +300,7 @@ def test_it_masks_email_recipients_for_non_staff_tokens_and_shows_them_to_staff(
     api_client: ApiClient, staff_client: ApiClient
 ) -> None:
     kwargs = {"to": "ann.lee@example.com", "template": "welcome", "context": {"link": "https://x/reset/abc"}}
-    dead = letter("email.send", kwargs=kwargs)
+    dead = letter("email.send", kwargs=kwargs, job=job_of(api_client))
 
     masked = api_client.get(f"/api/dead-letters/{dead.pk}").json()["kwargs"]
     shown = staff_client.get(f"/api/dead-letters/{dead.pk}").json()["kwargs"]
@@ -333,7 +356,10 @@ def test_it_refuses_to_replay_a_task_that_no_longer_exists(staff_client: ApiClie
 
 
 def test_it_lists_the_dead_letter_of_a_job_that_failed_for_good(
-    celery_worker: object, api_client: ApiClient, make_client: Callable[..., ApiClient]
+    celery_worker: object,
+    api_client: ApiClient,
+    staff_client: ApiClient,
+    make_client: Callable[..., ApiClient],
 ) -> None:
     payload = {"asset_id": 424242, "operations": [{"op": "save"}]}
     job_id = api_client.post("/api/jobs", {"type": "images.process", "payload": payload}).json()["id"]
@@ -349,6 +375,15 @@ def test_it_lists_the_dead_letter_of_a_job_that_failed_for_good(
     )
 
     assert (item["task_name"], item["queue"], item["attempts"]) == ("images.process", "images", 1)
+    assert DeadLetter.objects.get(pk=item["id"]).job_id == UUID(job_id)
     detail = api_client.get(f"/api/dead-letters/{item['id']}").json()
     assert detail["kwargs"] == payload
     assert "424242" in detail["exception_message"]
+    # The owner sees the exception, not the stack: no frames, no server paths.
+    assert detail["traceback"] == f"{detail['exception_type']}: {detail['exception_message']}"
+    assert "File " not in detail["traceback"] and "/" not in detail["traceback"]
+    assert "File " in staff_client.get(f"/api/dead-letters/{item['id']}").json()["traceback"]
+    # Another non-staff user does not see it at all.
+    stranger = make_client("stranger")
+    assert item["id"] not in [i["id"] for i in stranger.get("/api/dead-letters").json()["items"]]
+    assert stranger.get(f"/api/dead-letters/{item['id']}").status_code == 404
