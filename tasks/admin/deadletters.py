@@ -32,7 +32,17 @@ class DeadLetterAdmin(admin.ModelAdmin):
     fieldsets = (
         (
             None,
-            {"fields": ("task_name", "task_id", "queue", "attempts", "first_failed_at", "last_failed_at")},
+            {
+                "fields": (
+                    "task_name",
+                    "task_id",
+                    "job",
+                    "queue",
+                    "attempts",
+                    "first_failed_at",
+                    "last_failed_at",
+                )
+            },
         ),
         ("Arguments", {"fields": ("pretty_args", "pretty_kwargs")}),
         ("Error", {"fields": ("exception_type", "exception_message", "pretty_traceback")}),

@@ -68,6 +68,7 @@ def test_the_admin_lists_shows_and_replays_dead_letters(
     assert listing.status_code == 200 and "default.probe_needs_file" in listing.content.decode()
     page = admin_client.get(f"/admin/tasks/deadletter/{letter.pk}/change/").content.decode()
     assert "PermanentJobError" in page and "Traceback" in page and str(path) in page
+    assert letter.job_id is not None and f"/admin/jobs/job/{letter.job_id}/change/" in page  # linked
 
     path.write_text("fixed")
     response = admin_client.post(
