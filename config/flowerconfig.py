@@ -9,9 +9,11 @@ Flower 2.2 keeps its own /metrics and /healthcheck open even with basic auth.
 import os
 
 _credentials = [item.strip() for item in os.environ.get("FLOWER_BASIC_AUTH", "").split(",") if item.strip()]
-if not _credentials or not all(":" in item and item.split(":", 1)[1] for item in _credentials):
+if not _credentials or not all(
+    ":" in item and item.split(":", 1)[0].strip() and item.split(":", 1)[1] for item in _credentials
+):
     raise SystemExit(
-        "FLOWER_BASIC_AUTH must be set to user:password (comma-separate several); "
+        "FLOWER_BASIC_AUTH must be set to user:password, both non-empty (comma-separate several); "
         "Flower will not start without authentication."
     )
 

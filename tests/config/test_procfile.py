@@ -47,8 +47,10 @@ def test_flower_refuses_to_start_without_basic_auth(monkeypatch: pytest.MonkeyPa
         runpy.run_path(str(ROOT / "config" / "flowerconfig.py"))
 
 
-@pytest.mark.parametrize("value", ["admin", "admin:", ":", "admin:secret,bob"])
-def test_flower_refuses_credentials_without_a_password(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+@pytest.mark.parametrize("value", ["admin", "admin:", ":", "admin:secret,bob", ":secret", " :secret"])
+def test_flower_refuses_credentials_without_a_user_or_a_password(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
     monkeypatch.setenv("FLOWER_BASIC_AUTH", value)
     with pytest.raises(SystemExit, match="FLOWER_BASIC_AUTH"):
         runpy.run_path(str(ROOT / "config" / "flowerconfig.py"))
