@@ -88,6 +88,7 @@ class IngestSchema(BaseModel):
     base=JobTask,
     name="analytics.ingest",
     schema=IngestSchema,
+    body_limit_setting="JOBS_API_MAX_BULK_BODY_BYTES",
     autoretry_for=(TransientJobError, OperationalError),
     idempotency="the batch key (default: the task id) is stored with the events in one transaction; "
     "a retry or redelivery finds it and stores nothing",

@@ -108,6 +108,9 @@ class JobTask(Task):
     # How a second run with the same arguments does no harm; every task says it.
     idempotency: ClassVar[str] = ""
     masked: ClassVar[frozenset[str]] = frozenset()
+    # The setting bounding a job's body (bytes) in the REST API. Tasks whose documented arguments
+    # are large (10,000 events, 100,000 addresses) name JOBS_API_MAX_BULK_BODY_BYTES.
+    body_limit_setting: ClassVar[str] = "JOBS_API_MAX_BODY_BYTES"
 
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (TransientJobError,)
     dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (PermanentJobError,)
