@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from config.celery_app import app
 from jobs import ratelimit
 from jobs.models import Job
+from jobs.registry import BodyLimit, body_limit
 from tasks.analytics import MAX_INGEST_EVENTS
 from tasks.email import MAX_NEWSLETTER_RECIPIENTS
 from tests.jobs.conftest import ApiClient
@@ -255,4 +255,8 @@ def test_every_documented_maximum_fits_the_default_limits() -> None:
     assert len(json.dumps(newsletter(MAX_NEWSLETTER_RECIPIENTS))) * 2 < settings.JOBS_API_MAX_BULK_BODY_BYTES
     assert settings.JOBS_API_MAX_BATCH_BYTES >= settings.JOBS_API_MAX_BULK_BODY_BYTES
     assert settings.DATA_UPLOAD_MAX_MEMORY_SIZE >= settings.JOBS_API_MAX_BATCH_BYTES
-    assert app.tasks["analytics.ingest"].body_limit_setting == "JOBS_API_MAX_BULK_BODY_BYTES"
+    assert body_limit("analytics.ingest") == BodyLimit(
+        settings.JOBS_API_MAX_BULK_BODY_BYTES, "JOBS_API_MAX_BULK_BODY_BYTES"
+    )
+    assert body_limit("email.newsletter") == body_limit("analytics.ingest")
+    assert body_limit("email.send") == BodyLimit(settings.JOBS_API_MAX_BODY_BYTES, "JOBS_API_MAX_BODY_BYTES")
