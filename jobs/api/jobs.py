@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from django.conf import settings
 from django.http import HttpRequest
 from django_celery_results.models import TaskResult
 from ninja import Header, Query, Router, Schema, Status
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from jobs import ratelimit, services
@@ -20,10 +20,12 @@ from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.body import MAX_DEPTH, read_json, too_large
 from jobs.api.common import (
     AUTH_ERRORS,
+    JOB_CURSOR,
     NO_NUL,
     STAFF_ERRORS,
     STAFF_ONLY,
     ApiError,
+    cursor_pattern,
     keyset_page,
 )
 from jobs.api.schemas import BatchOut, Error, JobOut
@@ -281,8 +283,10 @@ class JobFilters(Schema):
         default=None, description="Only jobs created at or after this time (ISO 8601)."
     )
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(
-        default=None, max_length=200, pattern=NO_NUL, description="`next_cursor` of the previous page."
+    cursor: Annotated[str | None, BeforeValidator(cursor_pattern(JOB_CURSOR))] = Field(
+        default=None,
+        json_schema_extra={"pattern": JOB_CURSOR},
+        description="`next_cursor` of the previous page.",
     )
 
     @field_validator("since", mode="before")
