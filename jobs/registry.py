@@ -114,6 +114,30 @@ def task_for(job_type: str) -> JobTask:
     return task
 
 
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes a job's body may take in the API, and the setting that says so."""
+
+    bytes: int
+    setting: str
+
+
+def body_limit(job_type: Any) -> BodyLimit | None:
+    """The limit for a job of `job_type`; None when it is not a type the API takes (parse_job says so)."""
+    if not isinstance(job_type, str) or job_type not in allowed_types():
+        return None
+    name = task_for(job_type).body_limit_setting
+    return BodyLimit(getattr(settings, name), name)
+
+
+def largest_body_limit() -> BodyLimit:
+    """What POST /api/jobs reads before it knows the type: the largest limit of any type it takes."""
+    limits = [limit for limit in map(body_limit, allowed_types()) if limit is not None]
+    return max(limits, key=lambda limit: limit.bytes, default=None) or BodyLimit(
+        settings.JOBS_API_MAX_BODY_BYTES, "JOBS_API_MAX_BODY_BYTES"
+    )
+
+
 def _field_errors(error: PydanticValidationError, prefix: str = "") -> list[FieldError]:
     found = []
     for item in error.errors():

@@ -33,6 +33,7 @@ from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun, ScheduleOptions
 from tasks.admin.common import ReadOnlyAdmin, reports_broker_errors
 from tasks.base import JobTask, PermanentJobError
+from tasks.services import boundedjson
 
 TIME_ZONES = sorted(available_timezones())
 
@@ -97,6 +98,22 @@ class ScheduleForm(PeriodicTaskForm):
             self.initial.setdefault("cron_timezone", str(crontab.timezone))
         else:
             self.initial.setdefault("cron_timezone", settings.TIME_ZONE)
+
+    def _clean_json(self, field: str) -> Any:
+        # PeriodicTaskForm's own check (for args and kwargs) parsed without a depth bound: text
+        # nested a thousand deep was a RecursionError, a 500. Headers were not checked at all, and
+        # beat reads them as an object.
+        value = self.cleaned_data[field]
+        try:
+            parsed = boundedjson.loads(value, max_depth=boundedjson.MAX_DEPTH)
+        except ValueError as exc:
+            raise forms.ValidationError(f"Unable to parse JSON: {exc}") from None
+        if field == "headers" and not isinstance(parsed, dict):
+            raise forms.ValidationError("must be a JSON object, e.g. {}")
+        return value
+
+    def clean_headers(self) -> Any:
+        return self._clean_json("headers")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()

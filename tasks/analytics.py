@@ -75,9 +75,13 @@ def _valid_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events
 
 
+# An event as the document shows it (service.EVENT_JSON_SCHEMA); service.EventIn checks it.
+EventJson = Annotated[dict[str, Any], WithJsonSchema(service.EVENT_JSON_SCHEMA)]
+
+
 class IngestSchema(BaseModel):
     # Checked item by item against service.EventIn, but kept as the JSON objects that came in.
-    events: Annotated[list[dict[str, Any]], AfterValidator(_valid_events)] = Field(
+    events: Annotated[list[EventJson], AfterValidator(_valid_events)] = Field(
         min_length=1, max_length=MAX_INGEST_EVENTS
     )
     batch_key: str | None = Field(default=None, min_length=1, max_length=200)
@@ -88,6 +92,7 @@ class IngestSchema(BaseModel):
     base=JobTask,
     name="analytics.ingest",
     schema=IngestSchema,
+    body_limit_setting="JOBS_API_MAX_BULK_BODY_BYTES",
     autoretry_for=(TransientJobError, OperationalError),
     idempotency="the batch key (default: the task id) is stored with the events in one transaction; "
     "a retry or redelivery finds it and stores nothing",

@@ -121,6 +121,9 @@ class JobTask(Task):
     # Arguments that name a row, and its model: {"asset_id": "tasks.ImageAsset"}. Checked where a job
     # comes from outside (the API, jobs.outbox.enqueue, the schedule admin): one indexed lookup each.
     references: ClassVar[Mapping[str, str]] = {}
+    # The setting bounding a job's body (bytes) in the REST API. Tasks whose documented arguments
+    # are large (10,000 events, 100,000 addresses) name JOBS_API_MAX_BULK_BODY_BYTES.
+    body_limit_setting: ClassVar[str] = "JOBS_API_MAX_BODY_BYTES"
 
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (TransientJobError,)
     dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (PermanentJobError,)

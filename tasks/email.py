@@ -127,6 +127,7 @@ class NewsletterSchema(BaseModel):
     base=JobTask,
     name="email.newsletter",
     schema=NewsletterSchema,
+    body_limit_setting="JOBS_API_MAX_BULK_BODY_BYTES",
     masked=frozenset({"recipients", "context"}),
     idempotency="fans out batches whose messages are keyed campaign:recipient; a rerun skips the sent",
 )

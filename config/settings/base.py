@@ -465,9 +465,21 @@ JOBS_API_TYPES = env.list(
 # Jobs each token may enqueue per period (a batch counts each job), shared by every web
 # process through RATE_LIMIT_STORAGE_URL.
 JOBS_API_ENQUEUE_RATE = env.rate("JOBS_API_ENQUEUE_RATE", default="6000/minute")
-# Bytes of one job's body (POST /api/jobs, and each entry of a batch), and of a whole batch.
+# Bytes of one job's body (POST /api/jobs, and each entry of a batch); of one job of a type whose
+# documented arguments are large (analytics.ingest: 10,000 events; email.newsletter: 100,000
+# addresses); and of a whole batch. A web process reads at most one body at a time per worker.
 JOBS_API_MAX_BODY_BYTES = env.int("JOBS_API_MAX_BODY_BYTES", default=64 * 1024, min_value=1024)
-JOBS_API_MAX_BATCH_BYTES = env.int("JOBS_API_MAX_BATCH_BYTES", default=8 * 1024 * 1024, min_value=64 * 1024)
+JOBS_API_MAX_BULK_BODY_BYTES = env.int(
+    "JOBS_API_MAX_BULK_BODY_BYTES",
+    default=max(8 * 1024 * 1024, JOBS_API_MAX_BODY_BYTES),
+    min_value=JOBS_API_MAX_BODY_BYTES,
+)
+JOBS_API_MAX_BATCH_BYTES = env.int(
+    "JOBS_API_MAX_BATCH_BYTES",
+    default=max(16 * 1024 * 1024, JOBS_API_MAX_BULK_BODY_BYTES),
+    min_value=JOBS_API_MAX_BULK_BODY_BYTES,
+)
+# Django's own cap on a body read into memory: never lower than the API's, which answer 413 themselves.
 DATA_UPLOAD_MAX_MEMORY_SIZE = JOBS_API_MAX_BATCH_BYTES
 # Seconds the web process waits for the broker to take a job before answering 503.
 JOBS_API_PUBLISH_TIMEOUT_SECONDS = env.float(

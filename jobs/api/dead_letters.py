@@ -6,21 +6,23 @@ arguments masked and the traceback cut to its final exception line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from config.celery_app import app
 from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import (
     AUTH_ERRORS,
+    DEAD_LETTER_CURSOR,
     NO_NUL,
     STAFF_ERRORS,
     STAFF_ONLY,
     ApiError,
+    cursor_pattern,
     keyset_page,
 )
 from jobs.api.schemas import DeadLetterDetail, DeadLetterPage, Error, ReplayOut
@@ -51,7 +53,11 @@ class DeadLetterFilters(Schema):
     task: str | None = Field(default=None, max_length=255, pattern=NO_NUL, description="Only this task name.")
     queue: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+    cursor: Annotated[str | None, BeforeValidator(cursor_pattern(DEAD_LETTER_CURSOR))] = Field(
+        default=None,
+        json_schema_extra={"pattern": DEAD_LETTER_CURSOR},
+        description="`next_cursor` of the previous page.",
+    )
 
 
 def _letter_or_404(request: HttpRequest, letter_id: int) -> DeadLetter:

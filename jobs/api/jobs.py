@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from django.conf import settings
 from django.http import HttpRequest
 from django_celery_results.models import TaskResult
 from ninja import Header, Query, Router, Schema, Status
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from jobs import ratelimit, services
 from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
+from jobs.api.body import MAX_DEPTH, read_json, too_large
 from jobs.api.common import (
     AUTH_ERRORS,
+    JOB_CURSOR,
     NO_NUL,
     STAFF_ERRORS,
     STAFF_ONLY,
     ApiError,
+    cursor_pattern,
     keyset_page,
 )
 from jobs.api.schemas import BatchOut, Error, JobOut
@@ -33,9 +36,10 @@ from jobs.publish import BrokerUnavailable
 from jobs.registry import (
     IDEMPOTENCY_KEY_PATTERN,
     MAX_BATCH,
-    FieldError,
     InvalidJob,
     JobRequest,
+    body_limit,
+    largest_body_limit,
     parse_job,
 )
 
@@ -94,21 +98,6 @@ def _job_or_404(request: HttpRequest, job_id: UUID) -> Job:
     return job
 
 
-def _read_json(request: HttpRequest, limit: int) -> Any:
-    declared = request.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the body is {declared} bytes; at most {limit} are accepted")
-    body = request.body
-    if len(body) > limit:
-        raise ApiError(413, f"the body is {len(body)} bytes; at most {limit} are accepted")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(
-            400, f"the body is not valid JSON: {exc}", [{"field": "(body)", "message": "is not valid JSON"}]
-        ) from None
-
-
 def _invalid(error: InvalidJob) -> ApiError:
     return ApiError(400, str(error), [item.as_dict() for item in error.errors])
 
@@ -144,6 +133,7 @@ def _enqueue(requests: list[JobRequest], token: ApiToken) -> list[services.Accep
         200: JobOut,
         400: Error,
         409: Error,
+        411: Error,
         413: Error,
         429: Error,
         503: Error,
@@ -167,7 +157,13 @@ def create_job(
     503: the broker did not take it; nothing was kept.
     """
     token = token_of(request)
-    data = _read_json(request, settings.JOBS_API_MAX_BODY_BYTES)
+    # The type is in the body: read up to the largest type's limit, then hold it to its own.
+    largest = largest_body_limit()
+    body = read_json(request, limit=largest.bytes, setting=largest.setting)
+    data = body.data
+    limit = body_limit(data.get("type")) if isinstance(data, dict) else None
+    if limit is not None and body.size > limit.bytes:
+        raise too_large(body.size, limit.bytes, limit.setting, job_type=data["type"])
     try:
         job_request = parse_job(data, header_key=idempotency_key)
     except InvalidJob as exc:
@@ -181,7 +177,7 @@ def create_job(
 
 @router.post(
     "/batch",
-    response={200: BatchOut, 400: Error, 413: Error, 429: Error, 503: Error, **AUTH_ERRORS},
+    response={200: BatchOut, 400: Error, 411: Error, 413: Error, 429: Error, 503: Error, **AUTH_ERRORS},
     summary="Enqueue up to 1,000 jobs",
     openapi_extra={
         "requestBody": {
@@ -204,10 +200,15 @@ def create_batch(request: HttpRequest) -> dict[str, Any]:
     """Checks every job; the valid ones are stored and queued in one round trip to the broker.
 
     The answer has one entry per job, in order: accepted (202, or 200 for a known idempotency
-    key) or refused with its reason (400, 409). One bad job does not sink the others.
+    key) or refused with its reason (400, 409, 413 over its type's limit). One bad job does not
+    sink the others.
     """
     token = token_of(request)
-    data = _read_json(request, settings.JOBS_API_MAX_BATCH_BYTES)
+    # Each entry may nest as deep as a job's body does on its own.
+    batch_limit = settings.JOBS_API_MAX_BATCH_BYTES
+    data = read_json(
+        request, limit=batch_limit, setting="JOBS_API_MAX_BATCH_BYTES", max_depth=MAX_DEPTH + 2
+    ).data
     entries = data.get("jobs") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ApiError(
@@ -224,9 +225,14 @@ def create_batch(request: HttpRequest) -> dict[str, Any]:
     results: list[dict[str, Any] | None] = [None] * len(entries)
     valid: list[tuple[int, JobRequest]] = []
     for index, entry in enumerate(entries):
+        limit = body_limit(entry.get("type")) if isinstance(entry, dict) else None
+        if limit is not None and (size := _compact_size(entry)) > limit.bytes:
+            error = too_large(
+                size, limit.bytes, limit.setting, what="the job (as compact JSON)", job_type=entry["type"]
+            )
+            results[index] = _refused(index, 413, error.detail, error.errors)
+            continue
         try:
-            if len(json.dumps(entry)) > settings.JOBS_API_MAX_BODY_BYTES:
-                raise InvalidJob([FieldError("(job)", f"is over {settings.JOBS_API_MAX_BODY_BYTES} bytes")])
             valid.append((index, parse_job(entry)))
         except InvalidJob as exc:
             results[index] = _refused(index, 400, str(exc), [item.as_dict() for item in exc.errors])
@@ -245,6 +251,11 @@ def create_batch(request: HttpRequest) -> dict[str, Any]:
             }
     accepted = sum(1 for item in results if item and item["accepted"])
     return {"accepted": accepted, "refused": len(entries) - accepted, "results": results}
+
+
+def _compact_size(entry: Any) -> int:
+    """An entry's bytes as its own body, written compactly (what a client sending it alone would send)."""
+    return len(json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode(errors="surrogatepass"))
 
 
 def _refused(
@@ -271,8 +282,10 @@ class JobFilters(Schema):
         default=None, description="Only jobs created at or after this time (ISO 8601)."
     )
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(
-        default=None, max_length=200, pattern=NO_NUL, description="`next_cursor` of the previous page."
+    cursor: Annotated[str | None, BeforeValidator(cursor_pattern(JOB_CURSOR))] = Field(
+        default=None,
+        json_schema_extra={"pattern": JOB_CURSOR},
+        description="`next_cursor` of the previous page.",
     )
 
     @field_validator("since", mode="before")

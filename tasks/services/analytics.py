@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -56,15 +57,75 @@ class InvalidEvent(ValueError):
     """An event that does not match the schema; the message names the event and the field."""
 
 
+# RFC 3339 (what JSON Schema's `date-time` is), the offset left to pydantic: without one, its
+# "Input should have timezone info" says what is missing.
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?")
+
+# What the REST API's document says an event is (EventIn is what checks it). Printable names and
+# ids, and the 16 KB of properties, are checked but not stated.
+EVENT_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Event",
+    "required": ["name", "timestamp"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 100,
+            "pattern": r"\S",
+            "description": "1-100 printable characters (surrounding spaces removed).",
+        },
+        "user_id": {
+            "anyOf": [
+                {"type": "string", "maxLength": 100},
+                {"type": "number", "exclusiveMinimum": -1e99, "exclusiveMaximum": 1e99},
+            ],
+            "default": "",
+            "description": "Up to 100 characters; a number is taken as text; empty for an anonymous event.",
+        },
+        "properties": {"type": "object", "description": "A JSON object, at most 16 KB as JSON."},
+        "timestamp": {
+            "type": "string",
+            "format": "date-time",
+            "description": "RFC 3339 with a UTC offset, e.g. 2026-05-04T10:00:00+02:00.",
+        },
+    },
+}
+
+
 class EventIn(BaseModel):
     """One event as producers send it: JSON, with an ISO 8601 timestamp carrying its UTC offset."""
 
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    user_id: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)] = ""
+    user_id: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)] = Field(
+        default="", coerce_numbers_to_str=True
+    )
     properties: dict[str, Any] = Field(default_factory=dict)
     timestamp: AwareDatetime
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _rfc_3339(cls, value: Any) -> Any:
+        # pydantic alone also takes Unix times (numbers, digit strings) and a space for the T.
+        if isinstance(value, datetime) or (isinstance(value, str) and _DATE_TIME.fullmatch(value)):
+            return value
+        raise ValueError(
+            "Input should be a valid datetime: an ISO 8601 date-time with a UTC offset, "
+            "e.g. 2026-05-04T10:00:00+02:00"
+        )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        # Stored in UTC: PostgreSQL refuses offsets past 15:59 (RFC 3339 allows 23:59), and an
+        # offset can carry 0001-01-01 into year 0, which no datetime holds.
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of range (before 0001-01-01 or after 9999-12-31 in UTC)") from None
 
     @field_validator("name", "user_id")
     @classmethod

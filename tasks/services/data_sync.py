@@ -37,10 +37,14 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
+from tasks.services import boundedjson
 from tasks.services.fetch import FetchedPage, Fetcher, PermanentFetchError, TransientFetchError, redact_url
 
 MAX_ERROR_LENGTH = 10_000
 EXTERNAL_ID_MAX_LENGTH = 255  # SyncedRecord.external_id
+# Arrays and objects in a JSON page nest at most this deep (the page's envelope included): deeper
+# text is refused before it is parsed (json.loads, and json.dumps of the records, are recursive).
+MAX_PAGE_DEPTH = 64
 
 
 class SourceDataError(PermanentFetchError):
@@ -128,8 +132,11 @@ def parse_json_page(page: FetchedPage, source: DataSource) -> tuple[list[Any], s
     """The records of one JSON page and the absolute URL of the next page (None on the last)."""
     where = redact_url(page.url)
     try:
-        payload = json.loads(page.body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        # NaN and Infinity are taken here and refused record by record (prepare).
+        payload = boundedjson.loads(page.body, max_depth=MAX_PAGE_DEPTH, allow_nan=True)
+    except boundedjson.TooDeep as exc:
+        raise SourceDataError(f"{where} is refused: {exc}") from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise SourceDataError(f"{where} is not valid JSON: {exc}") from None
     try:
         records = dig(payload, source.records_path)

@@ -816,7 +816,8 @@ def test_it_refuses_a_batch_entry_over_64_kb(api_client: ApiClient) -> None:
 
     results = api_client.post("/api/jobs/batch", {"jobs": [big, held()]}).json()["results"]
 
-    assert [r["status_code"] for r in results] == [400, 202]
+    assert [r["status_code"] for r in results] == [413, 202]
+    assert "at most 65536 are accepted for email.send" in results[0]["error"]["detail"]
 
 
 def test_it_answers_503_for_a_batch_and_keeps_nothing_when_the_broker_is_unreachable(

@@ -174,6 +174,28 @@ def test_arguments_are_checked_against_the_tasks_schema_when_saved(staff: Client
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # A RecursionError (a 500) in the form's JSON check before.
+        ("args", "[" * 1000 + "]" * 1000, "nests arrays and objects 1000 levels deep; at most 32"),
+        ("kwargs", '{"a": ' + "[" * 1000 + "]" * 1000 + "}", "1001 levels deep; at most 32"),
+        ("headers", '{"a": ' + "[" * 1000 + "]" * 1000 + "}", "1001 levels deep; at most 32"),
+        # Not checked before: beat read them when it loaded the schedule.
+        ("headers", "not json", "Unable to parse JSON"),
+        ("headers", "[]", "must be a JSON object"),
+    ],
+)
+def test_json_fields_nested_too_deep_or_malformed_are_refused_naming_the_problem(
+    staff: Client, field: str, value: str, message: str
+) -> None:
+    response = staff.post(f"{TASKS_URL}add/", task_form(**{field: value}))
+
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    assert not PeriodicTask.objects.filter(name="report").exists()
+
+
 def test_a_crontab_edited_on_its_own_page_is_checked_field_by_field(staff: Client) -> None:
     response = staff.post(
         "/admin/django_celery_beat/crontabschedule/add/",

@@ -411,6 +411,17 @@ def test_a_csv_row_with_the_wrong_number_of_cells_is_failed_not_fatal(upstream: 
         (b'{"items": []}', DataSource.Kind.JSON, "no 'results' in the page .records_path"),
         (b'{"results": {"id": 1}}', DataSource.Kind.JSON, "'results' is a dict, not a list"),
         (b'{"results": [], "next": 5}', DataSource.Kind.JSON, "'next' is a int, not a URL"),
+        # json.loads raised RecursionError on these (json.dumps of the records would too, nearer 1,000)
+        (
+            b"[" * 100_000 + b"]" * 100_000,
+            DataSource.Kind.JSON,
+            "nests arrays and objects 100000 levels deep",
+        ),
+        (
+            b'{"results": [{"id": 1, "tree": ' + b"[" * 990 + b"]" * 990 + b"}]}",
+            DataSource.Kind.JSON,
+            r"is refused: it nests arrays and objects 993 levels deep; at most 64 are accepted",
+        ),
         (b"id,name\n\xff\xfe,x\n", DataSource.Kind.CSV, "is not UTF-8"),
         (b'id,name\n1,"unclosed\n', DataSource.Kind.CSV, "bad CSV at line"),
         (b"id,id\n1,2\n", DataSource.Kind.CSV, "repeats a column name"),

@@ -132,6 +132,26 @@ def test_a_page_that_answers_404_fails_the_sync_at_once(celery_worker: object, u
     assert not SyncedRecord.objects.exists()  # nothing is written before every page is fetched
 
 
+def test_a_page_nested_too_deep_fails_the_sync_at_once_with_a_clear_error(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    """A hostile source: json.loads raised RecursionError in the worker (retried as a crash)."""
+    upstream.route(
+        "/deep", lambda handler: handler.answer(200, b'{"results": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    )
+    source = make_source(upstream, url=upstream.url("/deep"))
+
+    result = data_sync.sync.delay(source_id=source.pk)
+
+    with pytest.raises(Exception, match="nests arrays and objects 5001 levels deep; at most 64 are accepted"):
+        result.get(timeout=30)
+    run = finished(SyncRun.objects.get(task_id=result.id).pk)
+    assert run.status == SyncRun.Status.FAILED and "5001 levels deep" in run.error
+    assert "RecursionError" not in run.error
+    assert upstream.hits("/deep") == 1  # permanent: not fetched again
+    assert not SyncedRecord.objects.exists()
+
+
 def test_a_batch_that_fails_for_good_fails_the_run_instead_of_leaving_it_running(
     celery_worker: object, upstream: Upstream
 ) -> None:
