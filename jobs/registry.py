@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
+from django.apps import apps as django_apps
 from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic import ValidationError as PydanticValidationError
@@ -263,6 +264,13 @@ def request_body_schema() -> dict[str, Any]:
         payload_def = defs.get(ref.rsplit("/", 1)[-1])
         if payload_def is not None and not _takes_any_keyword(tasks[variant.__name__]):
             payload_def.setdefault("additionalProperties", False)
+        # A row the argument names must exist (JobTask.references): no JSON schema keyword says that.
+        for name, label in tasks[variant.__name__].references.items():
+            field = (payload_def or {}).get("properties", {}).get(name)
+            if field is not None:
+                model = django_apps.get_model(label)
+                field["x-references"] = model._meta.label
+                field["description"] = f"The id of an existing {model._meta.verbose_name} (else 400)."
     return document
 
 

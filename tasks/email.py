@@ -44,7 +44,14 @@ def _existing_template(name: str) -> str:
 # A template name that can be sent: checked when the job is sent (API, enqueue, schedule admin), not
 # found missing by the worker.
 Template = Annotated[
-    str, Field(pattern=service.TEMPLATE_NAME.pattern, max_length=200), AfterValidator(_existing_template)
+    str,
+    Field(
+        pattern=service.TEMPLATE_NAME.pattern,
+        max_length=200,
+        # The document lists the templates there are (read when it is first built).
+        json_schema_extra=lambda schema: schema.update(enum=service.template_names()),
+    ),
+    AfterValidator(_existing_template),
 ]
 
 # The addresses are checked by Django's validate_email; the document says `format: email`.

@@ -15,6 +15,7 @@ import smtplib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -56,6 +57,22 @@ def missing_template_parts(template: str) -> list[str]:
         except TemplateDoesNotExist:
             missing.append(part)
     return missing
+
+
+def template_names() -> list[str]:
+    """Every template that can be sent: directories under `email/` of any template directory that
+    hold the three parts (what the OpenAPI document lists as the choices for `template`)."""
+    from django.template import engines
+
+    found: set[str] = set()
+    for engine in engines.all():
+        for directory in getattr(engine, "template_dirs", ()):
+            root = Path(directory) / "email"
+            for subject in root.rglob(TEMPLATE_PARTS[0]) if root.is_dir() else ():
+                name = subject.parent.relative_to(root).as_posix()
+                if TEMPLATE_NAME.match(name) and not missing_template_parts(name):
+                    found.add(name)
+    return sorted(found)
 
 
 def render(template: str, context: dict[str, Any]) -> tuple[str, str, str]:

@@ -18,6 +18,7 @@ from monitoring.models import TaskMetric
 from tasks.models import DeadLetter
 from tests.jobs.conftest import ApiClient
 from tests.monitoring.conftest import add_metric_row
+from tests.tasks import images
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -361,7 +362,8 @@ def test_it_lists_the_dead_letter_of_a_job_that_failed_for_good(
     staff_client: ApiClient,
     make_client: Callable[..., ApiClient],
 ) -> None:
-    payload = {"asset_id": 424242, "operations": [{"op": "save"}]}
+    asset = images.asset(b"GIF89a not really", "fake.gif")  # there, but not an image
+    payload = {"asset_id": asset.pk, "operations": [{"op": "save"}]}
     job_id = api_client.post("/api/jobs", {"type": "images.process", "payload": payload}).json()["id"]
     wait_for(lambda: Job.objects.get(pk=job_id).status == "failed", timeout=30, what="the job to fail")
     task_id = Job.objects.get(pk=job_id).task_id
@@ -378,7 +380,7 @@ def test_it_lists_the_dead_letter_of_a_job_that_failed_for_good(
     assert DeadLetter.objects.get(pk=item["id"]).job_id == UUID(job_id)
     detail = api_client.get(f"/api/dead-letters/{item['id']}").json()
     assert detail["kwargs"] == payload
-    assert "424242" in detail["exception_message"]
+    assert f"image asset {asset.pk}: not an image" in detail["exception_message"]
     # The owner sees the exception, not the stack: no frames, no server paths.
     assert detail["traceback"] == f"{detail['exception_type']}: {detail['exception_message']}"
     assert "File " not in detail["traceback"] and "/" not in detail["traceback"]

@@ -24,11 +24,14 @@ from hypothesis import HealthCheck, settings
 from ninja.responses import NinjaJSONEncoder
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
+from config.celery_app import app
 from jobs import queues, ratelimit
 from jobs.api import api
 from jobs.api.common import encode_cursor
 from jobs.models import Job, QueuePause
-from tasks.models import DeadLetter
+from tasks.base import MAX_INTEGER
+from tasks.models import DataSource, DeadLetter
+from tests.tasks import images
 
 # As served: JSON (ninja's own encoder; response codes become strings).
 DOCUMENT: dict[str, Any] = json.loads(json.dumps(api.get_openapi_schema(), cls=NinjaJSONEncoder))
@@ -258,6 +261,11 @@ class World:
         TaskResult.objects.create(
             task_id=running.task_id, status="PROGRESS", result=json.dumps({"percent": 40, "message": "half"})
         )
+        # Rows a payload may name (`x-references` in the document: existing rows, else 400).
+        self.rows = {
+            "tasks.ImageAsset": images.asset(images.encoded(images.picture(), "PNG"), "world.png").pk,
+            "tasks.DataSource": DataSource.objects.create(name="world", url="https://93.184.216.34/items").pk,
+        }
         self.letters = [
             DeadLetter.objects.create(
                 task_id=str(uuid.uuid4()),
@@ -304,6 +312,14 @@ class World:
         for body in bodies if isinstance(bodies, list) else [case.body]:
             if isinstance(body, dict) and isinstance(body.get("payload"), dict):
                 _meet_checks_the_document_does_not_state(body.get("type"), body["payload"])
+                self._name_existing_rows(body.get("type"), body["payload"])
+
+    def _name_existing_rows(self, job_type: Any, payload: dict[str, Any]) -> None:
+        """A valid id in a field that names a row (`x-references`) becomes the id of a row that exists."""
+        task = app.tasks.get(job_type) if isinstance(job_type, str) else None
+        for name, label in getattr(task, "references", {}).items():
+            if _is_int(payload.get(name)) and 0 < payload[name] <= MAX_INTEGER:
+                payload[name] = self.rows[label]
 
 
 @pytest.fixture
@@ -466,7 +482,7 @@ def test_every_cursor_the_document_allows_is_read(
             "/api/jobs",
             {
                 "type": "email.send",
-                "payload": {"to": "a@example.com", "template": "t", "context": {"n": "a\x00"}},
+                "payload": {"to": "a@example.com", "template": "welcome", "context": {"n": "a\x00"}},
             },
             "payload.context.n",
         ),
