@@ -11,10 +11,18 @@ from pathlib import Path
 
 from kombu import Queue
 
-from config.env import Env
+from config.env import Env, read_dot_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = Env()
+
+# `bin/run` writes the values its stack runs with (debug, secret key, the SQLite file, the embedded
+# broker) to .env, so `celery -A config ...` and `manage.py ...` in a second terminal reach that stack
+# with nothing exported. Variables set in the environment win over the file; the test settings
+# never read it, and production turns it off (deploy/jobs.env.example).
+DOT_ENV_FILE = BASE_DIR / ".env"
+if env.bool("DJANGO_READ_DOT_ENV_FILE", default=True):
+    read_dot_env(DOT_ENV_FILE)
 
 # --- Django core --------------------------------------------------------------
 
