@@ -291,5 +291,5 @@ def test_the_next_runs_list_is_not_indented_as_a_form_list(staff: Client) -> Non
     assert "scheduling/admin.css" in page
     css = staff.get("/static/scheduling/admin.css")
     assert css.status_code == 200
-    rules = b"".join(css.streaming_content).decode() if css.streaming else css.content.decode()
+    rules = css.getvalue().decode()
     assert "ul.next-runs" in rules and "margin-left: 0" in rules
