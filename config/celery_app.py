@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging.config
 import os
 from typing import Any
@@ -16,7 +17,27 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 # heartbeats, a reaper, a delivery count and a quarantine (delivery/redis.py); publishing is kombu's.
 use_reliable_redis_transport()
 
-app = Celery("config")
+
+class JobsCelery(Celery):
+    """Celery, with Django set up before the result backend is built.
+
+    The backend (django-celery-results' models) needs Django's app registry. Workers, web and
+    `manage.py` set Django up first; the Celery CLI (`celery -A config call`, `result`, ...)
+    and a plain script that sends a task do not, and failed with AppRegistryNotReady. Setting
+    Django up here, at the first use of the backend, covers all of them.
+    """
+
+    def _get_backend(self) -> Any:
+        from django.apps import apps
+
+        if not apps.ready and not apps.loading:
+            import django
+
+            django.setup()
+        return super()._get_backend()  # type: ignore[misc]
+
+
+app = JobsCelery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Task modules are listed in CELERY_IMPORTS (a top-level `tasks` package is
 # not found by autodiscovery); any Django app's own tasks.py still is.
@@ -32,3 +53,13 @@ def configure_logging_from_django(**kwargs: Any) -> None:
     from django.conf import settings
 
     logging.config.dictConfig(settings.LOGGING)
+
+
+def import_task_modules() -> None:
+    """Imports every task module (CELERY_IMPORTS), so `app.tasks` lists all of our tasks.
+
+    Workers import them at start-up; web processes (the API, the schedule admin) call this. Not
+    app.loader.import_default_modules(): its Django fixup runs the system checks, which call this.
+    """
+    for module in (*app.conf.imports, *app.conf.include):
+        importlib.import_module(module)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +23,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
+_ENV_LINE = re.compile(r"\A(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)\Z")
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -177,3 +180,30 @@ class Env:
         if scheme == "valkey":
             url = "redis" + url[len("valkey") :]
         return url
+
+
+def read_dot_env(path: Path, into: MutableMapping[builtins.str, builtins.str] | None = None) -> builtins.bool:
+    """Adds the `NAME=value` lines of a .env file to the environment; variables already set win.
+
+    The format is the common subset every dotenv reader agrees on (what `bin/run` writes): one
+    `NAME=value` a line, optionally `export `, the value optionally in single or double quotes
+    (taken literally: no escapes, no `$VAR` expansion), `#` comment lines. A line that is none of
+    these is an error naming the file and line. Returns whether the file was there.
+    """
+    target = os.environ if into is None else into
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match is None:
+            raise ImproperlyConfigured(f"{path}, line {number}: not NAME=value: {line[:40]!r}")
+        name, value = match[1], match[2].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        target.setdefault(name, value)
+    return True

@@ -9,7 +9,6 @@ anything is written or queued.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import re
@@ -22,7 +21,7 @@ from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from config.celery_app import app
+from config.celery_app import app, import_task_modules
 from jobs.publish import queue_for
 from tasks.base import JobTask
 
@@ -99,10 +98,8 @@ def allowed_types() -> list[str]:
 
 @cache
 def _import_task_modules() -> None:
-    # Web processes do not import CELERY_IMPORTS by themselves (workers do, at start-up). Not
-    # app.loader.import_default_modules(): its Django fixup runs the system checks, which call this.
-    for module in (*app.conf.imports, *app.conf.include):
-        importlib.import_module(module)
+    # Web processes do not import CELERY_IMPORTS by themselves (workers do, at start-up).
+    import_task_modules()
 
 
 def task_for(job_type: str) -> JobTask:

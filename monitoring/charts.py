@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from django.utils import timezone
 from django.utils.html import escape
@@ -11,6 +12,7 @@ from django.utils.safestring import SafeString, mark_safe
 from monitoring.stats import Bin
 
 WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 760, 180, 44, 22, 8
+TICKS = 5  # time labels under the chart: both ends and three between
 COLOURS = {"succeeded": "#2e7d32", "failed": "#c62828", "retried": "#f9a825"}
 
 
@@ -56,13 +58,37 @@ def throughput_chart(bins: Sequence[Bin], *, title: str) -> SafeString:
                 f'<rect x="{x:.1f}" y="{base + 2}" width="{bar:.1f}" height="3" fill="{COLOURS["retried"]}"/>'
             )
         parts.append("</g>")
-    if bins:
-        first, last = timezone.localtime(bins[0].start), timezone.localtime(bins[-1].start)
-        fmt = "%H:%M" if (last - first).days < 1 else "%m-%d %H:%M"
-        parts.append(f'<text x="{LEFT}" y="{HEIGHT - 6}" font-size="11">{first.strftime(fmt)}</text>')
-        parts.append(
-            f'<text x="{WIDTH - 4}" y="{HEIGHT - 6}" text-anchor="end" font-size="11">'
-            f"{last.strftime(fmt)}</text>"
-        )
+    parts.extend(time_axis(bins, plot_width))
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308 (numbers and escaped labels only)
+
+
+def time_axis(bins: Sequence[Bin], plot_width: float) -> list[str]:
+    """Time labels from the first bin's start to the last bin's end, in the local time zone.
+
+    With dates whenever the window crosses midnight (24 h, 7 d): times alone read backwards
+    there ("14:40 … 14:16"). The last label names the time zone.
+    """
+    if not bins:
+        return []
+    width = bins[1].start - bins[0].start if len(bins) > 1 else timedelta(0)
+    start, end = bins[0].start, bins[-1].start + width
+    dated = timezone.localtime(start).date() != timezone.localtime(end).date()
+    parts = []
+    for index in range(TICKS):
+        fraction = index / (TICKS - 1)
+        at = timezone.localtime(start + (end - start) * fraction)
+        text = f"{at:%b} {at.day} {at:%H:%M}" if dated else f"{at:%H:%M}"
+        if index == TICKS - 1:
+            text += f" {at:%Z}"
+        x = LEFT + plot_width * fraction
+        anchor = "start" if index == 0 else "end" if index == TICKS - 1 else "middle"
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{HEIGHT - BOTTOM}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM + 4}" '
+            'stroke="#999"/>'
+        )
+        parts.append(
+            f'<text class="tick" x="{x:.1f}" y="{HEIGHT - 6}" text-anchor="{anchor}" font-size="11">'
+            f"{escape(text)}</text>"
+        )
+    return parts

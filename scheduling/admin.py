@@ -26,7 +26,7 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTas
 from django_celery_results.models import TaskResult
 from kombu.utils.json import loads
 
-from config.celery_app import app
+from config.celery_app import app, import_task_modules
 from scheduling import beat
 from scheduling.cron import FIELDS, Cron, CronError, Occurrence, parse_field
 from scheduling.defaults import crontab_for
@@ -81,6 +81,7 @@ class ScheduleForm(PeriodicTaskForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._show_registered_task()
         crontab = self.instance.crontab if self.instance.pk else None
         if crontab is not None:
             self.initial.setdefault(
@@ -114,6 +115,19 @@ class ScheduleForm(PeriodicTaskForm):
 
     def clean_headers(self) -> Any:
         return self._clean_json("headers")
+
+    def _show_registered_task(self) -> None:
+        """ "Task (registered)" lists our tasks and shows the one this schedule runs.
+
+        django-celery-beat's widget never selects the saved task (the field stayed blank on every
+        change page), and builds its list with Celery's loader, whose Django fix-up runs the
+        system checks in the web process. Our task modules are imported directly instead.
+        """
+        import_task_modules()
+        names = sorted(name for name in app.tasks if not name.startswith("celery."))
+        self.fields["regtask"].widget = forms.Select(choices=[("", "---------"), *((n, n) for n in names)])
+        if self.instance.pk and self.instance.task in names:
+            self.initial.setdefault("regtask", self.instance.task)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -211,6 +225,10 @@ class ScheduleAdmin(PeriodicTaskAdmin):
         ),
     )
     readonly_fields = ("in_words", "next_runs", "recent_runs", "last_run_at")
+
+    class Media:
+        # Django indents every list in an aligned form by 160 px; the run lists are read-only text.
+        css = {"all": ("scheduling/admin.css",)}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PeriodicTask]:
         latest = ScheduledRun.objects.filter(schedule_name=OuterRef("name")).order_by("-dispatched_at")

@@ -62,9 +62,15 @@ def browser_page() -> Iterator[Page]:
     try:
         from playwright.sync_api import sync_playwright  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install`)")
+        pytest.skip(
+            "browser test: playwright is not installed (it is in requirements-dev.txt: bin/test installs "
+            "it; Playwright's own `playwright install` is not needed)"
+        )
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip(
+            f"browser test: no Chromium at {CHROMIUM}; install Debian's chromium to run it "
+            "(`sudo apt-get install chromium`, or `sudo bash .ci/install-chromium.sh`)"
+        )
 
     from django.db import connections
 

@@ -11,10 +11,18 @@ from pathlib import Path
 
 from kombu import Queue
 
-from config.env import Env
+from config.env import Env, read_dot_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = Env()
+
+# `bin/run` writes the values its stack runs with (debug, secret key, the SQLite file, the embedded
+# broker) to .env, so `celery -A config ...` and `manage.py ...` in a second terminal reach that stack
+# with nothing exported. Variables set in the environment win over the file; the test settings
+# never read it, and production turns it off (deploy/jobs.env.example).
+DOT_ENV_FILE = BASE_DIR / ".env"
+if env.bool("DJANGO_READ_DOT_ENV_FILE", default=True):
+    read_dot_env(DOT_ENV_FILE)
 
 # --- Django core --------------------------------------------------------------
 
@@ -67,7 +75,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # Project pages that belong to no app (the front page).
+        "DIRS": [BASE_DIR / "config" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -124,6 +133,10 @@ SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0, min_value=0)
+# Both commit every subdomain (preload: for months, in browsers' built-in lists) to HTTPS: off
+# unless you say so (docs/deployment.md; `check --deploy` warns while they are off).
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+# The .env that `bin/run` writes points at a development stack: tests never read it, so a stray
+# one cannot send them to another database or broker (forced: an exported value cannot either).
+os.environ["DJANGO_READ_DOT_ENV_FILE"] = "false"
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
 # Retries in tests wait tenths of a second, not minutes; the policy itself is unchanged.
 os.environ.setdefault("JOBS_RETRY_BACKOFF_SECONDS", "0.05")

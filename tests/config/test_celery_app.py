@@ -93,3 +93,25 @@ def test_the_imported_modules_register_their_tasks(celery_app: Celery) -> None:
     for name in celery_app.tasks:
         prefix = name.split(".", 1)[0]
         assert prefix in {*FAMILIES, "default", "celery"}, f"task {name} has no queue prefix"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_result_backend_works_in_a_process_that_did_not_set_django_up() -> None:
+    # `celery -A config call` / `result` (and any script that only imports the app) build the
+    # django-db backend before anything sets Django up: that was AppRegistryNotReady.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import database_url_for_subprocess
+
+    probe = "from config.celery_app import app; print(type(app.backend).__name__, app.AsyncResult('x').state)"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url_for_subprocess(),
+    }
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["DatabaseBackend", "PENDING"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import Env
+from config.env import Env, read_dot_env
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,37 @@ def test_rates_are_checked() -> None:
     assert Env({"EMAIL_SEND_RATE": "600/minute"}).rate("EMAIL_SEND_RATE", default="1/second") == "600/minute"
     with pytest.raises(ImproperlyConfigured, match="EMAIL_SEND_RATE='fast' is not a rate"):
         Env({"EMAIL_SEND_RATE": "fast"}).rate("EMAIL_SEND_RATE", default="1/second")
+
+
+def test_a_dot_env_file_adds_its_variables_and_the_environment_wins(tmp_path) -> None:
+    dot_env = tmp_path / ".env"
+    dot_env.write_text(
+        "# written by bin/run\n"
+        "\n"
+        "DJANGO_DEBUG=true\n"
+        "export DATABASE_URL=sqlite:////tmp/x.sqlite3\n"
+        "DJANGO_SECRET_KEY='from the file'\n"
+        'EMAIL_URL="consolemail://"\n'
+    )
+    environ = {"DJANGO_SECRET_KEY": "from the environment"}
+
+    assert read_dot_env(dot_env, into=environ) is True
+    assert environ == {
+        "DJANGO_DEBUG": "true",
+        "DATABASE_URL": "sqlite:////tmp/x.sqlite3",
+        "DJANGO_SECRET_KEY": "from the environment",
+        "EMAIL_URL": "consolemail://",
+    }
+
+
+def test_a_missing_dot_env_file_changes_nothing(tmp_path) -> None:
+    environ: dict[str, str] = {}
+    assert read_dot_env(tmp_path / ".env", into=environ) is False
+    assert environ == {}
+
+
+def test_a_line_in_a_dot_env_file_that_is_not_name_equals_value_is_named(tmp_path) -> None:
+    dot_env = tmp_path / ".env"
+    dot_env.write_text("DJANGO_DEBUG=true\nthis is not a setting\n")
+    with pytest.raises(ImproperlyConfigured, match=r"\.env, line 2: not NAME=value: 'this is not a setting'"):
+        read_dot_env(dot_env, into={})

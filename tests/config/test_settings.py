@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.project_copy import copy_project
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json
@@ -121,3 +123,56 @@ def test_a_bad_value_fails_at_start_up_naming_the_variable(variable: str, value:
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert message in result.stderr
+
+
+DOT_ENV_PROBE = """
+import json, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+from django.conf import settings
+print(json.dumps({"SECRET_KEY": settings.SECRET_KEY, "DB_NAME": str(settings.DATABASES["default"]["NAME"])}))
+"""
+
+
+@pytest.fixture
+def project_with_dot_env(tmp_path: Path) -> Path:
+    """A copy of the project with a .env such as `bin/run` writes (never the checkout's own .env)."""
+    project = copy_project(tmp_path / "project")
+    (project / ".env").write_text(
+        "DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=from-the-dot-env\nDATABASE_URL=sqlite:////tmp/from-dot-env.sqlite3\n"
+    )
+    return project
+
+
+def run_in(project: Path, **variables: str) -> dict[str, str]:
+    # A new terminal: PATH and HOME, nothing about the project exported.
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **variables}
+    probe = [sys.executable, "-c", DOT_ENV_PROBE]
+    result = subprocess.run(probe, cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_settings_read_the_dot_env_file_and_the_environment_wins(project_with_dot_env: Path) -> None:
+    assert run_in(project_with_dot_env) == {
+        "SECRET_KEY": "from-the-dot-env",
+        "DB_NAME": "/tmp/from-dot-env.sqlite3",
+    }
+    assert run_in(project_with_dot_env, DJANGO_SECRET_KEY="exported")["SECRET_KEY"] == "exported"
+
+
+def test_a_dot_env_file_is_not_read_when_turned_off(project_with_dot_env: Path) -> None:
+    result = run_in(project_with_dot_env, DJANGO_READ_DOT_ENV_FILE="false", DJANGO_DEBUG="true")
+    assert result["SECRET_KEY"] != "from-the-dot-env"
+    assert result["DB_NAME"] == str(project_with_dot_env / "db.sqlite3")
+
+
+def test_the_test_settings_never_read_a_stray_dot_env_file(project_with_dot_env: Path) -> None:
+    # Even with the switch exported on: a developer's .env must not send the tests to their stack.
+    result = run_in(
+        project_with_dot_env,
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DJANGO_READ_DOT_ENV_FILE="true",
+        CELERY_BROKER_URL="redis://127.0.0.1:6390/0",
+    )
+    assert result["SECRET_KEY"] == "test-only-secret-key-not-for-production"
+    assert result["DB_NAME"] == str(project_with_dot_env / "db.sqlite3")

@@ -1,10 +1,12 @@
 """The first quick-start command: the whole stack from the Procfile, then Ctrl-C.
 
 Runs `python -m localdev.stack` (what `bin/run` executes once its virtualenv is
-ready) exactly as a developer does, on free ports, its own SQLite file and its
-own embedded broker, then checks what a person would check: the admin asks for
-a login and accepts the printed credentials, Flower refuses strangers and shows
-both workers, a task goes through, and Ctrl-C leaves no process behind.
+ready) exactly as a developer does, in a fresh copy of the project (its own .run/,
+SQLite file, .env and embedded broker), on free ports, then checks what a person
+would check: the admin asks for a login and accepts the printed credentials,
+Flower refuses strangers and shows both workers, a task goes through, the Celery
+CLI and manage.py work from a second terminal with nothing exported, and Ctrl-C
+leaves no process behind.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,27 +32,36 @@ import pytest
 
 from localdev.embedded_broker import free_port, is_listening
 from tests.processes import alive, descendants
+from tests.project_copy import copy_project
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
+# Set by the test run itself (pytest-django, tests/services.py, config.settings.test), not by a developer.
+NOT_IN_A_TERMINAL = {
+    "DJANGO_SETTINGS_MODULE",
+    "DJANGO_READ_DOT_ENV_FILE",
+    "DJANGO_SECRET_KEY",
+    "CELERY_BROKER_URL",
+    "REDIS_URL",
+    "DATABASE_URL",
+    "JOBS_RETRY_BACKOFF_SECONDS",
+    "JOBS_RETRY_BACKOFF_MAX_SECONDS",
+}
 
 
 class Stack:
     def __init__(self, tmp: Path) -> None:
+        # A fresh clone, once per test: .run/, db.sqlite3 and .env are written inside it.
+        self.root = tmp / "project"
+        if not self.root.exists():
+            copy_project(self.root)
         self.web_port, self.flower_port, self.broker_port = free_port(), free_port(), free_port()
         self.log = tmp / "stack.log"
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in {"DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL", "REDIS_URL", "DATABASE_URL"}
-        }
+        env = {key: value for key, value in os.environ.items() if key not in NOT_IN_A_TERMINAL}
         env.update(
-            STACK_STATE_DIR=str(tmp / "state"),
-            DATABASE_URL=f"sqlite:///{tmp / 'stack.sqlite3'}",
             EMBEDDED_BROKER_PORT=str(self.broker_port),
             WEB_BIND=f"127.0.0.1:{self.web_port}",
             WEB_CONCURRENCY="1",
@@ -60,7 +72,7 @@ class Stack:
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "localdev.stack"],
-            cwd=ROOT,
+            cwd=self.root,
             env=env,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -160,7 +172,7 @@ def test_the_stack_starts_serves_and_stops_cleanly_on_ctrl_c(stack: Stack) -> No
             "from config.celery_app import app; import django; django.setup(); "
             "print(app.send_task('default.ping').get(timeout=30)['pong'])",
         ],
-        cwd=ROOT,
+        cwd=stack.root,
         env={
             **stack.env,
             "CELERY_BROKER_URL": f"redis://127.0.0.1:{stack.broker_port}/0",
@@ -218,3 +230,100 @@ def test_the_stack_keeps_its_admin_password_across_restarts(stack: Stack, tmp_pa
         assert again.wait_ready() == first
     finally:
         again.kill()
+
+
+def second_terminal(stack: Stack, *command: str, stdin: str | None = None, timeout: float = 60) -> str:
+    """Runs a command as a new terminal would after `source .venv/bin/activate`: only PATH and HOME.
+
+    The venv's tools (`celery`, `python`) come first on PATH; nothing about the project is
+    exported, so everything must come from the .env `bin/run` wrote.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    clean = {"PATH": os.pathsep.join([venv_bin, "/usr/bin", "/bin"]), "HOME": os.environ.get("HOME", "/tmp")}
+    done = subprocess.run(
+        list(command), cwd=stack.root, env=clean, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{command} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_a_second_terminal_with_nothing_exported_uses_the_running_stack(stack: Stack) -> None:
+    stack.wait_ready()
+    assert "another terminal: source" in stack.output()
+    dot_env = (stack.root / ".env").read_text()
+    assert f"CELERY_BROKER_URL=redis://127.0.0.1:{stack.broker_port}/0" in dot_env
+    assert f"DATABASE_URL=sqlite:///{stack.root / 'db.sqlite3'}" in dot_env
+
+    # The Celery CLI: send, fetch the result (the django-db backend needs Django set up first).
+    task_id = second_terminal(stack, "celery", "-A", "config", "call", "default.ping").strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", task_id), task_id
+    deadline = time.monotonic() + 30
+    while "pong" not in (result := second_terminal(stack, "celery", "-A", "config", "result", task_id)):
+        assert time.monotonic() < deadline, result
+        time.sleep(0.5)
+    assert "general@" in result
+
+    pinged = second_terminal(stack, "celery", "-A", "config", "inspect", "ping")
+    assert "email@" in pinged and "general@" in pinged and "pong" in pinged
+    assert "2 nodes online" in second_terminal(stack, "celery", "-A", "config", "status")
+    assert "email@" in second_terminal(stack, "celery", "-A", "config", "control", "heartbeat")
+    assert "purged" in second_terminal(stack, "celery", "-A", "config", "purge", "-f")
+    asked = "print('has', 'email.send' in app.tasks)"
+    assert "has True" in second_terminal(stack, "celery", "-A", "config", "shell", stdin=asked)
+    # `events --dump` runs until interrupted: a few seconds of it, then SIGINT, as Ctrl-C would.
+    venv_bin = str(Path(sys.executable).parent)
+    dump = subprocess.Popen(
+        ["celery", "-A", "config", "events", "--dump"],
+        cwd=stack.root,
+        env={"PATH": os.pathsep.join([venv_bin, "/usr/bin", "/bin"]), "HOME": os.environ.get("HOME", "/tmp")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    second_terminal(stack, "celery", "-A", "config", "call", "default.ping")
+    time.sleep(3)
+    dump.send_signal(signal.SIGINT)
+    events, _ = dump.communicate(timeout=20)
+    assert "starting capture" in events and "default.ping" in events, events
+
+    # manage.py: the same SQLite file and secret key as the stack's.
+    assert "no dead letters" in second_terminal(stack, "python", "manage.py", "deadletters", "list")
+    token = second_terminal(stack, "python", "manage.py", "create_api_token", "admin", "--name=terminal 2")
+    assert token.strip().startswith("jobs_")
+
+    everything = descendants(stack.process.pid)
+    assert stack.ctrl_c() in (0, 130), stack.output()[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in everything):
+        time.sleep(0.2)
+    assert not [pid for pid in everything if alive(pid)], stack.output()[-3000:]
+
+
+def test_the_stack_names_a_taken_port_and_the_variable_to_change_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker_port = free_port()
+        env = {key: value for key, value in os.environ.items() if key not in NOT_IN_A_TERMINAL}
+        env.update(
+            WEB_BIND=f"127.0.0.1:{port}", FLOWER_PORT=str(free_port()), EMBEDDED_BROKER_PORT=str(broker_port)
+        )
+        project = copy_project(tmp_path / "project")
+
+        refused = subprocess.run(
+            [sys.executable, "-m", "localdev.stack"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert refused.returncode == 1
+    assert f"error: port {port} on 127.0.0.1 (web) is already in use" in refused.stderr
+    assert "WEB_BIND=127.0.0.1:" in refused.stderr
+    assert not is_listening("127.0.0.1", broker_port)  # nothing was started
+    assert not (project / ".run" / "broker").exists()

@@ -309,6 +309,8 @@ CASES: list[Case] = [
     Case("healthz", "get", lambda w: "/healthz", {}, otherwise=200),
     Case("readyz", "get", lambda w: "/readyz", {}, otherwise=503),  # no worker, no beat here
     Case("prometheus-metrics", "get", lambda w: "/metrics", {STAFF_SESSION: 200, METRICS: 200}),
+    # the front page: links for staff; anyone else to the admin's login page
+    Case("home", "get", lambda w: "/", {STAFF_SESSION: 200}, otherwise=302),
     Case(
         "admin-metrics",
         "get",

@@ -172,9 +172,9 @@ def every_integer_without_a_database_bound(schema: dict[str, Any]) -> list[str]:
 
 
 def test_every_integer_argument_of_every_task_is_bounded_by_what_the_database_holds() -> None:
-    from jobs.registry import _import_task_modules
+    from config.celery_app import import_task_modules
 
-    _import_task_modules()
+    import_task_modules()
     unbounded = {
         task.name: paths
         for task in app.tasks.values()

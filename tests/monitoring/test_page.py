@@ -57,7 +57,7 @@ def test_the_window_decides_which_rows_count() -> None:
     assert "SMTPServerDisconnected" in hour
     # p50 of 42 runs all in the 0.25-0.5 s bucket: interpolated inside it.
     row = hour.split('data-task="email.send"')[1].split("</tr>")[0]
-    assert 'class="num finished">42<' in row and " ms / " in row
+    assert 'class="num finished">42<' in row and " ms</span> / " in row
 
 
 def test_the_chart_has_one_bar_group_per_bin_with_the_counts() -> None:
@@ -100,3 +100,15 @@ def test_prometheus_endpoint_refuses_strangers_and_accepts_staff_and_the_token(s
 def test_an_empty_token_setting_lets_no_scraper_in(settings) -> None:
     settings.METRICS_TOKEN = ""
     assert Client().get("/metrics", HTTP_AUTHORIZATION="Bearer ").status_code == 401
+
+
+def test_the_tables_fit_the_window_wrapping_between_percentiles_and_scrolling_in_their_own_box() -> None:
+    # Measured in a browser by tests/monitoring/test_page_browser.py (1,400 px); here, the markup.
+    add_row(5, "email.send", succeeded=40, run=0.3)
+
+    page = staff_client().get("/admin/metrics/?window=1h").content.decode()
+
+    for table in ("queues", "tasks"):
+        assert f'<div class="metrics-scroll">\n  <table class="metrics-table" id="{table}">' in page
+    assert '<th class="num">Wait<br>p50 / p95 / p99</th>' in page
+    assert 'id="nav-sidebar"' not in page  # the whole width for the tables

@@ -63,3 +63,26 @@ def test_the_metrics_page_shows_numbers_and_charts(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "metrics-page.png"), full_page=True)
     assert (ARTIFACTS / "metrics-page.png").stat().st_size > 10_000
+
+
+def test_the_metrics_page_fits_a_1400_pixel_window_with_dated_chart_labels(
+    browser_page: Page, live_server: LiveServer, django_user_model: Any, settings
+) -> None:
+    settings.METRICS_INSPECT_TIMEOUT = 0.2
+    django_user_model.objects.create_superuser(USERNAME, "ops@example.com", PASSWORD)
+    add_metric_row("email.send", minutes_ago=30, succeeded=30, failed=1, run=12.5)
+
+    page = browser_page
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/metrics/")
+    page.fill("#id_username", USERNAME)
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/admin/metrics/")
+
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+    for table in ("#queues", "#tasks"):
+        box = page.locator(table).bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 1400, (table, box)
+    ticks = page.locator("svg.metrics-chart text.tick").all_inner_texts()
+    assert len(ticks) == 5 and all(len(tick.split()) >= 3 for tick in ticks), ticks  # "Nov 27 14:40"

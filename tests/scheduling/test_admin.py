@@ -289,3 +289,29 @@ def test_anonymous_users_are_sent_to_the_login_page(client: Client) -> None:
     response = client.get(TASKS_URL)
 
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_the_change_page_shows_our_task_as_the_registered_task(staff: Client) -> None:
+    task = add_cron("pinger", "*/5 * * * *", "UTC")  # default.ping
+
+    page = staff.get(f"{TASKS_URL}{task.pk}/change/").content.decode()
+
+    select = page.split('name="regtask"')[1].split("</select>")[0]
+    assert '<option value="default.ping" selected>default.ping</option>' in select
+    for name in ("email.send", "images.process", "data_sync.sync", "analytics.aggregate_daily"):
+        assert f'<option value="{name}">' in select
+    assert "celery." not in select
+
+
+def test_the_next_runs_list_is_not_indented_as_a_form_list(staff: Client) -> None:
+    # Django's admin CSS indents every <ul> in an aligned form by 160 px (meant for widgets):
+    # the next and recent runs, in read-only fields, undo it (scheduling/static/scheduling/admin.css).
+    task = add_cron("pinger", "*/5 * * * *", "UTC")
+
+    page = staff.get(f"{TASKS_URL}{task.pk}/change/").content.decode()
+
+    assert "scheduling/admin.css" in page
+    css = staff.get("/static/scheduling/admin.css")
+    assert css.status_code == 200
+    rules = css.getvalue().decode()
+    assert "ul.next-runs" in rules and "margin-left: 0" in rules

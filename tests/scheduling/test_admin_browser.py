@@ -118,3 +118,17 @@ def test_invalid_cron_shows_field_error_and_saves_nothing(
     assert task.crontab is not None
     assert (task.crontab.minute, task.crontab.hour) == ("30", "2")
     assert task.crontab_id == schedule.crontab_id
+
+
+def test_the_change_page_selects_the_registered_task_and_lists_runs_beside_their_label(
+    admin_page: Page, live_server: LiveServer, schedule: PeriodicTask
+) -> None:
+    page = admin_page
+    page.goto(f"{live_server.url}{TASKS_URL}{schedule.pk}/change/")
+
+    assert page.locator("#id_regtask").input_value() == "default.ping"
+    runs = page.locator("ul.next-runs").bounding_box()
+    field = page.locator("ul.next-runs").locator("xpath=..").bounding_box()
+    assert runs is not None and field is not None
+    # Not pushed 160 px right by the admin's rule for widget lists.
+    assert runs["x"] - field["x"] < 30, (runs, field)
