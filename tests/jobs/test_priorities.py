@@ -297,6 +297,24 @@ def test_every_queue_is_declared_with_priorities_for_rabbitmq() -> None:
     assert arguments == {name: {"x-max-priority": 9} for name in settings.TASK_QUEUES}
 
 
+def test_rabbitmq_priority_queues_can_be_turned_off_for_queues_declared_without_them() -> None:
+    probe = (
+        "import json, django; django.setup(); from config.celery_app import app; "
+        "print(json.dumps({name: queue.queue_arguments for name, queue in app.amqp.queues.items()}))"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "RABBITMQ_PRIORITY_QUEUES": "false",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {name: None for name in settings.TASK_QUEUES}
+
+
 def test_the_default_priority_is_the_middle_for_tasks_and_for_the_redis_transport() -> None:
     assert app.conf.task_default_priority == 5
     assert app.conf.broker_transport_options["default_priority"] == 5
