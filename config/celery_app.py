@@ -31,8 +31,8 @@ def give_every_message_a_priority(properties: dict[str, Any] | None = None, **kw
     """A message sent without a priority gets task_default_priority (5, the middle of 0-9).
 
     Task.apply_async already does (it reads the setting); this covers what is sent by name
-    (app.send_task: beat's fallback, chord callbacks). RabbitMQ would take such a message as
-    priority 0, the lowest. The properties are those the message is published with.
+    (app.send_task: beat's fallback, chord callbacks), which kombu's Producer would otherwise send
+    as 0, the lowest, on Redis and RabbitMQ alike. The properties are those it is published with.
     """
     if properties is not None and properties.get("priority") is None:
         properties["priority"] = app.conf.task_default_priority

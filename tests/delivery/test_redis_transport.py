@@ -69,7 +69,8 @@ class Broker:
     def publish(self, queue: Queue, body: Any, priority: int | None = 0) -> None:
         # kombu's stock producer, on the project's priority lists (a producer with other steps would
         # file some priorities together).
-        options: dict[str, Any] = {} if priority is None else {"priority": priority}
+        # None: no priority (Celery's messages always carry one; kombu's Producer says 0 unless told).
+        options: dict[str, Any] = {"priority": priority}
         with Connection(self.url, transport_options={"priority_steps": list(range(10))}) as connection:
             Producer(connection).publish(
                 body,

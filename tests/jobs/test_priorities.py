@@ -147,8 +147,8 @@ def test_a_worker_takes_9_first_then_the_unprioritised_with_5_then_lower(empty_q
 
 
 def test_every_message_sent_by_name_gets_a_priority_before_it_is_published(empty_queues: None) -> None:
-    # RabbitMQ takes a message without a priority as 0, the lowest: the project's default is set on
-    # the message itself, not left to the broker (on Redis delivery.redis would file it as 5 anyway).
+    # Celery publishes through kombu's Producer, which sends 0, the lowest, when it is given no
+    # priority (and RabbitMQ takes a message without one as 0): the default is set on the message.
     seen: list[Any] = []
 
     def look(properties: dict[str, Any] | None = None, **kwargs: Any) -> None:
