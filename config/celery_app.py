@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import before_task_publish, setup_logging
 
 from delivery.redis import register as use_reliable_redis_transport
 
@@ -45,6 +45,18 @@ app.autodiscover_tasks()
 # Workers consume only while the database that records every job answers (by name: the
 # step is loaded only when a worker builds its consumer).
 app.steps["consumer"].add("jobs.gate:DatabaseGate")
+
+
+@before_task_publish.connect
+def give_every_message_a_priority(properties: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """A message sent without a priority gets task_default_priority (5, the middle of 0-9).
+
+    Task.apply_async already does (it reads the setting); this covers what is sent by name
+    (app.send_task: beat's fallback, chord callbacks), which kombu's Producer would otherwise send
+    as 0, the lowest, on Redis and RabbitMQ alike. The properties are those it is published with.
+    """
+    if properties is not None and properties.get("priority") is None:
+        properties["priority"] = app.conf.task_default_priority
 
 
 @setup_logging.connect

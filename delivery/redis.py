@@ -3,10 +3,11 @@
 Stock kombu BRPOPs a message, then records it in the ``unacked`` hash with a
 second write: a worker killed in between loses the message, and a dead
 worker's messages only come back after the visibility timeout (hours). This
-transport changes only how a consumer *takes* messages; publishing is kombu's.
+transport changes how a consumer *takes* messages, and the order of priorities;
+publishing is kombu's otherwise.
 
-- **Atomic fetch.** One Lua script (``FETCH``) pops the next message, in kombu's
-  order (priority steps, then the fair round-robin over queues), and records it
+- **Atomic fetch.** One Lua script (``FETCH``) pops the next message (highest
+  priority step first, then the fair round-robin over queues), and records it
   in ``unacked``/``unacked_index`` (so kombu's ack, reject and restore work
   unchanged) and in this consumer's in-flight set, in one step. It takes a
   count: a later change can fetch a batch per round trip (``fetch_batch_size``).
@@ -28,6 +29,13 @@ transport changes only how a consumer *takes* messages; publishing is kombu's.
 - **Delivery count.** Every restore (reaper, visibility timeout, reject with
   requeue, shutdown) sets ``headers["x_delivery_count"]`` to one more than
   before; a message without the header is on its first delivery (count 1).
+- **Priorities run 9 first, as on RabbitMQ.** kombu keeps one list per priority
+  step and files a message under its own number, as here, but reads step 0
+  first (so on stock kombu 0 is the highest priority and a message sent without
+  one, filed as 0, overtakes everything). This transport reads the highest step
+  first, keeps an explicit 0 (kombu turns ``priority=0`` into the default), and
+  files a message without a priority under ``default_priority`` (a transport
+  option; the project sets 5, the middle of 0-9).
 - **Quarantine.** A message that is not JSON or not a kombu envelope (or whose
   body cannot be decoded) never reaches the worker: it leaves in-flight and is
   pushed to ``jobs:quarantine:raw`` (see ``quarantine_entry``), one warning is
@@ -317,9 +325,12 @@ class Channel(kombu_redis.Channel):
     #: Prefix of this transport's own keys: heartbeats, in-flight sets, registry, reaper lock.
     delivery_keyprefix: str = "delivery:"
     quarantine_key: str = QUARANTINE_KEY
+    #: The priority of a message sent without one (kombu's is 0, the lowest here).
+    default_priority: int = 5
 
     from_transport_options = (
         *kombu_redis.Channel.from_transport_options,
+        "default_priority",
         "consumer_heartbeat_interval",
         "consumer_heartbeat_lapse",
         "fetch_poll_interval",
@@ -383,6 +394,26 @@ class Channel(kombu_redis.Channel):
         lapse_ms = int(self.consumer_heartbeat_lapse * 1000)
         return [count, repr(time.time()), self.consumer_id, lapse_ms]
 
+    def fetch_order(self, queue: str) -> list[str]:
+        """`queue`'s priority lists, in the order they are read: the highest priority first."""
+        return [self._q_for_pri(queue, pri) for pri in sorted(self.priority_steps, reverse=True)]
+
+    # --- priorities: 9 first, as RabbitMQ; none is default_priority ----------------
+
+    def prepare_message(
+        self,
+        body: Any,
+        priority: int | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        # kombu writes `priority or default_priority`: an explicit 0 would become the default.
+        properties = dict(properties or {})
+        properties.setdefault("priority", self.default_priority if priority is None else priority)
+        return super().prepare_message(body, priority, content_type, content_encoding, headers, properties)
+
     def _fetch_count(self) -> int:
         room = self.qos.can_consume_max_estimate()
         return max(1, min(self.fetch_batch_size, room)) if room is not None else self.fetch_batch_size
@@ -408,7 +439,8 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 client.script_load(FETCH)
             self._fetch_script_loaded = True
-        queue_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        # Priority-major, as kombu: every queue's highest step, then every queue's next one, ...
+        queue_keys = [key for keys in zip(*map(self.fetch_order, queues), strict=True) for key in keys]
         keys = self._fetch_keys(queue_keys)
         self._rung = False
         connection = self.client.connection
@@ -527,7 +559,7 @@ class Channel(kombu_redis.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """basic_get: the same atomic fetch, from one queue, without waiting."""
-        queue_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        queue_keys = self.fetch_order(queue)
         with self.conn_or_acquire() as client:
             while True:
                 reply = self._fetch_script(self._fetch_keys(queue_keys), self._fetch_args(1), client=client)

@@ -7,6 +7,8 @@ this module imports nothing of the project.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
@@ -23,6 +25,20 @@ RESENT_HEADER = "x_resent"
 DEFERRED_HEADER = "x_deferred"
 # How many times a message was delivered, 1 the first time (kept by delivery/redis.py).
 DELIVERY_COUNT_HEADER = "x_delivery_count"
+
+# Priorities are 0-9, 9 first, on every broker (delivery/redis.py reads Redis's lists that way
+# round); a message sent without one gets the middle, CELERY_TASK_DEFAULT_PRIORITY (5).
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+
+
+def effective_priority(value: Any) -> int | None:
+    """A message's priority as the brokers apply it (0-9: Redis clamps, RabbitMQ caps at
+    x-max-priority); None when it has none."""
+    try:
+        return max(MIN_PRIORITY, min(MAX_PRIORITY, int(value)))
+    except (TypeError, ValueError):
+        return None
+
 
 # What sending to a broker that is down or frozen raises (after the publish retry policy and the
 # socket timeouts in settings): kombu's OperationalError, redis-py's errors, socket errors.

@@ -53,26 +53,25 @@ def queue_for(task_name: str) -> str:
     return str(route["queue"].name)
 
 
-def broker_priority(priority: int | None) -> int | None:
-    """API priority (9 runs first) as the broker reads it: Redis takes lower numbers first."""
-    if priority is None:
-        return None
-    if app.conf.broker_url.startswith(("redis://", "rediss://")):
-        return 9 - priority
-    return priority
+def message_priority(priority: int | None) -> int:
+    """A job's priority (0-9, 9 first; None: not given) as its message carries it.
+
+    The same number on Redis and RabbitMQ (delivery.redis reads 9 first, as RabbitMQ does); a job
+    without one gets task_default_priority, the middle, like a task sent with plain apply_async.
+    """
+    return int(app.conf.task_default_priority) if priority is None else priority
 
 
 def message_options(job: Job, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How a job's message is sent, every time it is (first publish, release, retry, resend)."""
     options: dict[str, Any] = {
         "task_id": job.task_id,
         "queue": job.queue,
         "headers": {**(headers or {}), JOB_HEADER: str(job.id)},
+        "priority": message_priority(job.priority),
     }
     if job.run_at is not None:
         options["eta"] = job.run_at
-    priority = broker_priority(job.priority)
-    if priority is not None:
-        options["priority"] = priority
     return options
 
 

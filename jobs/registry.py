@@ -55,7 +55,10 @@ class JobOptions(BaseModel):
     type: str = Field(min_length=1, max_length=200, description="The job type, e.g. `email.send`.")
     payload: dict[str, Any] = Field(default_factory=dict, description="The task's arguments, by name.")
     priority: int | None = Field(
-        default=None, ge=0, le=9, description="0-9, higher runs sooner; none: the broker's default."
+        default=None,
+        ge=0,
+        le=9,
+        description="0-9, higher runs sooner; none: 5, the middle (as any task sent without one).",
     )
     delay_seconds: int | None = Field(
         default=None,

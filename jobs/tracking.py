@@ -18,6 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jobs.models import Job
+from jobs.protocol import effective_priority
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,17 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
 
 
 def record_and_claim(
-    task_name: str, task_id: str, queue: str, payload: dict[str, Any], attempt: int, redelivered: bool
+    task_name: str,
+    task_id: str,
+    queue: str,
+    payload: dict[str, Any],
+    attempt: int,
+    redelivered: bool,
+    priority: int | None = None,
 ) -> str | None:
     """The record of a task sent without one (plain apply_async, beat), made when it starts.
 
+    `priority` is the message's: a retry of the job through the API sends it with the same one.
     Returns the job's id, or None when the message must not run it (its record says it was
     cancelled or is done: a duplicate message).
     """
@@ -62,6 +70,7 @@ def record_and_claim(
             "type": task_name,
             "queue": queue,
             "payload": payload,
+            "priority": effective_priority(priority),
             "status": Job.Status.RUNNING,
             "attempts": attempt,
             "started_at": now,

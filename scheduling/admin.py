@@ -17,6 +17,7 @@ from zoneinfo import available_timezones
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.validators import MaxValueValidator
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.utils import timezone
@@ -82,6 +83,15 @@ class ScheduleForm(PeriodicTaskForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._show_registered_task()
+        # django-celery-beat says 0-255 and "Redis reversed": here it is 0-9, 9 first, on both brokers.
+        priority = self.fields.get("priority")
+        if isinstance(priority, forms.IntegerField):
+            priority.validators.append(MaxValueValidator(9))
+            priority.widget.attrs["max"] = 9
+            priority.help_text = (
+                "0-9, higher runs sooner, on Redis and RabbitMQ alike. Empty: 5, the middle, "
+                "as every task sent without one."
+            )
         crontab = self.instance.crontab if self.instance.pk else None
         if crontab is not None:
             self.initial.setdefault(

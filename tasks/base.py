@@ -320,9 +320,17 @@ class JobTask(Task):
             if job_id is None:
                 # Sent with plain apply_async (or by beat): the job's record is made now, and
                 # travels with its retries from here on.
-                queue = (self.request.delivery_info or {}).get("routing_key") or ""
+                delivery = self.request.delivery_info or {}
                 arguments = self.bind_arguments(args or (), kwargs or {})
-                job_id = tracking.record_and_claim(self.name, task_id, queue, arguments, attempt, redelivered)
+                job_id = tracking.record_and_claim(
+                    self.name,
+                    task_id,
+                    delivery.get("routing_key") or "",
+                    arguments,
+                    attempt,
+                    redelivered,
+                    priority=delivery.get("priority"),
+                )
                 claimed = job_id is not None
                 if claimed:
                     setattr(self.request, JOB_HEADER, job_id)

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from jobs.models import Job
-from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER
+from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER, effective_priority
 from tasks.errors import PermanentJobError
 from tasks.models import DeadLetter
 from tasks.services.maintenance import delete_in_batches
@@ -68,12 +68,13 @@ def record_failure(
         if updated:
             logger.warning("replay of dead letter %s failed again: %s", replayed, details["exception_type"])
             return
-    queue = (task.request.delivery_info or {}).get("routing_key") or ""
+    delivery = task.request.delivery_info or {}
     letter, _ = DeadLetter.objects.update_or_create(
         task_id=task_id,
         defaults={
             "task_name": task.name,
-            "queue": queue,
+            "queue": delivery.get("routing_key") or "",
+            "priority": effective_priority(delivery.get("priority")),
             "args": list(args or []),
             "kwargs": dict(kwargs or {}),
             "attempts": attempts,
@@ -116,9 +117,15 @@ def replay(letter: DeadLetter) -> str:
         replay_task_id=task_id,
         replay_status=DeadLetter.ReplayStatus.SENT,
     )
+    # With the failed message's priority; one stored without it gets the default (the middle).
+    priority: dict[str, Any] = {} if letter.priority is None else {"priority": letter.priority}
     try:
         task.apply_async(
-            args=letter.args, kwargs=letter.kwargs, task_id=task_id, headers={REPLAY_HEADER: str(letter.pk)}
+            args=letter.args,
+            kwargs=letter.kwargs,
+            task_id=task_id,
+            headers={REPLAY_HEADER: str(letter.pk)},
+            **priority,
         )
     except Exception:
         DeadLetter.objects.filter(pk=letter.pk).update(

@@ -30,6 +30,9 @@ class DeadLetter(models.Model):
     exception_message = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
     attempts = models.PositiveIntegerField(default=1)
+    # The failed message's priority (0-9, 9 first): a replay is sent with it. Null: not known
+    # (dead letters stored before it was kept); the replay then gets the default.
+    priority = models.PositiveSmallIntegerField(null=True, blank=True)
     first_failed_at = models.DateTimeField()
     last_failed_at = models.DateTimeField(db_index=True)
     replay_count = models.PositiveIntegerField(default=0)

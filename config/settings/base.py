@@ -238,6 +238,10 @@ DELIVERY_HEARTBEAT_INTERVAL = env.int("DELIVERY_HEARTBEAT_INTERVAL", default=5, 
 DELIVERY_HEARTBEAT_LAPSE = env.int(
     "DELIVERY_HEARTBEAT_LAPSE", default=15, min_value=2 * DELIVERY_HEARTBEAT_INTERVAL + 1, max_value=600
 )
+# Priorities: 0-9, 9 runs first, on Redis and on RabbitMQ alike. A task sent without one (plain
+# apply_async, beat, an API job without one) gets 5, the middle: higher numbers overtake it, lower
+# ones wait behind it (config/celery_app.py also gives it to messages sent by name).
+CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
     "consumer_heartbeat_interval": DELIVERY_HEARTBEAT_INTERVAL,
@@ -247,10 +251,17 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_keepalive": True,
     "socket_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
     "socket_connect_timeout": CELERY_BROKER_SOCKET_TIMEOUT,
-    # Redis: one list per priority 0-9, so an API job's priority is honoured step by step
-    # (messages sent without one go to the first list, as before).
+    # Redis: one list per priority 0-9, read 9 first (delivery/redis.py), as RabbitMQ orders them.
     "priority_steps": list(range(10)),
+    # What delivery/redis.py files a message without a priority under (kombu's own is 0).
+    "default_priority": CELERY_TASK_DEFAULT_PRIORITY,
 }
+# RabbitMQ orders by priority only in queues declared with x-max-priority (classic queues; Redis
+# ignores the argument). Off: queues are declared without it, as earlier versions did, and RabbitMQ
+# ignores priorities. A queue that exists with other arguments cannot be declared again
+# (PRECONDITION_FAILED): the README's Priority paragraph says how to migrate.
+RABBITMQ_PRIORITY_QUEUES = env.bool("RABBITMQ_PRIORITY_QUEUES", default=True)
+CELERY_TASK_QUEUE_MAX_PRIORITY = 9 if RABBITMQ_PRIORITY_QUEUES else None
 
 # Events on: Flower and the monitoring app build on them.
 CELERY_WORKER_SEND_TASK_EVENTS = True

@@ -66,14 +66,18 @@ class Broker:
         self.connections.append(connection)
         return connection
 
-    def publish(self, queue: Queue, body: Any, priority: int = 0) -> None:
-        with Connection(self.url) as connection:  # kombu's stock producer: publishing is unchanged
+    def publish(self, queue: Queue, body: Any, priority: int | None = 0) -> None:
+        # kombu's stock producer, on the project's priority lists (a producer with other steps would
+        # file some priorities together).
+        # None: no priority (Celery's messages always carry one; kombu's Producer says 0 unless told).
+        options: dict[str, Any] = {"priority": priority}
+        with Connection(self.url, transport_options={"priority_steps": list(range(10))}) as connection:
             Producer(connection).publish(
                 body,
                 exchange=self.exchange,
                 routing_key=queue.routing_key,
                 declare=[queue],
-                priority=priority,
+                **options,
             )
 
     def lpush(self, queue: Queue, raw: bytes | str) -> None:
@@ -292,23 +296,73 @@ def test_when_delivery_fails_the_rest_of_a_batch_goes_back_unchanged(broker: Bro
     assert len(broker.inflight(connection)) == 1  # the first was handed to the consumer; it stays in flight
 
 
-# --- order: priorities and round robin, as kombu ------------------------------------------
+# --- order: priorities (9 first, as RabbitMQ) and round robin, as kombu -------------------
 
 
-def test_higher_priority_messages_are_fetched_first(broker: Broker) -> None:
-    queue = broker.queue()
-    for n, priority in enumerate([0, 9, 3, 9]):
+def fetch_order(broker: Broker, queue: Queue, published: list[int | None]) -> list[int]:
+    """Publishes one message per entry (its priority, None: none given); the order they come out."""
+    for n, priority in enumerate(published):
         broker.publish(queue, {"n": n}, priority=priority)
-    connection = broker.connect()
-    inbox = Inbox(connection, [queue])
-
+    inbox = Inbox(broker.connect(), [queue])
     order = []
-    for _ in range(4):
+    for _ in published:
         message = inbox.next()
         order.append(message.payload["n"])
         message.ack()
+    return order
 
-    assert order == [0, 2, 1, 3]  # kombu: a lower step number is consumed first; FIFO within a step
+
+def test_higher_priority_messages_are_fetched_first(broker: Broker) -> None:
+    order = fetch_order(broker, broker.queue(), [0, 9, 3, 9])
+
+    assert order == [1, 3, 2, 0]  # 9 first (kombu alone reads 0 first); FIFO within a priority
+
+
+def test_a_message_without_a_priority_waits_behind_higher_ones_and_ahead_of_lower_ones(
+    broker: Broker,
+) -> None:
+    # Stock kombu files a message without a priority as 0, which it reads first: 60 such messages
+    # kept a priority-9 job waiting behind all of them.
+    order = fetch_order(broker, broker.queue(), [None, 4, None, 0, 6, 5, 9, None])
+
+    assert order == [6, 4, 0, 2, 5, 7, 1, 3]  # 9, 6, then none and 5 together in order, 4, 0
+
+
+def test_a_message_without_a_priority_is_filed_under_the_default_priority(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1}, priority=None)
+    broker.publish(queue, {"n": 2}, priority=0)  # kombu would turn an explicit 0 into the default
+
+    channel = channel_of(broker.connect())
+    assert channel.default_priority == 5
+    by_key = {
+        key: [json.loads(raw)["properties"]["priority"] for raw in broker.redis.lrange(key, 0, -1)]
+        for key in channel.fetch_order(queue.name)
+    }
+    assert {key: found for key, found in by_key.items() if found} == {
+        channel._q_for_pri(queue.name, 5): [5],
+        queue.name: [0],
+    }
+
+
+def test_a_restored_message_goes_back_to_its_own_priority(broker: Broker) -> None:
+    queue = broker.queue()
+    broker.publish(queue, {"n": "nine"}, priority=9)
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+    first = inbox.next()
+    assert first.payload == {"n": "nine"}
+    broker.publish(queue, {"n": "none"}, priority=None)
+    broker.publish(queue, {"n": "eight"}, priority=8)
+
+    first.reject(requeue=True)  # as a worker's restore (shutdown, reaper, visibility timeout) does
+
+    order = []
+    for _ in range(3):
+        message = inbox.next()
+        order.append(message.payload["n"])
+        message.ack()
+    assert order == ["nine", "eight", "none"]
 
 
 def test_queues_are_consumed_round_robin(broker: Broker) -> None:

@@ -18,6 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from jobs.models import Job
+from tests import queues
 from tests.faults import oracle
 from tests.waiting import wait_for
 
@@ -97,7 +98,7 @@ def test_a_worker_whose_database_is_unreachable_takes_nothing(
     assert "database unreachable" in worker.log.read_text()
 
     with celery_app.connection_for_read() as conn:
-        depth = conn.default_channel.client.llen("default")
+        depth = queues.length(conn.default_channel.client, "default")
     assert depth == len(job_ids)
     assert Job.objects.filter(pk__in=job_ids, status=Job.Status.QUEUED).count() == len(job_ids)
     assert not (tmp_path / "effects" / "executions.log").exists()

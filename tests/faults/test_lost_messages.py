@@ -15,6 +15,7 @@ from celery import Celery
 
 from jobs import reconcile
 from jobs.models import Job
+from tests import queues
 from tests.faults import oracle
 from tests.waiting import wait_for
 
@@ -24,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 def _delete_every_message(celery_app: Celery) -> int:
     with celery_app.connection_for_write() as connection:
         client = connection.default_channel.client  # type: ignore[attr-defined]  # Redis channel
-        lost = int(client.llen("default"))
-        client.delete("default", "unacked", "unacked_index")
+        lost = queues.length(client, "default")
+        client.delete(*queues.keys("default"), "unacked", "unacked_index")
     return lost
 
 

@@ -29,6 +29,7 @@ from scheduling.beat import Scheduler
 from scheduling.models import ScheduledRun
 from tasks.default import ping
 from tasks.models import DataSource, DeadLetter
+from tests import queues
 from tests.jobs.test_api_unavailable import reset_broker_connections
 from tests.scheduling.beatdriver import Clock, add_interval
 
@@ -102,7 +103,7 @@ def test_apply_async_raises_within_seconds_when_the_broker_freezes(send_to: Free
     # A timeout is not a refusal: the frozen server may still hold the command that timed out in
     # its socket buffer and run it when it thaws. The caller was told "error", and the message
     # may be delivered all the same: senders that retry must be idempotent (task ids, claims).
-    assert redis.Redis.from_url(send_to.url).llen("default") in (2, 3)
+    assert queues.length(redis.Redis.from_url(send_to.url), "default") in (2, 3)
 
 
 def test_beat_reports_a_frozen_broker_within_seconds_and_sends_when_it_thaws(
@@ -136,7 +137,8 @@ def test_beat_reports_a_frozen_broker_within_seconds_and_sends_when_it_thaws(
     # Two occurrences; the one sent during the freeze may also arrive from the frozen attempt
     # (see above), under the same task id, which the job claim runs once.
     ids = [
-        json.loads(raw)["headers"]["id"] for raw in redis.Redis.from_url(send_to.url).lrange("default", 0, -1)
+        json.loads(raw)["headers"]["id"]
+        for raw in queues.messages(redis.Redis.from_url(send_to.url), "default")
     ]
     assert len(set(ids)) == 2 and len(ids) in (2, 3)
 

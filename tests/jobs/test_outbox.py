@@ -16,7 +16,7 @@ from jobs import services
 from jobs.models import Job
 from jobs.outbox import InvalidJob, enqueue
 from localdev.embedded_broker import free_port
-from tests import probes
+from tests import probes, queues
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 def depth(celery_app: Celery, queue: str = "default") -> int:
     with celery_app.connection_for_read() as connection:
-        return int(connection.default_channel.client.llen(queue))  # type: ignore[attr-defined]
+        return queues.length(connection.default_channel.client, queue)  # type: ignore[attr-defined]
 
 
 def effect(directory: Path, key: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from celery import Celery
 from monitoring import rollup
 from monitoring.models import TaskMetric
 from tasks.models import QuarantinedMessage
+from tests import queues
 from tests.monitoring.conftest import clean_metrics, flush_here  # noqa: F401  (a fixture)
 from tests.probes import probe_flaky
 from tests.waiting import wait_for
@@ -93,7 +94,7 @@ def test_poison_messages_are_quarantined_counted_and_acked_and_the_worker_goes_o
     with celery_app.connection_for_write() as connection:
         channel: Any = connection.default_channel  # kombu's Redis channel
         client = channel.client
-        assert client.llen("default") == 0
+        assert queues.length(client, "default") == 0
         assert client.zcard("unacked_index") == 0 and client.hlen("unacked") == 0
 
     # The log says what and why, never the body.
