@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -17,7 +16,7 @@ from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import AUTH_ERRORS, STAFF_ERRORS, STAFF_ONLY, ApiError
 from jobs.api.schemas import Error, QueuesOut, QueueStatsOut
 from jobs.models import Job
-from monitoring import broker, stats
+from monitoring import presence, stats
 from monitoring.stats import window_stats
 
 router = Router(tags=["queues"])
@@ -37,15 +36,14 @@ def _queue(name: str) -> str:
     "", response={200: QueuesOut, **AUTH_ERRORS}, summary="Every queue: depth, scheduled, workers, paused"
 )
 def list_queues(request: HttpRequest) -> dict[str, Any]:
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        asked = pool.submit(broker.live_queues)
-        held = dict(
-            Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
-            .values_list("queue")
-            .annotate(n=Count("id"))
-        )
-        paused = queues.paused()
-        live = asked.result()
+    # Depths from the broker, workers as they last reported themselves: no broadcast, milliseconds.
+    live = presence.live_queues()
+    held = dict(
+        Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
+        .values_list("queue")
+        .annotate(n=Count("id"))
+    )
+    paused = queues.paused()
     items = []
     for row in live["rows"]:
         depth, workers, name = row["depth"], row["held"], row["name"]
