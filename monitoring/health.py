@@ -132,9 +132,10 @@ def readyz(request: HttpRequest) -> JsonResponse:
     )
 
 
-def current_checks(wait: float = FIRST_ANSWER_WAIT) -> dict[str, CheckResult]:
+def current_checks(wait: float | None = None) -> dict[str, CheckResult]:
     """The last results of every check, each with `checked_seconds_ago`; never waits, except
-    (up to `wait` seconds) for the first results of refresh threads it starts."""
+    (up to `wait` seconds, default FIRST_ANSWER_WAIT) for the first results of threads it starts."""
+    wait = FIRST_ANSWER_WAIT if wait is None else wait
     for _, refresher in REFRESHERS:
         refresher.latest()  # starts every thread before waiting for any
     checks: dict[str, CheckResult] = {}
