@@ -61,16 +61,15 @@ def test_a_started_worker_reports_its_queues_and_removes_itself_on_a_warm_shutdo
     worker = worker_process("reporter", "-Q", "email,images", "--pool=solo")
 
     # Written before the worker said it was ready.
-    reported = row("reporter")
-    assert reported is not None
-    assert (reported.queues, reported.pid) == (["email", "images"], worker.process.pid)
+    first = row("reporter")
+    assert first is not None
+    assert (first.queues, first.pid) == (["email", "images"], worker.process.pid)
     view = presence.worker_view()
     assert view.consumers("email") == view.consumers("images") == (f"reporter@{HOST}",)
     assert view.queues_without_workers() == ["data_sync", "analytics", "default"]
 
     # It keeps writing: last_seen moves on.
-    first_seen = reported.last_seen
-    wait_for(lambda: reported("reporter", "last_seen") > first_seen, what="a second heartbeat")
+    wait_for(lambda: reported("reporter", "last_seen") > first.last_seen, what="a second heartbeat")
 
     worker.stop()
     assert row("reporter") is None
@@ -136,8 +135,8 @@ def test_a_sigkilled_worker_counts_as_gone_after_three_missed_beats(
 
     wait_for(lambda: not presence.worker_view().consumers("email"), what="the killed worker to lapse")
     # Its row stays (nobody removed it), judged gone by its age.
-    reported = row("doomed")
-    assert reported is not None and reported.pid == worker.process.pid
+    left = row("doomed")
+    assert left is not None and left.pid == worker.process.pid
     assert f"doomed@{HOST}" not in presence.worker_view().workers
 
 
