@@ -24,7 +24,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.db.models.functions import Now
 
 from jobs.gate import gate
@@ -79,21 +79,22 @@ class Presence:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self.write()
-        connection.close()
 
     def write(self) -> bool:
         """Writes the latest snapshot; never raises. False when it could not."""
         if gate.closed:  # the database does not answer: the gate's probe says when it does again
             return False
         try:
-            close_old_connections()  # this thread's connection: drop it when broken or too old
             self._write()
         except Exception:
             if not self._failing:
                 logger.warning("could not write this worker's presence; trying every beat", exc_info=True)
             self._failing = True
-            connection.close()
             return False
+        finally:
+            # A connection per beat, as the gate's probe: none is left open for a pool process
+            # forked meanwhile to inherit (its copy would keep the server's session alive).
+            connection.close()
         if self._failing:
             logger.warning("this worker's presence is written again")
         self._failing = False
@@ -112,16 +113,25 @@ class Presence:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=2)  # a write hung on a frozen database does not hold the shutdown
 
-    def remove(self) -> None:
-        """Deletes the row (a warm shutdown); never raises."""
-        try:
-            WorkerPresence.objects.filter(node=self.node, pid=os.getpid()).delete()
-        except Exception:
-            logger.warning("could not remove this worker's presence; it lapses by itself", exc_info=True)
-        finally:
-            connection.close()
+    def remove(self, timeout: float = 3.0) -> None:
+        """Deletes the row (a warm shutdown); never raises, and never holds the shutdown longer
+        than `timeout` seconds (a frozen database): the row then lapses by itself."""
+        if gate.closed:
+            return
+
+        def delete() -> None:
+            try:
+                WorkerPresence.objects.filter(node=self.node, pid=os.getpid()).delete()
+            except Exception:
+                logger.warning("could not remove this worker's presence; it lapses by itself", exc_info=True)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=delete, name="worker-presence-remove", daemon=True)
+        thread.start()
+        thread.join(timeout)
 
 
 class WorkerHeartbeat(bootsteps.StartStopStep):
