@@ -8,8 +8,8 @@
 `/readyz` never checks anything itself: each web process refreshes the checks in threads of its
 own every READYZ_REFRESH_SECONDS while it is asked (monitoring.refresher), one for the database
 side and one for the broker, so a dead or frozen dependency holds only its thread; a request
-answers the last results at once, each with its age. A result older than STALE_AFTER counts
-as failing. However often anonymous callers ask, a process checks once per interval.
+answers the last results at once, each with its age. A result older than `stale_after()`
+counts as failing. However often anonymous callers ask, a process checks once per interval.
 
 Neither asks for authentication, so the answers name nothing but queue names and ok/failing: no
 host or worker names, URLs or exception text. Why a check failed goes to the log instead.
@@ -89,13 +89,23 @@ def broker_side() -> dict[str, CheckResult]:
     return {"broker": _run("broker", check_broker)}
 
 
+# Checks whose last run raised: each outage is logged once when it starts and once when it ends,
+# not at every refresh.
+_failing: set[str] = set()
+
+
 def _run(name: str, check: Any) -> CheckResult:
     try:
         result: CheckResult = check()
-        return result
     except Exception:  # the reason is logged, never shown: these answers are public
-        logger.warning("readiness check %s failed", name, exc_info=True)
+        if name not in _failing:
+            logger.warning("readiness check %s failed", name, exc_info=True)
+        _failing.add(name)
         return {"status": "failing"}
+    if name in _failing:
+        logger.warning("readiness check %s answers again", name)
+        _failing.discard(name)
+    return result
 
 
 def _every() -> float:
@@ -143,11 +153,10 @@ def current_checks(wait: float | None = None) -> dict[str, CheckResult]:
         results, age = refresher.latest(wait)
         age = None if age is None else round(age, 1)
         for name in names:
+            # Nothing is logged here: anonymous callers must not be able to flood the log.
             if results is None or age is None:
-                logger.warning("readiness check %s: no result yet", name)
                 checks[name] = {"status": "failing", "detail": "not checked yet"}
-            elif age > stale_after():
-                logger.warning("readiness check %s: no result for %.1f s", name, age)
+            elif age > stale_after():  # the check hangs (a frozen dependency past its timeouts)
                 checks[name] = {"status": "failing", "detail": "no recent result", "checked_seconds_ago": age}
             else:
                 checks[name] = {**results[name], "checked_seconds_ago": age}
