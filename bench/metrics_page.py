@@ -9,8 +9,8 @@ METRICS_MINUTE_ROWS_HOURS (24 h) and hourly rows before, for N task names over t
 queues, every task active every minute (the worst case: 72,000 minute rows + 15,600 hourly
 rows for 50 tasks). Then renders /admin/metrics/ for each window through Django's test
 client as a staff user and prints, per window, the page's server time (p50, max) and the
-part spent on the statistics query; with no worker running the live part waits
-METRICS_INSPECT_TIMEOUT for worker answers, so it is also shown with that set to 0.1 s.
+part spent on the statistics query (the live part reads queue depths from the broker and the
+workers' presence rows: milliseconds).
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ def main() -> None:
     args = parser.parse_args()
 
     setup_django(args.database_url, args.broker_url, DJANGO_ALLOWED_HOSTS="testserver")
-    from django.conf import settings
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client
@@ -122,24 +121,21 @@ def main() -> None:
     user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True})
     client = Client()
     client.force_login(user)
-    for inspect_timeout in (settings.METRICS_INSPECT_TIMEOUT, 0.1):
-        settings.METRICS_INSPECT_TIMEOUT = inspect_timeout
-        print(f"METRICS_INSPECT_TIMEOUT = {inspect_timeout:g} s")
-        for window in stats.WINDOWS:
-            pages, queries = [], []
-            for _ in range(args.repetitions):
-                began = time.perf_counter()
-                response = client.get(f"/admin/metrics/?window={window}")
-                pages.append(time.perf_counter() - began)
-                assert response.status_code == 200, response.status_code
-                now = timezone.now()
-                began = time.perf_counter()
-                stats.window_stats(now - stats.WINDOWS[window], now)
-                queries.append(time.perf_counter() - began)
-            print(
-                f"  {window:>3}: page p50 {statistics.median(pages) * 1000:6.0f} ms, "
-                f"max {max(pages) * 1000:6.0f} ms; statistics p50 {statistics.median(queries) * 1000:6.0f} ms"
-            )
+    for window in stats.WINDOWS:
+        pages, queries = [], []
+        for _ in range(args.repetitions):
+            began = time.perf_counter()
+            response = client.get(f"/admin/metrics/?window={window}")
+            pages.append(time.perf_counter() - began)
+            assert response.status_code == 200, response.status_code
+            now = timezone.now()
+            began = time.perf_counter()
+            stats.window_stats(now - stats.WINDOWS[window], now)
+            queries.append(time.perf_counter() - began)
+        print(
+            f"  {window:>3}: page p50 {statistics.median(pages) * 1000:6.0f} ms, "
+            f"max {max(pages) * 1000:6.0f} ms; statistics p50 {statistics.median(queries) * 1000:6.0f} ms"
+        )
 
 
 if __name__ == "__main__":

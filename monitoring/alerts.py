@@ -5,7 +5,8 @@ right now, with a value and a sentence. A subject that starts to fire opens an A
 notifies once (mail to ADMINS, and a Sentry event when SENTRY_DSN is set); while it keeps
 firing, it notifies again at most every `repeat_minutes`; when it stops, the alert is
 resolved and a recovery notice goes out. A rule that cannot look (the broker is down for a
-depth) changes nothing that round, except "no worker", which fires: nobody can take work.
+depth) changes nothing that round. "No worker" reads what the workers report of themselves
+(monitoring.presence): a worker cut off from the broker reports no queue, a dead one nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from django.core.mail import mail_admins
 from django.db import transaction
 from django.utils import timezone
 
-from monitoring import broker, stats
+from monitoring import broker, presence, stats
 from monitoring.models import Alert, AlertRule
 from tasks.models import DeadLetter
 
@@ -111,13 +112,10 @@ def backlog(rule: AlertRule, now: datetime) -> list[Finding]:
 
 
 def no_worker(rule: AlertRule, now: datetime) -> list[Finding]:
-    view = broker.inspect_workers()
-    if "active_queues" in view.errors:
-        reason = f"the broker did not answer ({view.errors['active_queues']})"
-        return [Finding(name, 0, f"queue {name}: no worker can be seen: {reason}") for name in view.queues]
+    # As the workers report themselves (monitoring.presence): no broadcast, no broker needed.
     return [
         Finding(name, 0, f"queue {name}: no worker is consuming it")
-        for name in view.queues_without_workers()
+        for name in presence.worker_view().queues_without_workers()
         if name in settings.TASK_QUEUES
     ]
 

@@ -6,6 +6,10 @@ class MonitoringConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from config.celery_app import app
         from monitoring import collect
 
         collect.install()
+        # Every worker reports its presence (by name: the step is loaded only when a worker builds
+        # its consumer, after Django is set up).
+        app.steps["consumer"].add("monitoring.heartbeat:WorkerHeartbeat")

@@ -4,7 +4,9 @@
   RabbitMQ). On Redis also the messages delivered to a worker and not acknowledged yet
   (running, prefetched, or held until their ETA/countdown), which kombu keeps in one hash.
 - `inspect_workers()`: what the workers answer to a broadcast: which of them consume each queue,
-  and how many messages each holds (running, reserved, scheduled).
+  and how many messages each holds (running, reserved, scheduled). It waits its whole timeout
+  for answers, so it is for an operator (`manage.py workers --ask`), never for a request path:
+  those read the workers' own reports (monitoring.presence).
 
 Both are bounded in time: a dead broker raises `BrokerError` (or flags the view as failed)
 within seconds, it never hangs a page, a scrape or a health check.
@@ -308,20 +310,3 @@ def _worker_view(
         workers=tuple(sorted(nodes)),
         errors=errors,
     )
-
-
-def live_queues() -> dict[str, Any]:
-    """Depth of every queue (broker) and who consumes it (workers), never raising."""
-    depths: dict[str, QueueDepth] = {}
-    depth_error = ""
-    try:
-        depths = queue_depths()
-    except BrokerError as exc:
-        depth_error = str(exc)
-    view = inspect_workers()
-    rows = []
-    for name in settings.TASK_QUEUES:
-        depth = depths.get(name)
-        held = view.queues.get(name, QueueWorkers())
-        rows.append({"name": name, "depth": depth, "held": held, "workers": held.workers})
-    return {"rows": rows, "depth_error": depth_error, "worker_errors": view.errors, "workers": view.workers}

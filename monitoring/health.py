@@ -2,8 +2,14 @@
 
 - `GET /healthz`: the web process is alive; touches no dependency.
 - `GET /readyz`: the system can do its work: the database answers, the broker answers, every
-  queue in settings.TASK_QUEUES has a worker consuming it, and a beat holds the schedule lease.
-  200 when all pass, 503 otherwise.
+  queue in settings.TASK_QUEUES has a worker consuming it (as the workers report themselves:
+  monitoring.presence), and a beat holds the schedule lease. 200 when all pass, 503 otherwise.
+
+`/readyz` never checks anything itself: each web process refreshes the checks in threads of its
+own every READYZ_REFRESH_SECONDS while it is asked (monitoring.refresher), one for the database
+side and one for the broker, so a dead or frozen dependency holds only its thread; a request
+answers the last results at once, each with its age. A result older than `stale_after()`
+counts as failing. However often anonymous callers ask, a process checks once per interval.
 
 Neither asks for authentication, so the answers name nothing but queue names and ok/failing: no
 host or worker names, URLs or exception text. Why a check failed goes to the log instead.
@@ -12,9 +18,6 @@ host or worker names, URLs or exception text. Why a check failed goes to the log
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -24,7 +27,9 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from monitoring.broker import BROKER_TIMEOUT, broker_connection, inspect_workers
+from monitoring import presence
+from monitoring.broker import BROKER_TIMEOUT, broker_connection
+from monitoring.refresher import Refresher
 from scheduling.models import BeatLease
 
 logger = logging.getLogger(__name__)
@@ -48,10 +53,7 @@ def check_broker() -> CheckResult:
 
 
 def check_workers() -> CheckResult:
-    view = inspect_workers(settings.METRICS_INSPECT_TIMEOUT)
-    if view.failed:
-        return {"status": "failing", "detail": "the workers could not be asked"}
-    missing = view.queues_without_workers()
+    missing = presence.worker_view().queues_without_workers()
     if missing:
         return {"status": "failing", "queues_without_workers": missing}
     return {"status": "ok"}
@@ -68,12 +70,60 @@ def check_beat() -> CheckResult:
     return {"status": "failing", "lease_expired_seconds_ago": max(0.0, -remaining)}
 
 
-CHECKS: dict[str, Callable[[], CheckResult]] = {
-    "database": check_database,
-    "broker": check_broker,
-    "workers": check_workers,
-    "beat": check_beat,
-}
+def database_side() -> dict[str, CheckResult]:
+    """The database's checks, over one connection: the database itself, the workers' presence
+    and the beat's lease (both rows in it). Never raises."""
+    try:
+        results = {"database": _run("database", check_database)}
+        if results["database"]["status"] == "ok":
+            results["workers"] = _run("workers", check_workers)
+            results["beat"] = _run("beat", check_beat)
+        else:
+            results["workers"] = results["beat"] = {"status": "failing", "detail": "no database"}
+        return results
+    finally:
+        connections.close_all()  # this thread's connection; each refresh starts afresh
+
+
+def broker_side() -> dict[str, CheckResult]:
+    return {"broker": _run("broker", check_broker)}
+
+
+# Checks whose last run raised: each outage is logged once when it starts and once when it ends,
+# not at every refresh.
+_failing: set[str] = set()
+
+
+def _run(name: str, check: Any) -> CheckResult:
+    try:
+        result: CheckResult = check()
+    except Exception:  # the reason is logged, never shown: these answers are public
+        if name not in _failing:
+            logger.warning("readiness check %s failed", name, exc_info=True)
+        _failing.add(name)
+        return {"status": "failing"}
+    if name in _failing:
+        logger.warning("readiness check %s answers again", name)
+        _failing.discard(name)
+    return result
+
+
+def _every() -> float:
+    return float(settings.READYZ_REFRESH_SECONDS)
+
+
+REFRESHERS = (
+    (("database", "workers", "beat"), Refresher("readyz-database", database_side, _every)),
+    (("broker",), Refresher("readyz-broker", broker_side, _every)),
+)
+# A request that finds the refresh threads not running (the first since start-up, or after a
+# minute nobody asked) waits this long at most for their first results.
+FIRST_ANSWER_WAIT = 0.5
+
+
+def stale_after() -> float:
+    """Results older than this count as failing: three refreshes missed, and a broker timeout."""
+    return 3 * _every() + BROKER_TIMEOUT
 
 
 @never_cache
@@ -85,40 +135,35 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_safe
 def readyz(request: HttpRequest) -> JsonResponse:
-    checks = run_checks()
+    checks = current_checks()
     ready = all(result["status"] == "ok" for result in checks.values())
     return JsonResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
 
 
-def run_checks(timeout: float | None = None) -> dict[str, CheckResult]:
-    """Runs every check at once, each in its own thread, and waits at most `timeout` seconds
-    (default: the worker inspect's timeout plus two broker timeouts) for all of them."""
-    if timeout is None:
-        timeout = settings.METRICS_INSPECT_TIMEOUT + 2 * BROKER_TIMEOUT + 1
-    results: dict[str, CheckResult] = {}
-    threads = [
-        threading.Thread(target=_run, args=(name, check, results), name=f"readyz-{name}", daemon=True)
-        for name, check in CHECKS.items()
-    ]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    finished = dict(results)  # a check still running after the deadline writes here unread
-    for name in CHECKS:
-        if name not in finished:
-            logger.warning("readiness check %s: no answer within %g s", name, timeout)
-    return {name: finished.get(name, {"status": "failing", "detail": "timed out"}) for name in CHECKS}
+def current_checks(wait: float | None = None) -> dict[str, CheckResult]:
+    """The last results of every check, each with `checked_seconds_ago`; never waits, except
+    (up to `wait` seconds, default FIRST_ANSWER_WAIT) for the first results of threads it starts."""
+    wait = FIRST_ANSWER_WAIT if wait is None else wait
+    for _, refresher in REFRESHERS:
+        refresher.latest()  # starts every thread before waiting for any
+    checks: dict[str, CheckResult] = {}
+    for names, refresher in REFRESHERS:
+        results, age = refresher.latest(wait)
+        age = None if age is None else round(age, 1)
+        for name in names:
+            # Nothing is logged here: anonymous callers must not be able to flood the log.
+            if results is None or age is None:
+                checks[name] = {"status": "failing", "detail": "not checked yet"}
+            elif age > stale_after():  # the check hangs (a frozen dependency past its timeouts)
+                checks[name] = {"status": "failing", "detail": "no recent result", "checked_seconds_ago": age}
+            else:
+                checks[name] = {**results[name], "checked_seconds_ago": age}
+    return {name: checks[name] for name in ("database", "broker", "workers", "beat")}
 
 
-def _run(name: str, check: Callable[[], CheckResult], results: dict[str, CheckResult]) -> None:
-    try:
-        results[name] = check()
-    except Exception:  # the reason is logged, never shown: these answers are public
-        logger.warning("readiness check %s failed", name, exc_info=True)
-        results[name] = {"status": "failing"}
-    finally:
-        connections.close_all()  # this thread's own database connections; they would linger otherwise
+def stop_refreshing() -> None:
+    """Stops this process's refresh threads and forgets their results (tests start afresh)."""
+    for _, refresher in REFRESHERS:
+        refresher.stop()

@@ -118,3 +118,28 @@ class Alert(models.Model):
     @property
     def firing(self) -> bool:
         return self.resolved_at is None
+
+
+class WorkerPresence(models.Model):
+    """A worker as it reports itself every MONITORING_WORKER_HEARTBEAT_SECONDS (monitoring.heartbeat).
+
+    One row per node name, written by the worker's main process: the queues it consumes now and
+    the messages it holds. A row not written for three beats is a worker gone (killed, frozen, cut
+    off from the database); a warm shutdown deletes its own row. The times are the database's clock,
+    so workers on other machines are judged by the same clock.
+    """
+
+    node = models.CharField(max_length=255, unique=True, help_text="name@host, as Celery names it")
+    pid = models.PositiveIntegerField()
+    queues = models.JSONField(default=list, help_text="the queues it consumes now (a paused one is not)")
+    # {queue: {"active": n, "reserved": n, "scheduled": n}}: messages of each queue the worker holds.
+    held = models.JSONField(default=dict)
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["node"]
+        verbose_name_plural = "worker presences"
+
+    def __str__(self) -> str:
+        return self.node

@@ -452,9 +452,17 @@ METRICS_MINUTE_ROWS_HOURS = env.int("METRICS_MINUTE_ROWS_HOURS", default=24, min
 # A Prometheus scraper sends `Authorization: Bearer <METRICS_TOKEN>` to /metrics; empty:
 # only logged-in staff may read it.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
-# Seconds to wait for workers' answers (workers per queue, messages they hold) on the
-# metrics page, /readyz and the alert rules: a slow or dead worker never hangs them.
+# Seconds `manage.py workers --ask` waits for workers' answers to its broadcast. No request
+# path asks the workers: they report themselves (below).
 METRICS_INSPECT_TIMEOUT = env.float("METRICS_INSPECT_TIMEOUT", default=1.0, min_value=0.1, max_value=30)
+# Every worker writes its presence (queues it consumes, messages it holds) this often
+# (monitoring.heartbeat); one not seen for three beats counts as gone.
+MONITORING_WORKER_HEARTBEAT_SECONDS = env.float(
+    "MONITORING_WORKER_HEARTBEAT_SECONDS", default=5.0, min_value=0.2, max_value=300
+)
+# Each web process refreshes /readyz's checks this often, in the background, while it is asked;
+# a request answers the last results at once.
+READYZ_REFRESH_SECONDS = env.float("READYZ_REFRESH_SECONDS", default=2.0, min_value=0.1, max_value=60)
 # The admin metrics page reloads itself this often (seconds).
 METRICS_PAGE_REFRESH_SECONDS = env.int("METRICS_PAGE_REFRESH_SECONDS", default=30, min_value=5)
 

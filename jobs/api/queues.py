@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import AUTH_ERRORS, STAFF_ERRORS, STAFF_ONLY, ApiError
 from jobs.api.schemas import Error, QueuesOut, QueueStatsOut
 from jobs.models import Job
-from monitoring import broker, stats
+from monitoring import presence, stats
 from monitoring.stats import window_stats
 
 router = Router(tags=["queues"])
@@ -41,15 +40,14 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
     """Every token sees every queue (the service's state, not anyone's jobs); worker names are
     host names, so tokens of non-staff users get `worker-1`, `worker-2`, ... in their place."""
     staff = access.is_staff(token_of(request))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        asked = pool.submit(broker.live_queues)
-        held = dict(
-            Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
-            .values_list("queue")
-            .annotate(n=Count("id"))
-        )
-        paused = queues.paused()
-        live = asked.result()
+    # Depths from the broker, workers as they last reported themselves: no broadcast, milliseconds.
+    live = presence.live_queues()
+    held = dict(
+        Job.objects.filter(published_at__isnull=True, status=Job.Status.SCHEDULED)
+        .values_list("queue")
+        .annotate(n=Count("id"))
+    )
+    paused = queues.paused()
     every_worker = sorted({name for row in live["rows"] for name in row["held"].workers})
     label = {name: name if staff else f"worker-{n}" for n, name in enumerate(every_worker, start=1)}
     items = []

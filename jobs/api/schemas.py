@@ -78,7 +78,9 @@ class QueueOut(Schema):
 class QueuesOut(Schema):
     queues: list[QueueOut]
     broker_error: str | None = None
-    workers_unanswered: bool = Field(description="True when no worker answered the inspection in time.")
+    workers_unanswered: bool = Field(
+        description="True when no worker has reported itself (each does every few seconds)."
+    )
 
 
 class Latency(Schema):

@@ -328,8 +328,6 @@ def world(
 ) -> Iterator[World]:
     # 429 is documented, but a limit hit would hide every other answer of the enqueue operations.
     settings.JOBS_API_ENQUEUE_RATE = "100000/minute"
-    # GET /api/queues waits this long for worker answers (no worker runs here).
-    settings.METRICS_INSPECT_TIMEOUT = 0.1
     ratelimit._limiter.cache_clear()
     celery_app.control.purge()
     yield World(make_client("operator", staff=True).token)

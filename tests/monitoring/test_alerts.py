@@ -25,7 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(autouse=True)
 def admins(settings, smtp_server: SmtpServer) -> SmtpServer:
     settings.ADMINS = [("Ops", "ops@example.com")]
-    settings.METRICS_INSPECT_TIMEOUT = 0.3
     return smtp_server
 
 

@@ -12,12 +12,6 @@ from tests.monitoring.conftest import add_metric_row
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def quick_inspect(settings) -> None:
-    # No worker runs in these tests: don't wait the default second for their answers.
-    settings.METRICS_INSPECT_TIMEOUT = 0.2
-
-
 def staff_client() -> Client:
     client = Client()
     client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
