@@ -27,7 +27,7 @@ from config.celery_app import app
 from jobs import services
 from jobs.models import Job
 from monitoring import broker
-from tasks.models import DataSource, ImageAsset, SyncRun
+from tasks.models import DataSource, SyncRun
 from tests.conftest import WorkerProcess
 from tests.jobs.conftest import ApiClient, secrets_in
 from tests.processes import descendants
@@ -393,9 +393,9 @@ def test_a_failed_job_retried_through_the_api_runs_under_a_new_task_id_and_succe
     media = tmp_path / "media"
     monkeypatch.setenv("MEDIA_ROOT", str(media))
     settings.MEDIA_ROOT = media
-    gone = make.asset(make.encoded(make.picture((64, 48)), "PNG"), "pic.png")
-    asset_id = gone.pk
-    gone.delete()
+    # The asset exists (the API checks that) but its file is not an image yet: a permanent error.
+    broken = make.asset(b"GIF89a not really", "pic.png")
+    asset_id = broken.pk
     workers("painter", "-Q", "images", "-P", "prefork", "-c", "1")
     operations = [{"op": "thumbnail", "width": 32, "height": 32}]
 
@@ -403,9 +403,7 @@ def test_a_failed_job_retried_through_the_api_runs_under_a_new_task_id_and_succe
     failed = wait_status(job_id, "failed")
     assert failed.error_type == "PermanentJobError"
     assert failed.attempts == 1  # permanent: no retry by the worker
-    ImageAsset.objects.create(
-        pk=asset_id, file=ContentFile(make.encoded(make.picture((64, 48)), "PNG"), name="pic.png")
-    )
+    broken.file.save("pic.png", ContentFile(make.encoded(make.picture((64, 48)), "PNG")))
 
     response = staff_client.post(f"/api/jobs/{job_id}/retry")
 
