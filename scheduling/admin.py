@@ -77,7 +77,7 @@ class ScheduleForm(PeriodicTaskForm):
         required=False,
         label="Time zone",
         choices=[(zone, zone) for zone in TIME_ZONES],
-        help_text="The wall clock the expression is read on (DST policy: see the README).",
+        help_text="The wall clock the expression is read on (DST policy: see docs/schedules.md).",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """Settings shared by every environment, read from the environment.
 
-Every variable read here is listed, with its default, in the README. Defaults
+Every variable read here is listed, with its default, in docs/configuration.md. Defaults
 are safe and local; the only thing with no default outside DEBUG is the secret
 key.
 """
@@ -259,7 +259,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # RabbitMQ orders by priority only in queues declared with x-max-priority (classic queues; Redis
 # ignores the argument). Off: queues are declared without it, as earlier versions did, and RabbitMQ
 # ignores priorities. A queue that exists with other arguments cannot be declared again
-# (PRECONDITION_FAILED): the README's Priority paragraph says how to migrate.
+# (PRECONDITION_FAILED): docs/api.md, Priorities, says how to migrate.
 RABBITMQ_PRIORITY_QUEUES = env.bool("RABBITMQ_PRIORITY_QUEUES", default=True)
 CELERY_TASK_QUEUE_MAX_PRIORITY = 9 if RABBITMQ_PRIORITY_QUEUES else None
 

@@ -1,7 +1,7 @@
 """The REST API under /api/ (django-ninja): jobs, queues, dead letters, and its OpenAPI document.
 
-Errors are JSON `{"detail": ..., "errors": [...]}` with the status codes the
-README lists; validation errors are 400 and name the field (ninja's own 422 is
+Errors are JSON `{"detail": ..., "errors": [...]}` with the status codes
+docs/api.md lists; validation errors are 400 and name the field (ninja's own 422 is
 mapped here).
 """
 

@@ -1,4 +1,4 @@
-"""Who sees what through the API: the rules of the README's access matrix, in one place.
+"""Who sees what through the API: the rules of the access matrix (docs/security.md), in one place.
 
 - A staff token sees every job and every dead letter, as stored.
 - Any other token sees the jobs sent with its user's tokens and the dead letters of those jobs;

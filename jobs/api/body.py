@@ -15,7 +15,7 @@ from jobs.api.common import ApiError
 from tasks.services import boundedjson
 
 # Arrays and objects in a job's body nest at most this deep (the body itself is level 1, its
-# payload level 2); a batch's `{"jobs": [...]}` adds two levels. Documented in the README.
+# payload level 2); a batch's `{"jobs": [...]}` adds two levels. Documented in docs/security.md.
 MAX_DEPTH = boundedjson.MAX_DEPTH
 
 

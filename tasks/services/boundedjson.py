@@ -28,7 +28,7 @@ _NOT_A_BRACKET = re.compile(r"[^\[\]{}]++")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 # How deep a job's arguments may nest where people and clients hand them in: the REST API's job
-# bodies and the admin's schedule arguments (documented in the README's Security section).
+# bodies and the admin's schedule arguments (documented in docs/security.md, Request limits).
 MAX_DEPTH = 32
 
 

@@ -1,6 +1,6 @@
 """Who may do what: every route the project serves, times every kind of caller, as a table.
 
-The table is the README's access matrix (Security, "Access matrix"). The routes are enumerated from
+The table is the access matrix in docs/security.md. The routes are enumerated from
 the ninja API object and from config.urls, so a route added without a row here fails
 `test_every_route_has_a_row`. Each row is walked with every caller: a staff token, the token of
 the user who owns the job or dead letter in the path (its "owner"), another non-staff user's

@@ -298,7 +298,7 @@ class World:
             path["letter_id"] = self.letters[path["letter_id"] % len(self.letters)].pk
         if isinstance(path.get("name"), str) and len(path["name"]) % 2 == 0:
             path["name"] = django_settings.TASK_QUEUES[len(path["name"]) % len(django_settings.TASK_QUEUES)]
-        # The API reads JSON strictly (README): 4.0 is not an integer to it, while JSON Schema
+        # The API reads JSON strictly (docs/api.md): 4.0 is not an integer to it, while JSON Schema
         # counts it as one. Integral floats are sent as integers, which changes no case's validity.
         if isinstance(case.body, dict | list):
             case.body = _integral_floats_as_ints(case.body)
