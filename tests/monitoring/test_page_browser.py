@@ -83,5 +83,5 @@ def test_the_metrics_page_fits_a_1400_pixel_window_with_dated_chart_labels(
     for table in ("#queues", "#tasks"):
         box = page.locator(table).bounding_box()
         assert box is not None and box["x"] + box["width"] <= 1400, (table, box)
-    ticks = page.locator("svg.metrics-chart text.tick").all_inner_texts()
+    ticks = page.locator("svg.metrics-chart text.tick").all_text_contents()  # SVG has no innerText
     assert len(ticks) == 5 and all(len(tick.split()) >= 3 for tick in ticks), ticks  # "Nov 27 14:40"
