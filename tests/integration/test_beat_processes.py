@@ -41,8 +41,8 @@ def test_two_beats_send_each_occurrence_once_and_the_standby_takes_over(
         beats.append(second)
         wait_for(lambda: second.says("another beat holds the lease; standing by"), timeout=60)
 
-        time.sleep(60)  # both running: only the first sends
-        assert len(runs_by(first)) >= 25
+        time.sleep(15)  # both running: only the first sends (the kill fault test covers longer runs)
+        assert len(runs_by(first)) >= 6
         assert runs_by(second) == []
 
         first.stop(signal.SIGKILL)  # no clean shutdown: its lease has to lapse
