@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from amqp.exceptions import NotFound, PreconditionFailed
@@ -41,11 +39,11 @@ from tasks import deadletters, reliability
 from tasks.models import DeadLetter
 from tests import probes
 from tests.conftest import ROOT, WorkerProcess, database_url_for_subprocess
+from tests.rabbitmq import RABBITMQ_URL, rabbitmq_answers
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TASK = "default.probe_effect"
 
 
@@ -322,15 +320,6 @@ def test_the_default_priority_is_the_middle_for_tasks_and_for_the_redis_transpor
 
 
 # --- the order a real worker runs a backlog in ----------------------------------------
-
-
-def rabbitmq_answers() -> bool:
-    parts = urlsplit(RABBITMQ_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

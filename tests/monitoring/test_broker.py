@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 from celery import Celery
@@ -15,11 +13,10 @@ from kombu import Connection, Exchange, Queue
 
 from localdev.embedded_broker import free_port
 from monitoring.broker import BrokerError, QueueDepth, WorkerView, inspect_workers, queue_depths
+from tests.rabbitmq import RABBITMQ_URL, rabbitmq_answers
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def app_reading_from(url: str) -> Celery:
@@ -149,15 +146,6 @@ def test_a_broker_that_never_answers_cannot_hang_the_caller(scheme: str, silent_
     view = inspect_workers(timeout=1.0, app=app)
     assert time.monotonic() - started < 1.0 + 2 * 2 + 1
     assert view.failed
-
-
-def rabbitmq_answers() -> bool:
-    parts = urlsplit(RABBITMQ_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not rabbitmq_answers(), reason=f"no RabbitMQ at {RABBITMQ_URL} (RABBITMQ_URL)")
