@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import write_results
+from bench.support import ensure_database, write_results
 
 
 def latency(samples: list[float]) -> dict[str, float]:
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3")
     options = parser.parse_args()
 
+    ensure_database(options.database_url)
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings.test",
         DATABASE_URL=options.database_url,

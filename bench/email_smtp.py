@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import write_results
+from bench.support import ensure_database, write_results
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9"))
     options = parser.parse_args()
 
+    ensure_database(options.database_url)
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings.base",
         DJANGO_DEBUG="1",

@@ -15,8 +15,9 @@ at the end of its run with the date, the machine and the commit), through a resu
 
 The block becomes a line naming the file, its date, machine and commit and the exact command that
 wrote it, then its text with each {{ path | format }} replaced by the value at that path in the
-file (a Python format spec; lists are joined with ", "). Without the file, the block says "not
-measured yet" and how to measure it, and none of its text is shown. A path the file does not have,
+file (a Python format spec; list items and a dict's "key: value" pairs are joined with ", ").
+Without the file, the block says "not measured yet" and how to measure it, and none of its text
+is shown. A path the file does not have,
 or a file no block uses, is an error: the page cannot show a number that is not in a file, nor
 leave a file unread.
 """
@@ -94,6 +95,8 @@ def value_at(data: dict[str, Any], path: str) -> Any:
 def formatted(value: Any, spec: str | None) -> str:
     if isinstance(value, list):
         return ", ".join(formatted(item, spec) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {formatted(item, spec)}" for key, item in value.items())
     if value is None:
         return "n/a"
     if spec:

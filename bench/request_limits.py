@@ -16,10 +16,12 @@ time, each body --repetitions times:
   client waits for the answer before sending it);
 - `[` 100,000 deep then `]` 100,000 times: refused `400` by the depth check.
 
-For each: the status, the time from sending to the whole answer, and the peak RSS of the web
+Each body gets a gunicorn of its own (so that memory a worker kept from an earlier body does not
+hide what this one costs), warmed up with small requests to every worker. For each: the status,
+the time from sending to the whole answer, the workers' idle RSS, and the peak RSS of the web
 worker that served it (the kernel's high-water mark, VmHWM, reset before each request through
-/proc/<pid>/clear_refs, read after; the highest of the workers). The jobs are published to the
-broker (no worker consumes them) and purged at the end. Writes the figures to
+/proc/<pid>/clear_refs, read after), with its growth during the request. The jobs are published
+to the broker (no worker consumes them) and purged after each body. Writes the figures to
 docs/results/request_limits.json.
 """
 
@@ -52,9 +54,14 @@ def ingest_job(events: int, pad: int = 0) -> dict[str, Any]:
             "events": [
                 {
                     "name": "page_view",
-                    "user_id": str(n),
+                    "user_id": f"user-{n:06d}",
                     "timestamp": TIMESTAMP,
-                    "properties": {"n": n, **({"pad": "x" * pad} if pad else {})},
+                    "properties": {
+                        "page": f"/products/{n % 500}",
+                        "referrer": "https://www.example.com/",
+                        "plan": "free",
+                        **({"pad": "x" * pad} if pad else {}),
+                    },
                 }
                 for n in range(events)
             ]
@@ -73,7 +80,7 @@ def padded_ingest(events: int, at_most: int) -> dict[str, Any]:
 
 
 def bodies(max_events: int, max_recipients: int, bulk_limit: int, batch_limit: int) -> list[dict[str, Any]]:
-    """(key, what, path, raw body, the status it must get)."""
+    """Each body: its key in the results file, what it is, the path, the raw body, the status it must get."""
     newsletter = {
         "type": "email.newsletter",
         "payload": {
@@ -205,61 +212,65 @@ def main() -> None:
         settings.JOBS_API_MAX_BULK_BODY_BYTES,
         settings.JOBS_API_MAX_BATCH_BYTES,
     )
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / "bench_request_limits_gunicorn.log"
-    gunicorn = Gunicorn(port, args.workers, log)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_request_limits_"))
+    headers = {"Authorization": f"Bearer {token}"}
     figures: dict[str, Any] = {
         "limits_bytes": {
             "JOBS_API_MAX_BULK_BODY_BYTES": settings.JOBS_API_MAX_BULK_BODY_BYTES,
             "JOBS_API_MAX_BATCH_BYTES": settings.JOBS_API_MAX_BATCH_BYTES,
-        }
+        },
+        "idle_worker_rss_mib": [],
     }
-    try:
-        asyncio.run(wait_ready(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}, gunicorn))
-        pids = worker_pids(gunicorn)
-        for _ in range(4 * args.workers):  # every worker has imported and connected before "idle"
-            send(port, token, "/api/jobs", compact({"type": "default.ping", "payload": {}}))
-        idle = [status_kib(pid, "VmRSS") / 1024 for pid in pids]
-        figures["idle_worker_rss_mib"] = idle
-        print(
-            f"gunicorn config.wsgi --workers {args.workers} on :{port}, production settings; "
-            f"idle workers' RSS {', '.join(f'{rss:.0f}' for rss in idle)} MiB"
-        )
-        for case in cases:
-            times, peaks, statuses = [], [], []
+    print(f"gunicorn config.wsgi --workers {args.workers}, production settings, a new one for each body")
+    for case in cases:
+        # A new gunicorn for each body: what one body costs does not depend on what came before it.
+        port = free_port()
+        gunicorn = Gunicorn(port, args.workers, log_dir / f"{case['key']}.log")
+        try:
+            asyncio.run(wait_ready(f"http://127.0.0.1:{port}", headers, gunicorn))
+            pids = worker_pids(gunicorn)
+            for _ in range(4 * args.workers):  # every worker has imported and connected: idle
+                send(port, token, "/api/jobs", compact({"type": "default.ping", "payload": {}}))
+            idle = [status_kib(pid, "VmRSS") / 1024 for pid in pids]
+            figures["idle_worker_rss_mib"] += idle
+            times, peaks, growths, statuses = [], [], [], []
             for _ in range(args.repetitions):
+                before = {pid: status_kib(pid, "VmRSS") for pid in pids}
                 reset_peaks(pids)
                 status, seconds, answer = send(
                     port, token, case["path"], case["body"], case.get("declare_only", False)
                 )
-                peaks.append(max(status_kib(pid, "VmHWM") for pid in pids) / 1024)
+                after = {pid: status_kib(pid, "VmHWM") for pid in pids}
+                peaks.append(max(after.values()) / 1024)
+                growths.append(max(after[pid] - before[pid] for pid in pids) / 1024)
                 times.append(seconds)
                 statuses.append(status)
                 if status != case["expect"]:
                     raise SystemExit(f"{case['what']}: {status} (expected {case['expect']}): {answer}")
-            size = len(case["body"])
-            figures[case["key"]] = {
-                "what": case["what"],
-                "body_bytes": size,
-                "status": statuses[0],
-                "median_s": statistics.median(times),
-                "max_s": max(times),
-                "median_ms": statistics.median(times) * 1000,
-                "peak_worker_rss_mib": max(peaks),
-                "peak_over_idle_mib": max(peaks) - max(idle),
-            }
-            print(
-                f"{case['what']:<42} {size / 2**20:6.2f} MiB  {statuses[0]}  "
-                f"median {statistics.median(times) * 1000:7.0f} ms (max {max(times) * 1000:.0f})  "
-                f"peak worker RSS {max(peaks):4.0f} MiB"
-            )
-    finally:
-        gunicorn.stop()
-        app.control.purge()
-        Job.objects.all().delete()
-    traceback = "Traceback" in log.read_text()
+        finally:
+            gunicorn.stop()
+            app.control.purge()
+        size = len(case["body"])
+        figures[case["key"]] = {
+            "what": case["what"],
+            "body_bytes": size,
+            "status": statuses[0],
+            "median_ms": statistics.median(times) * 1000,
+            "max_ms": max(times) * 1000,
+            "idle_worker_rss_mib": max(idle),
+            "peak_worker_rss_mib": max(peaks),
+            "peak_growth_mib": max(growths),
+        }
+        print(
+            f"{case['what']:<42} {size / 2**20:6.2f} MiB  {statuses[0]}  "
+            f"median {statistics.median(times) * 1000:7.0f} ms (max {max(times) * 1000:.0f})  "
+            f"worker RSS idle {max(idle):4.0f} MiB, peak {max(peaks):4.0f} MiB "
+            f"(+{max(growths):.0f} MiB during the request)"
+        )
+    Job.objects.all().delete()
+    traceback = any("Traceback" in log.read_text() for log in log_dir.glob("*.log"))
     figures["traceback_in_log"] = traceback
-    print(f"traceback in gunicorn's log: {traceback} ({log})")
+    print(f"traceback in gunicorn's logs: {traceback} ({log_dir})")
     write_results(
         "request_limits", figures, vars(args), database_url=args.database_url, redis_url=args.broker_url
     )
