@@ -61,16 +61,17 @@ NOT_IN_A_FRESH_TERMINAL = (
     "VIRTUAL_ENV",
 )
 
-# (role, how to recognise it in the command line), in the order the roles are reported.
+# (role, how to recognise it in the command line), the first that matches; honcho's shells first,
+# since their command line holds the command they run.
 ROLES = (
+    ("shell", r"^(/bin/)?sh -c"),
     ("broker", r"valkey-server|redis-server"),
     ("stack", r"-m localdev\.stack"),
     ("web", r"gunicorn"),
-    ("worker_email", r"celery .*worker .*-n email@"),
-    ("worker_general", r"celery .*worker .*-n general@"),
+    ("worker_email", r"celery .*worker .*-n email@|celeryd: email@"),  # the second: with setproctitle
+    ("worker_general", r"celery .*worker .*-n general@|celeryd: general@"),
     ("beat", r"celery .*beat"),
     ("flower", r"celery .*flower"),
-    ("shell", r"^/bin/sh -c|^sh -c"),
 )
 
 
@@ -100,15 +101,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     return found
 
 
+def plain_role(command: str) -> str:
+    return next((role for role, pattern in ROLES if re.search(pattern, command)), "other")
+
+
 def role_of(pid: int, command: str) -> str:
-    """The stack's part a process plays: main process or child (a pool or gunicorn worker)."""
-    for role, pattern in ROLES:
-        if re.search(pattern, command):
-            if role in FORKED:
-                # A prefork child or a gunicorn worker is forked: same command line as its parent.
-                return f"{role}_child" if command_of(parent_of(pid)) == command else f"{role}_main"
-            return role
-    return "other"
+    """The stack's part a process plays; for gunicorn and the workers, main process or child."""
+    role = plain_role(command)
+    if role in FORKED:
+        # A prefork pool child or a gunicorn worker is a fork of a process in the same role.
+        return f"{role}_child" if plain_role(command_of(parent_of(pid))) == role else f"{role}_main"
+    return role
 
 
 def idle_memory(stack_pid: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
