@@ -75,8 +75,9 @@ ROLES = (
 )
 
 
-# Roles whose children are forks of the main process (gunicorn's workers, prefork pool children).
-FORKED = ("web", "worker_email", "worker_general")
+# Roles whose children are forks of the main process: gunicorn's workers, prefork pool children,
+# and honcho's one process per Procfile line, which starts its command and waits for it.
+FORKED = ("stack", "web", "worker_email", "worker_general")
 
 
 def command_of(pid: int) -> str:
@@ -106,7 +107,7 @@ def plain_role(command: str) -> str:
 
 
 def role_of(pid: int, command: str) -> str:
-    """The stack's part a process plays; for gunicorn and the workers, main process or child."""
+    """The stack's part a process plays; for the forking ones, main process or child."""
     role = plain_role(command)
     if role in FORKED:
         # A prefork pool child or a gunicorn worker is a fork of a process in the same role.
