@@ -65,14 +65,15 @@ def run_worker(app: Any, collect: bool, tasks: int, concurrency: int, prefetch: 
         while not app.control.ping(timeout=0.5):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker did not start; see {log}")
-        app.control.cancel_consumer("default", reply=True, timeout=5)
+        # limit=1: return on the worker's reply; without it a broadcast waits out its whole timeout.
+        app.control.cancel_consumer("default", reply=True, timeout=5, limit=1)
         with app.producer_or_acquire() as producer:
             for _ in range(tasks):
                 noop.apply_async(producer=producer)
             done = sentinel.apply_async(producer=producer)
         started = time.perf_counter()
-        app.control.add_consumer("default", reply=True, timeout=5)
-        done.get(timeout=600)
+        app.control.add_consumer("default", reply=True, timeout=5, limit=1)
+        done.get(timeout=600, interval=0.005)  # the result backend is polled: finely, so it is not the clock
         return time.perf_counter() - started
     finally:
         worker.terminate()
