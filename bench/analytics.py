@@ -1,6 +1,6 @@
 """Analytics and clean-up throughput: ingestion, the daily roll-up, batched deletes.
 
-    .venv/bin/python bench/analytics.py [--events 200000] [--days 7] [--database-url postgres://.../bench]
+    .venv/bin/python -m bench.analytics [--events 200000] [--days 7] [--database-url postgres://.../bench]
 
 On a fresh database (SQLite in a temporary folder unless told; a PostgreSQL
 database given here is migrated and its analytics tables emptied first):
@@ -11,7 +11,8 @@ database given here is migrated and its analytics tables emptied first):
 3. `aggregate_day` for each day (N/D events a day): latency per day, and a second run (idempotent);
 4. `default.cleanup`'s batched delete of all N events (MAINTENANCE_BATCH_SIZE rows a batch): rows/s,
    per-batch latency.
-Prints throughput, latency percentiles and the peak RSS of the process.
+Prints throughput, latency percentiles and the peak RSS of the process, and writes them to
+docs/results/analytics.json.
 """
 
 from __future__ import annotations
@@ -31,15 +32,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.support import ensure_database, write_results
 
-def percentiles(samples: list[float]) -> str:
+
+def latency(samples: list[float]) -> dict[str, float]:
+    """Nearest-rank percentiles and the maximum, in milliseconds."""
     ordered = sorted(samples)
 
     def at(fraction: float) -> float:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
 
+    return {"p50_ms": at(0.5), "p95_ms": at(0.95), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000}
+
+
+def percentiles(samples: list[float]) -> str:
+    cut = latency(samples)
     return (
-        f"p50 {at(0.5):.1f} ms, p95 {at(0.95):.1f} ms, p99 {at(0.99):.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+        f"p50 {cut['p50_ms']:.1f} ms, p95 {cut['p95_ms']:.1f} ms, p99 {cut['p99_ms']:.1f} ms, "
+        f"max {cut['max_ms']:.1f} ms"
     )
 
 
@@ -60,6 +70,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3")
     options = parser.parse_args()
 
+    ensure_database(options.database_url)
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings.test",
         DATABASE_URL=options.database_url,
@@ -81,6 +92,7 @@ def main() -> None:
     for model in (Event, EventBatch, DailyMetric):
         model.objects.all().delete()
     print(f"database: {connection.vendor}, time zone {settings.TIME_ZONE}")
+    figures: dict[str, Any] = {"database": connection.vendor}
 
     rng = random.Random(7)  # noqa: S311 (made-up data, not secrets)
     first_day = date(2026, 3, 26)  # the range holds the 23-hour day of 29 March
@@ -107,6 +119,15 @@ def main() -> None:
         analytics.ingest_events(batch_of_events)
         chunk_times.append(time.perf_counter() - started)
     total = sum(chunk_times)
+    figures["ingest"] = {
+        "events": options.events,
+        "chunk_size": chunk,
+        "seconds": total,
+        "events_per_s": options.events / total,
+        "chunk": latency(chunk_times),
+        "peak_rss_mb_before": rss_before,
+        "peak_rss_mb_after": peak_rss_mb(),
+    }
     print(
         f"ingest: {options.events} events in {total:.2f} s = {options.events / total:,.0f} events/s "
         f"(chunks of {chunk}: {percentiles(chunk_times)}); "
@@ -117,6 +138,7 @@ def main() -> None:
     message = list(produce(10_000))
     checks = [timed(lambda: IngestSchema.model_validate({"events": message}))[1] for _ in range(5)]
     print(f"analytics.ingest schema, 10,000 events: {percentiles(checks)} per check")
+    figures["schema_check_10000_events"] = latency(checks)
 
     # 3. the roll-up, day by day, twice
     days = [first_day + timedelta(days=i) for i in range(options.days)]
@@ -126,6 +148,10 @@ def main() -> None:
             started = time.perf_counter()
             analytics.aggregate_day(day)
             latencies.append(time.perf_counter() - started)
+        figures[f"aggregate_day_{run}_run"] = {
+            "events_a_day": options.events // options.days,
+            **latency(latencies),
+        }
         print(
             f"aggregate_day ({run} run), {options.events // options.days:,} events a day: "
             f"{percentiles(latencies)}"
@@ -141,6 +167,16 @@ def main() -> None:
         f"({outcome.batches} batches of {batch}, {1000 * total / outcome.batches:.1f} ms a batch on average)"
     )
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    figures["cleanup"] = {
+        "deleted": outcome.deleted,
+        "batch_size": batch,
+        "batches": outcome.batches,
+        "seconds": total,
+        "rows_per_s": outcome.deleted / total,
+        "mean_batch_ms": 1000 * total / outcome.batches,
+    }
+    figures["peak_rss_mb"] = peak_rss_mb()
+    write_results("analytics", figures, vars(options), database_url=options.database_url)
 
 
 if __name__ == "__main__":

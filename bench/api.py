@@ -15,7 +15,8 @@ GET /api/jobs/{id}: each request is sent at its scheduled time whether or not ea
 ones have been answered, and its latency counts from that time (no coordinated omission);
 (d) the RSS of gunicorn's master and workers afterwards.
 No worker consumes: the jobs stay queued and are purged at the end. The load generator
-runs on the same machine and takes CPU from gunicorn, PostgreSQL and Redis.
+runs on the same machine and takes CPU from gunicorn, PostgreSQL and Redis. Writes the figures
+to docs/results/api.json.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import setup_django  # noqa: E402
+from bench.support import setup_django, write_results  # noqa: E402
 
 PING = {"type": "default.ping", "payload": {}}
 
@@ -47,11 +48,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ms(samples: list[float], q: float) -> str:
-    if not samples:
-        return "-"
+def at(samples: list[float], q: float) -> float:
+    """The nearest-rank percentile q of the samples, in milliseconds."""
     ordered = sorted(samples)
-    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.1f}"
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def latency(samples: list[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "p50_ms": at(samples, 0.50),
+        "p95_ms": at(samples, 0.95),
+        "p99_ms": at(samples, 0.99),
+        "max_ms": max(samples) * 1000,
+    }
+
+
+def ms(samples: list[float], q: float) -> str:
+    return f"{at(samples, q):.1f}" if samples else "-"
 
 
 def summary(samples: list[float]) -> str:
@@ -313,6 +328,43 @@ def main() -> None:
             f"(d) RSS after the run: gunicorn master {master / 2**20:.0f} MiB, workers "
             + ", ".join(f"{rss / 2**20:.0f} MiB" for rss in workers)
         )
+        figures = {
+            "single": {
+                "jobs": args.requests,
+                "concurrency": args.concurrency,
+                "seconds": a["elapsed"],
+                "jobs_per_s": args.requests / a["elapsed"],
+                **latency(a["latencies"]),
+                "statuses": a["statuses"],
+            },
+            "batch": {
+                "requests": args.batches,
+                "jobs_per_request": args.batch_size,
+                "accepted": b["accepted"],
+                "jobs_per_s": b["accepted"] / b["elapsed"],
+                "mean_request_ms": statistics.mean(b["latencies"]) * 1000,
+                "min_request_ms": min(b["latencies"]) * 1000,
+                "max_request_ms": max(b["latencies"]) * 1000,
+                "statuses": b["statuses"],
+            },
+            "open_loop": {
+                "rate": args.rate,
+                "duration_s": args.duration,
+                "requests": c["total"],
+                "answered": len(every),
+                "errors": sum(c["errors"].values()),
+                "error_kinds": c["errors"],
+                "started_over_10ms_late": late,
+                "max_start_lag_ms": max(c["lags"], default=0) * 1000,
+                **latency(every),
+                "by_request": {
+                    "post_jobs": latency(c["results"]["POST /api/jobs"]),
+                    "get_job": latency(c["results"]["GET /api/jobs/{id}"]),
+                },
+            },
+            "rss_mib": {"master": master / 2**20, "workers": [rss / 2**20 for rss in workers]},
+        }
+        write_results("api", figures, vars(args), database_url=args.database_url, redis_url=args.broker_url)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:

@@ -1,6 +1,6 @@
 """Beat's dispatch lag (due time to sent) and memory with N enabled schedules in PostgreSQL.
 
-    .venv/bin/python bench/beat.py [--schedules 1000] [--minutes 3] [--warm-up 60]
+    .venv/bin/python -m bench.beat [--schedules 1000] [--minutes 3] [--warm-up 60]
         [--database-url postgres://postgres@127.0.0.1:5432/bench_beat]
         [--broker-url redis://127.0.0.1:6379/11] [--debug]
 
@@ -18,7 +18,8 @@ dispatched) whose occurrence falls in [start + warm-up, start + minutes): the
 first minute (start-up, first load of the schedules) is left out. Prints lag
 percentiles (all, and per kind of schedule), sends per second, duplicates (must
 be 0), occurrences expected but not sent, start-up time, and the number of
-messages really in the broker queues (purged at the end) against the rows.
+messages really in the broker queues (purged at the end) against the rows. Writes the figures to
+docs/results/beat.json.
 
 Beat runs with the production settings (config.settings.base, DEBUG off): with
 DEBUG on, Django keeps up to 9,000 queries per connection in memory, which
@@ -45,7 +46,7 @@ import psutil  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import ensure_database  # noqa: E402
+from bench.support import ensure_database, write_results  # noqa: E402
 
 TASK = "default.ping"
 ZONES = ("UTC", "America/New_York", "Europe/Berlin", "Asia/Kolkata")
@@ -53,6 +54,8 @@ INTERVAL_SECONDS = 30
 DRAIN_SECONDS = 60
 # (kind label, share of the schedules); the rest of the split goes to the first.
 MIX = (("cron * * * * *", 0.6), ("cron */2 * * * *", 0.2), (f"every {INTERVAL_SECONDS} s", 0.2))
+# The kinds' keys in the results file.
+KIND_KEYS = dict(zip((kind for kind, _ in MIX), ("every_minute", "every_2_minutes", "interval"), strict=True))
 
 
 class RssSampler:
@@ -108,6 +111,19 @@ def expected_occurrences(kind: str, zone: str | None, start: datetime, end: date
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.0f}"
+
+
+def lag_figures(lags: list[float]) -> dict[str, float | int | None]:
+    if len(lags) < 2:
+        return {"sends": len(lags), "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    cuts = statistics.quantiles(lags, n=100, method="inclusive")
+    return {
+        "sends": len(lags),
+        "p50_ms": cuts[49] * 1000,
+        "p95_ms": cuts[94] * 1000,
+        "p99_ms": cuts[98] * 1000,
+        "max_ms": max(lags) * 1000,
+    }
 
 
 def lag_row(label: str, lags: list[float]) -> str:
@@ -299,6 +315,37 @@ def main() -> None:
     )
     for line in problems[:5]:
         print(f"  log: {line[:200]}")
+    figures = {
+        "schedules": options.schedules,
+        "lag": lag_figures(lags),
+        "lag_by_kind": {
+            KIND_KEYS[kind]: lag_figures(
+                [lag for lag, (name, _, _) in zip(lags, runs, strict=True) if kind_of[name] == kind]
+            )
+            for kind, _ in MIX
+        },
+        "window_seconds": window_seconds,
+        "sent_in_window": len(runs),
+        "expected_in_window": sum(expected.values()),
+        "missing": missing,
+        "duplicates": duplicates,
+        "sends_per_s_average": len(runs) / window_seconds,
+        "sends_per_s_while_busy": len(runs) / busy_seconds if busy_seconds else 0,
+        "sent_whole_run": total,
+        "messages_in_broker": messages,
+        "log_warnings_and_errors": len(problems),
+        "lease_taken_after_s": (acquired - started_wall).total_seconds() if acquired else None,
+        "first_send_after_s": (first_dispatch - started_wall).total_seconds() if first_dispatch else None,
+        "rss_mib_10s_after_start": after_start / 2**20,
+        "rss_mib_peak": max(rss) / 2**20,
+        "rss_mib_at_end": rss[-1] / 2**20,
+        "cpu_share_of_one_core": (cpu.user + cpu.system) / ran,
+        "stopped_by_sigterm_in_s": stopped_in,
+        "exit_code": beat.returncode,
+    }
+    write_results(
+        "beat", figures, vars(options), database_url=options.database_url, redis_url=options.broker_url
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Records per second of `data_sync.sync` through a real worker process, on PostgreSQL.
 
-    .venv/bin/python bench/data_sync.py [--records 100000] [--page-size 1000] [--batch-size 500]
+    .venv/bin/python -m bench.data_sync [--records 100000] [--page-size 1000] [--batch-size 500]
         [--database-url postgres://postgres@127.0.0.1:5432/bench_data_sync]
         [--broker-url redis://127.0.0.1:6379/6] [--concurrency 2]
 
@@ -13,7 +13,7 @@ with 1% and with 99% of the records changed. Prints records/second for each, how
 took (the sync task: pages, parsing, sending the batches) against upserting
 (the chord, from the sync task's end to the run's end), and peak RSS: of the
 largest worker process (getrusage of the waited-for children) and of the whole
-worker process tree (sampled every 50 ms).
+worker process tree (sampled every 50 ms). Writes the figures to docs/results/data_sync.json.
 
 The database given is created if missing (PostgreSQL) and migrated; the
 benchmark's source is deleted first, so runs start from empty.
@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import TreeSampler, ensure_database, worker_process  # noqa: E402
+from bench.support import TreeSampler, ensure_database, worker_process, write_results  # noqa: E402
 
 
 def make_pages(count: int, page_size: int, changed_every: int = 0) -> dict[str, bytes]:
@@ -127,6 +127,7 @@ def main() -> None:
     source = DataSource.objects.create(
         name="bench", url=f"http://{server.host}/records?page=1", batch_size=options.batch_size
     )
+    runs: dict[str, dict[str, Any]] = {}
     with worker_process(app, "data_sync", options.concurrency) as worker:
         sampler = TreeSampler(worker.pid)
         print(
@@ -135,7 +136,7 @@ def main() -> None:
             f"database {connection.vendor} ({connection.settings_dict['NAME']})"
         )
 
-        def run(label: str, changed_every: int = 0) -> None:
+        def run(label: str, key: str, changed_every: int = 0) -> None:
             server.pages = make_pages(options.records, options.page_size, changed_every)
             started = time.perf_counter()
             result = data_sync.sync.delay(source_id=source.pk)
@@ -148,6 +149,16 @@ def main() -> None:
                 time.sleep(0.05)
             elapsed = time.perf_counter() - started
             assert sync_run.status == SyncRun.Status.SUCCEEDED, sync_run.error
+            runs[key] = {
+                "records_per_s": options.records / elapsed,
+                "seconds": elapsed,
+                "fetch_seconds": fetched,
+                "upsert_seconds": elapsed - fetched,
+                "created": sync_run.created,
+                "updated": sync_run.updated,
+                "unchanged": sync_run.unchanged,
+                "failed": sync_run.failed,
+            }
             print(
                 f"{label:<22} {options.records / elapsed:>9,.0f} records/s  {elapsed:6.2f} s "
                 f"(fetch {fetched:5.2f} s, upsert {elapsed - fetched:5.2f} s)  "
@@ -155,10 +166,10 @@ def main() -> None:
                 f"failed {sync_run.failed}"
             )
 
-        run("first sync")
-        run("no-op re-sync")
-        run("re-sync, 1% changed", changed_every=100)
-        run("re-sync, 99% changed", changed_every=1)
+        run("first sync", "first_sync")
+        run("no-op re-sync", "noop_resync")
+        run("re-sync, 1% changed", "resync_1pct_changed", changed_every=100)
+        run("re-sync, 99% changed", "resync_99pct_changed", changed_every=1)
         assert SyncedRecord.objects.filter(source=source).count() == options.records
         tree_peak = sampler.stop()
     largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
@@ -166,6 +177,14 @@ def main() -> None:
         f"peak RSS: largest worker process {largest / 1024:.0f} MiB; "
         f"worker process tree {tree_peak / 2**20:.0f} MiB (sampled); "
         f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
+    figures = {
+        **runs,
+        "largest_worker_process_peak_rss_mib": largest / 1024,
+        "worker_process_tree_peak_rss_mib": tree_peak / 2**20,
+    }
+    write_results(
+        "data_sync", figures, vars(options), database_url=options.database_url, redis_url=options.broker_url
     )
 
 

@@ -6,7 +6,7 @@ Throughput: `messages` are queued first, then one kombu consumer (prefetch 1, as
 Celery worker process with prefetch multiplier 1) receives and acks each.
 Latency: an idle consumer, a publisher sending one message every 20 ms stamped
 with its send time; receive minus send, 300 samples. Queues are named per run
-and deleted afterwards.
+and deleted afterwards. Writes the figures to docs/results/delivery.json.
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ from typing import Any
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from bench.support import write_results
 from delivery.redis import Transport
 
 OPTIONS = {"priority_steps": list(range(10))}  # as the project's settings
-TRANSPORTS: dict[str, Any] = {"kombu (BRPOP + MULTI)": "redis", "delivery.redis (Lua fetch)": Transport}
+# label: (transport, key in the results file)
+TRANSPORTS: dict[str, tuple[Any, str]] = {
+    "kombu (BRPOP + MULTI)": ("redis", "kombu"),
+    "delivery.redis (Lua fetch)": (Transport, "delivery_redis"),
+}
 
 
 def _queue() -> Queue:
@@ -85,15 +90,20 @@ def latency(url: str, transport: Any, samples: int = 300) -> list[float]:
 
 
 def main(url: str, messages: int) -> None:
-    for name, transport in TRANSPORTS.items():
+    figures: dict[str, Any] = {}
+    for name, (transport, key) in TRANSPORTS.items():
         rate = throughput(url, transport, messages)
         delays = sorted(latency(url, transport))
         p50 = statistics.median(delays) * 1000
         p99 = delays[int(len(delays) * 0.99) - 1] * 1000
         print(f"{name:28} {rate:8.0f} msg/s   idle latency p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+        figures[key] = {"messages_per_s": rate, "idle_latency_p50_ms": p50, "idle_latency_p99_ms": p99}
     client = redis.Redis.from_url(url)
     for key in client.scan_iter(match="*bench-fetch-*"):
         client.delete(key)
+    write_results(
+        "delivery", figures, {"redis_url": url, "messages": messages, "latency_samples": 300}, redis_url=url
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Emails per second through one SMTP connection to a local SMTP server.
 
-    .venv/bin/python bench/email_smtp.py [--messages 2000] [--database-url postgres://...]
+    .venv/bin/python -m bench.email_smtp [--messages 2000] [--database-url postgres://...]
+        [--redis-url redis://...]
 
 Starts an aiosmtpd server on loopback, then sends N messages three ways, one
 SMTP connection each: (1) pre-rendered messages straight through Django's SMTP
 backend (the transport's ceiling), (2) `send_batch` as a newsletter batch runs
 it (render + EmailLog row per message + rate limiter in memory), (3) the same
 with the global rate limiter in Redis (REDIS_URL, default the local Redis).
-Prints messages/s, per-message latency percentiles and peak RSS.
+Prints messages/s, per-message latency percentiles and peak RSS, and writes them to
+docs/results/email.json.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.support import ensure_database, write_results
 
 
 def main() -> None:
@@ -32,6 +37,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9"))
     options = parser.parse_args()
 
+    ensure_database(options.database_url)
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings.base",
         DJANGO_DEBUG="1",
@@ -77,8 +83,16 @@ def main() -> None:
     recipients = [f"reader{i}@example.com" for i in range(n)]
     print(f"SMTP server 127.0.0.1:{port}; {n} messages per run; database {django.db.connection.vendor}")
 
-    def report(label: str, seconds: float, latencies: list[float]) -> None:
+    figures: dict[str, Any] = {"database": django.db.connection.vendor, "messages": n}
+
+    def report(label: str, seconds: float, latencies: list[float], key: str) -> None:
         cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+        figures[key] = {
+            "messages_per_s": n / seconds,
+            "p50_ms": cuts[49] * 1000,
+            "p95_ms": cuts[94] * 1000,
+            "p99_ms": cuts[98] * 1000,
+        }
         print(
             f"{label:<44} {n / seconds:8.0f} msg/s   p50 {cuts[49] * 1000:6.2f} ms   "
             f"p95 {cuts[94] * 1000:6.2f} ms   p99 {cuts[98] * 1000:6.2f} ms"
@@ -98,12 +112,17 @@ def main() -> None:
             latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - started
         connection.close()
-        report("1. SMTP backend only (pre-rendered)", elapsed, latencies)
+        report("1. SMTP backend only (pre-rendered)", elapsed, latencies, "smtp_backend")
 
-        for label, limiter in (
-            ("2. send_batch, limiter in memory", service.SendRateLimiter("1000000/second", "memory://")),
+        for label, key, limiter in (
+            (
+                "2. send_batch, limiter in memory",
+                "send_batch_memory_limiter",
+                service.SendRateLimiter("1000000/second", "memory://"),
+            ),
             (
                 "3. send_batch, global limiter in Redis",
+                "send_batch_redis_limiter",
                 service.SendRateLimiter("1000000/second", options.redis_url),
             ),
         ):
@@ -123,11 +142,16 @@ def main() -> None:
             per_message = [elapsed / n] * 2
             if len(stamps) > 2:  # progress fires every 10 messages: latency per message from the gaps
                 per_message = [(b - a) / 10 for a, b in itertools.pairwise(stamps)]
-            report(label, elapsed, per_message)
+            report(label, elapsed, per_message, key)
 
     controller.stop()
     print(f"received by the server: {Counter.received} (expected {3 * n})")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    figures["received"] = Counter.received
+    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_results(
+        "email", figures, vars(options), database_url=options.database_url, redis_url=options.redis_url
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Images per second for a 12-megapixel thumbnail: the service in-process, then through real workers.
 
-    .venv/bin/python bench/images.py [--images 40] [--concurrency 2] [--database-url postgres://...]
+    .venv/bin/python -m bench.images [--images 40] [--concurrency 2] [--database-url postgres://...]
+        [--broker-url redis://...]
 
 Makes a 4000x3000 JPEG with photo-like detail (about 4 MB at quality 90), then:
 (1) in this process, `tasks.services.images.process` with
@@ -9,7 +10,7 @@ plain Pillow decoding the whole image before thumbnailing (what the draft-mode
 shortcut saves); (2) N `images.process` tasks, one asset each, through
 `celery -A config worker -Q images -c C`, timed from sending to the last result.
 Prints images/s, latency percentiles and peak RSS (this process; the worker's
-process tree, sampled).
+process tree, sampled), and writes them to docs/results/images.json.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import TreeSampler, ensure_database, worker_process  # noqa: E402
+from bench.support import TreeSampler, ensure_database, worker_process, write_results  # noqa: E402
 
 OPERATIONS = [
     {"op": "auto_orient"},
@@ -36,9 +38,14 @@ OPERATIONS = [
 ]
 
 
-def percentiles(samples: list[float]) -> str:
+def latency(samples: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return f"p50 {cuts[49] * 1000:6.0f} ms  p95 {cuts[94] * 1000:6.0f} ms  p99 {cuts[98] * 1000:6.0f} ms"
+    return {"p50_ms": cuts[49] * 1000, "p95_ms": cuts[94] * 1000, "p99_ms": cuts[98] * 1000}
+
+
+def percentiles(samples: list[float]) -> str:
+    cut = latency(samples)
+    return f"p50 {cut['p50_ms']:6.0f} ms  p95 {cut['p95_ms']:6.0f} ms  p99 {cut['p99_ms']:6.0f} ms"
 
 
 def photo(width: int = 4000, height: int = 3000) -> bytes:
@@ -101,6 +108,14 @@ def main() -> None:
         service.process(asset, operations)
         timings.append(time.perf_counter() - started)
     print(f"service, in-process        {len(timings) / sum(timings):6.1f} images/s  {percentiles(timings)}")
+    figures: dict[str, Any] = {
+        "source_mib": len(data) / 2**20,
+        "in_process": {
+            "images": len(timings),
+            "images_per_s": len(timings) / sum(timings),
+            **latency(timings),
+        },
+    }
     full = []
     for _ in range(min(options.images, 10)):
         started = time.perf_counter()
@@ -110,6 +125,12 @@ def main() -> None:
         full.append(time.perf_counter() - started)
     print(f"plain Pillow, full decode  {len(full) / sum(full):6.1f} images/s  {percentiles(full)}")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    figures["plain_pillow_full_decode"] = {
+        "images": len(full),
+        "images_per_s": len(full) / sum(full),
+        **latency(full),
+    }
+    figures["in_process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # (2) Through a real worker on the images queue.
     assets = [
@@ -133,6 +154,16 @@ def main() -> None:
         f"(send to result: {percentiles(latencies)}; queueing included)"
     )
     print(f"peak RSS of the worker's process tree: {tree_peak / 2**20:.0f} MiB (sampled every 50 ms)")
+    figures["worker"] = {
+        "concurrency": options.concurrency,
+        "images": len(sent),
+        "images_per_s": len(sent) / elapsed,
+        "send_to_result": latency(latencies),
+        "process_tree_peak_rss_mib": tree_peak / 2**20,
+    }
+    write_results(
+        "images", figures, vars(options), database_url=options.database_url, redis_url=options.broker_url
+    )
 
 
 if __name__ == "__main__":

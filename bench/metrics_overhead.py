@@ -1,6 +1,6 @@
 """What task-metrics collection costs: no-op tasks through a real worker, collection off and on.
 
-    .venv/bin/python bench/metrics_overhead.py [--tasks 5000] [--repetitions 3] [--concurrency 2]
+    .venv/bin/python -m bench.metrics_overhead [--tasks 5000] [--repetitions 3] [--concurrency 2]
         [--database-url postgres://postgres@127.0.0.1:5432/bench_metrics]
         [--broker-url redis://127.0.0.1:6379/13]
 
@@ -14,7 +14,8 @@ then to the sentinel's result is the run's. Prints tasks/s per run, the median p
 the overhead; then what the handlers cost per task in this process (publish + prerun +
 postrun on a real task, µs), and the publish side: N `apply_async` calls with the publish
 handler connected and not. The end-to-end runs vary by several percent between repetitions
-on a small machine: read the median and the per-task handler cost together.
+on a small machine: read the median and the per-task handler cost together. Writes the figures
+to docs/results/metrics_overhead.json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import setup_django  # noqa: E402
+from bench.support import setup_django, write_results  # noqa: E402
 
 
 def run_worker(app: Any, collect: bool, tasks: int, concurrency: int, prefetch: int) -> float:
@@ -64,14 +65,15 @@ def run_worker(app: Any, collect: bool, tasks: int, concurrency: int, prefetch: 
         while not app.control.ping(timeout=0.5):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker did not start; see {log}")
-        app.control.cancel_consumer("default", reply=True, timeout=5)
+        # limit=1: return on the worker's reply; without it a broadcast waits out its whole timeout.
+        app.control.cancel_consumer("default", reply=True, timeout=5, limit=1)
         with app.producer_or_acquire() as producer:
             for _ in range(tasks):
                 noop.apply_async(producer=producer)
             done = sentinel.apply_async(producer=producer)
         started = time.perf_counter()
-        app.control.add_consumer("default", reply=True, timeout=5)
-        done.get(timeout=600)
+        app.control.add_consumer("default", reply=True, timeout=5, limit=1)
+        done.get(timeout=600, interval=0.005)  # the result backend is polled: finely, so it is not the clock
         return time.perf_counter() - started
     finally:
         worker.terminate()
@@ -161,12 +163,30 @@ def main() -> None:
     off, on = statistics.median(rates[False]), statistics.median(rates[True])
     print(f"median: off {off:.0f} tasks/s, on {on:.0f} tasks/s: overhead {(off - on) / off * 100:+.1f}%")
 
-    print(f"handlers (publish + prerun + postrun), in-process: {handler_cost(50_000):.1f} µs per task")
+    handlers = handler_cost(50_000)
+    print(f"handlers (publish + prerun + postrun), in-process: {handlers:.1f} µs per task")
     sends = args.tasks // 2
     publish_off, publish_on = publish_side(sends)
     print(
         f"publish side, {sends} apply_async in this process, median of 5: off {sends / publish_off:.0f}/s, "
         f"on {sends / publish_on:.0f}/s ({(publish_on - publish_off) / publish_off * 100:+.1f}% time)"
+    )
+    figures = {
+        "tasks_per_s_off": rates[False],
+        "tasks_per_s_on": rates[True],
+        "median_tasks_per_s_off": off,
+        "median_tasks_per_s_on": on,
+        "overhead_percent": (off - on) / off * 100,
+        "on_slower_in_pairs": sum(1 for a, b in zip(rates[False], rates[True], strict=True) if b < a),
+        "pairs": len(rates[False]),
+        "handler_cost_us_per_task": handlers,
+        "publish_sends": sends,
+        "publish_per_s_off": sends / publish_off,
+        "publish_per_s_on": sends / publish_on,
+        "publish_extra_time_percent": (publish_on - publish_off) / publish_off * 100,
+    }
+    write_results(
+        "metrics_overhead", figures, vars(args), database_url=args.database_url, redis_url=args.broker_url
     )
 
 

@@ -1,6 +1,6 @@
 """Server time of the admin metrics page with 14 days of metrics for 50 task names.
 
-    .venv/bin/python bench/metrics_page.py [--tasks 50] [--days 14] [--repetitions 5]
+    .venv/bin/python -m bench.metrics_page [--tasks 50] [--days 14] [--repetitions 5]
         [--database-url postgres://postgres@127.0.0.1:5432/bench_metrics]
         [--broker-url redis://127.0.0.1:6379/13]
 
@@ -10,7 +10,7 @@ queues, every task active every minute (the worst case: 72,000 minute rows + 15,
 rows for 50 tasks). Then renders /admin/metrics/ for each window through Django's test
 client as a staff user and prints, per window, the page's server time (p50, max) and the
 part spent on the statistics query (the live part reads queue depths from the broker and the
-workers' presence rows: milliseconds).
+workers' presence rows: milliseconds). Writes the figures to docs/results/metrics_page.json.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support import setup_django  # noqa: E402
+from bench.support import setup_django, write_results  # noqa: E402
 
 QUEUES = ("email", "images", "data_sync", "analytics", "default")
 
@@ -118,6 +119,7 @@ def main() -> None:
         f"{rows} rows ({args.tasks} tasks, {args.days} days) written in {time.perf_counter() - started:.1f} s"
     )
 
+    figures: dict[str, Any] = {"rows": rows, "windows": {}}
     user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True})
     client = Client()
     client.force_login(user)
@@ -132,10 +134,19 @@ def main() -> None:
             began = time.perf_counter()
             stats.window_stats(now - stats.WINDOWS[window], now)
             queries.append(time.perf_counter() - began)
+        figures["windows"][window] = {
+            "page_p50_ms": statistics.median(pages) * 1000,
+            "page_max_ms": max(pages) * 1000,
+            "statistics_p50_ms": statistics.median(queries) * 1000,
+        }
         print(
             f"  {window:>3}: page p50 {statistics.median(pages) * 1000:6.0f} ms, "
             f"max {max(pages) * 1000:6.0f} ms; statistics p50 {statistics.median(queries) * 1000:6.0f} ms"
         )
+
+    write_results(
+        "metrics_page", figures, vars(args), database_url=args.database_url, redis_url=args.broker_url
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ It prints p50/p99 of every series and how many /readyz answers the clients got.
 `--broker frozen` points the web processes' broker reads (CELERY_BROKER_READ_URL) at a server that
 accepts connections and never answers (a SIGSTOPped Redis), `--broker closed` at a closed port;
 the worker keeps the real broker. The load generator runs on the same machine as everything else.
+Writes the figures to docs/results/readyz.json (readyz-frozen.json, readyz-closed.json).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import Gunicorn, free_port, summary  # noqa: E402
-from bench.support import setup_django  # noqa: E402
+from bench.api import Gunicorn, free_port, latency, summary  # noqa: E402
+from bench.support import setup_django, write_results  # noqa: E402
 
 ALL_QUEUES = "email,images,data_sync,analytics,default"
 
@@ -205,6 +206,20 @@ def main() -> None:
         print(f"(3) GET /api/queues:            {summary(api)}")
         page = timed_gets(base, "/admin/metrics/?window=1h", {}, cookies, 20)
         print(f"    GET /admin/metrics/?window=1h: {summary(page)}")
+        figures = {
+            "broker": args.broker,
+            "readyz_first_status": first.status_code,
+            "healthz_alone": {"requests": len(alone), **latency(alone)},
+            "healthz_beside_readyz": {"requests": len(healthz), **latency(healthz)},
+            "readyz": {
+                "answers": len(readyz),
+                "answers_per_s": len(readyz) / args.duration,
+                "statuses": {str(key): value for key, value in statuses.items()},
+                **latency(readyz),
+            },
+            "api_queues": latency(api),
+            "metrics_page_1h": latency(page),
+        }
     finally:
         gunicorn.stop()
         worker.terminate()
@@ -212,6 +227,8 @@ def main() -> None:
         worker_log.close()
         app.control.purge()
     print(f"logs in {log_dir}")
+    name = "readyz" if args.broker == "up" else f"readyz-{args.broker}"
+    write_results(name, figures, vars(args), database_url=args.database_url, redis_url=args.broker_url)
 
 
 if __name__ == "__main__":
