@@ -217,6 +217,32 @@ class QoS(kombu_redis.QoS):
         else:  # not from the fetch script (a fanout queue with acks): kombu's two writes
             super().append(message, delivery_tag)
 
+    # An ack (or reject) the broker did not take, a frozen or restarting one, still frees the
+    # message's prefetch slot: kombu's would keep it held for good (its local bookkeeping comes after
+    # the Redis write that raised), and a worker whose every slot is held that way never fetches
+    # again. What Redis did not get is done later (Channel._settle_pending), before the next fetch;
+    # if this worker dies first, the message is restored from its in-flight set like any other,
+    # and the job's claim keeps a second run from doing anything.
+
+    def ack(self, delivery_tag: str) -> None:
+        self._settle(delivery_tag, requeue=False)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self._settle(delivery_tag, requeue=requeue)
+
+    def _settle(self, delivery_tag: str, *, requeue: bool) -> None:
+        try:
+            self.settle_in_redis(delivery_tag, requeue=requeue)
+        except self.channel.connection_errors as exc:
+            self.channel._settle_later(delivery_tag, requeue, exc)
+        virtual.QoS.ack(self, delivery_tag)  # local bookkeeping: the prefetch slot is free
+
+    def settle_in_redis(self, delivery_tag: str, *, requeue: bool) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._remove_from_indices(delivery_tag).execute()
+
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         with self.pipe_or_acquire(pipe) as pipe:
             return (
@@ -360,6 +386,8 @@ class Channel(kombu_redis.Channel):
         self._fetch_script = self.client.register_script(FETCH)
         self._quarantine_script = self.client.register_script(QUARANTINE)
         self._recorded: set[str] = set()
+        # Delivery tag -> requeue, for acks and rejects the broker did not take (QoS._settle).
+        self._pending_settles: dict[str, bool] = {}
         self._pulse: _Pulse | None = None
         self._doorbell: _Doorbell | None = None
         self._doorbell_supported = True
@@ -431,10 +459,32 @@ class Channel(kombu_redis.Channel):
             return None
         return max(0.0, self.fetch_poll_interval - (time.monotonic() - self._idle_since))
 
+    def _settle_later(self, delivery_tag: str, requeue: bool, exc: BaseException) -> None:
+        if not self._pending_settles:
+            logger.warning(
+                "consumer %s: the broker did not take an acknowledgement (%s); it is sent again "
+                "before the next fetch",
+                self.consumer_id,
+                type(exc).__name__,
+            )
+        self._pending_settles[delivery_tag] = requeue
+
+    def _settle_pending(self) -> bool:
+        """Sends the acks and rejects the broker did not take; False while it still does not."""
+        for tag, requeue in list(self._pending_settles.items()):
+            try:
+                self.qos.settle_in_redis(tag, requeue=requeue)
+            except self.connection_errors:
+                return False
+            del self._pending_settles[tag]
+        return True
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues or not self._fetch_due():
             return
+        if self._pending_settles:
+            self._settle_pending()  # if the broker still does not answer, neither will the fetch
         if not self._fetch_script_loaded:
             with self.conn_or_acquire() as client:
                 client.script_load(FETCH)
@@ -777,6 +827,9 @@ class Channel(kombu_redis.Channel):
         if pulse is None:
             return super().close()
         pulse.stop()
+        if self._pending_settles:
+            with contextlib.suppress(*self.connection_errors):
+                self._settle_pending()  # else the reaper returns them, and the claim stops a second run
         client = self._create_client()
         super().close()  # kombu restores this channel's unacked messages
         try:

@@ -179,6 +179,39 @@ def test_an_ack_removes_the_message_from_every_in_flight_record(broker: Broker) 
     assert broker.redis.zscore(channel.unacked_index_key, message.delivery_tag) is None
 
 
+def test_an_ack_the_broker_does_not_take_frees_the_slot_and_is_sent_again_before_the_next_fetch(
+    broker: Broker,
+) -> None:
+    """kombu records an ack locally only after Redis took it: an ack during a frozen broker kept the
+    prefetch slot held for good, and a worker whose slots were all held that way never fetched again
+    (the fault suite's frozen-broker scenario: 140 of 150 jobs stuck)."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    broker.publish(queue, {"n": 2})
+    connection = broker.connect()
+    channel = channel_of(connection)
+    channel.basic_qos(0, 1, False)  # one message at a time
+    inbox = Inbox(connection, [queue])
+    first = inbox.next()
+    assert not channel.qos.can_consume()
+
+    # A broker that does not answer: a real connection, refused (nothing listens on port 1).
+    answering = channel.pool
+    channel._pool = redis.ConnectionPool(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    try:
+        first.ack()  # no exception reaches the caller
+    finally:
+        channel._pool = answering
+
+    assert channel.qos.can_consume()  # the slot is free: the consumer goes on
+    assert broker.redis.hget(channel.unacked_key, first.delivery_tag) is not None  # not in Redis yet
+    second = inbox.next()  # the next fetch sends the ack first
+    assert second.payload == {"n": 2}
+    assert broker.redis.hget(channel.unacked_key, first.delivery_tag) is None
+    assert first.delivery_tag.encode() not in broker.inflight(connection)
+    second.ack()
+
+
 def test_a_rejected_message_comes_back_redelivered_with_its_delivery_count_raised(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
