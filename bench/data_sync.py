@@ -11,7 +11,7 @@ advance, so the server is not what is measured), starts
 (everything created), a no-op re-sync (everything unchanged), then re-syncs
 with 1% and with 99% of the records changed. Prints records/second for each, how long fetching
 took (the sync task: pages, parsing, sending the batches) against upserting
-(the chord, from the sync task's end to the run's end), and peak RSS: of the
+(the child batches, from the sync task's end to the run's end), and peak RSS: of the
 largest worker process (getrusage of the waited-for children) and of the whole
 worker process tree (sampled every 50 ms). Writes the figures to docs/results/data_sync.json.
 

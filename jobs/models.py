@@ -38,24 +38,34 @@ class ApiToken(models.Model):
 
 class Job(models.Model):
     class Status(models.TextChoices):
+        # Waits for the jobs it depends on (JobDependency); no message is sent until they are final.
+        WAITING = "waiting"
         QUEUED = "queued"
         SCHEDULED = "scheduled"
         RUNNING = "running"
         RETRYING = "retrying"
         SUCCEEDED = "succeeded"
+        # Final: the job's work is done, and some of it (children, recipients, records) failed for good.
+        PARTIALLY_FAILED = "partially_failed"
         FAILED = "failed"
         CANCELLED = "cancelled"
 
-    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    FINAL = (Status.SUCCEEDED, Status.PARTIALLY_FAILED, Status.FAILED, Status.CANCELLED)
     # A message for the job may start it only in these states (jobs.tracking.claim).
     STARTABLE = (Status.QUEUED, Status.SCHEDULED, Status.RETRYING)
+
+    # What a job that waits for others needs of them (jobs.tree): that they succeed (`depends_on`),
+    # or only that they are final (a batch's callback).
+    class RunAfter(models.TextChoices):
+        SUCCESS = "success"
+        COMPLETION = "completion"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     type = models.CharField(max_length=200, db_index=True)
     queue = models.CharField(max_length=100)
     payload = models.JSONField(default=dict)
     priority = models.PositiveSmallIntegerField(null=True, blank=True)
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     # The Celery task id of the current run: retries keep it, a retry through the API gets a new one.
     task_id = models.CharField(max_length=255, unique=True)
     attempts = models.PositiveIntegerField(default=0)
@@ -69,6 +79,16 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     token = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    # The job whose task spawned this one (jobs.tree.spawn): a parent is final only once its
+    # children are.
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children", editable=False
+    )
+    # When the job's own task returned, for a job with children: from then on it is `running`
+    # only while it waits for them, and jobs.tree.settle_parent finishes it.
+    own_finished_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # For a `waiting` job: what its prerequisites must have done before it runs.
+    run_after = models.CharField(max_length=10, choices=RunAfter.choices, blank=True, editable=False)
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_hash = models.CharField(max_length=64, blank=True)
 
@@ -91,6 +111,21 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.id} ({self.status})"
+
+
+class JobDependency(models.Model):
+    """`job` waits for `prerequisite` (a `depends_on` entry, or a batch job its callback waits for)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependencies")
+    prerequisite = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependents")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "prerequisite"], name="jobs_dependency_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} after {self.prerequisite_id}"
 
 
 class QueuePause(models.Model):

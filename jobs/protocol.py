@@ -7,6 +7,7 @@ this module imports nothing of the project.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -18,6 +19,8 @@ JOB_HEADER = "x_job_id"
 FIRST_FAILURE_HEADER = "x_first_failure_at"
 # The dead letter a message replays.
 REPLAY_HEADER = "x_dead_letter_id"
+# The job that spawned this one (jobs.tree): when this job is final, its parent is settled.
+PARENT_HEADER = "x_parent_job_id"
 # Set by jobs.reconcile on a job's message it sends again because the broker lost the first.
 RESENT_HEADER = "x_resent"
 # How many times one delivery was sent again because the database was away (tasks.reliability).
@@ -48,3 +51,18 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+
+# The most of a task's result a job's row keeps (JSON bytes); more is replaced by its size.
+MAX_RESULT_BYTES = 64 * 1024
+
+
+def storable(result: Any) -> Any:
+    """A task's result as a job's row keeps it: JSON, at most MAX_RESULT_BYTES."""
+    try:
+        text = json.dumps(result)
+    except (TypeError, ValueError):
+        return {"repr": repr(result)[:1000]}
+    if len(text) > MAX_RESULT_BYTES:
+        return {"truncated": True, "bytes": len(text)}
+    return result

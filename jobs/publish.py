@@ -18,7 +18,7 @@ from kombu.exceptions import LimitExceeded
 from kombu.pools import producers
 
 from config.celery_app import app
-from jobs.protocol import BROKER_ERRORS, JOB_HEADER
+from jobs.protocol import BROKER_ERRORS, JOB_HEADER, PARENT_HEADER
 
 if TYPE_CHECKING:
     from jobs.models import Job
@@ -70,6 +70,8 @@ def message_options(job: Job, headers: dict[str, Any] | None = None) -> dict[str
         "headers": {**(headers or {}), JOB_HEADER: str(job.id)},
         "priority": message_priority(job.priority),
     }
+    if job.parent_id is not None:
+        options["headers"][PARENT_HEADER] = str(job.parent_id)
     if job.run_at is not None:
         options["eta"] = job.run_at
     return options

@@ -86,8 +86,10 @@ def _waiting(now: Any) -> Any:
     # a broker that then lost it, while its task was cut short (Celery cancels what runs when
     # its broker connection drops). It need not wait for the hard time limit to be sent again.
     before = now - timedelta(seconds=settings.JOBS_RECONCILE_AFTER_SECONDS)
+    # A parent waiting for its children (own_finished_at set) has no message left, by design.
     return Job.objects.filter(published_at__lte=before).filter(
-        Q(status__in=Job.STARTABLE) | Q(status=Job.Status.RUNNING, started_at__lte=before)
+        Q(status__in=Job.STARTABLE)
+        | Q(status=Job.Status.RUNNING, started_at__lte=before, own_finished_at__isnull=True)
     )
 
 
@@ -98,24 +100,33 @@ def finish_from_results(limit: int = 1000) -> int:
     from jobs import tracking
 
     grace = timezone.now() - timedelta(seconds=settings.JOBS_RECONCILE_AFTER_SECONDS)
-    rows = Job.objects.filter(status=Job.Status.RUNNING, started_at__lte=grace)
-    running = dict(rows.values_list("task_id", "pk")[:limit])
+    rows = Job.objects.filter(status=Job.Status.RUNNING, started_at__lte=grace, own_finished_at__isnull=True)
+    running = {
+        task_id: (pk, parent_id)
+        for task_id, pk, parent_id in rows.values_list("task_id", "pk", "parent_id")[:limit]
+    }
     if not running:
         return 0
     results = TaskResult.objects.filter(task_id__in=list(running), status__in=("SUCCESS", "FAILURE"))
     finished = 0
     for task_id, status, result in results.values_list("task_id", "status", "result"):
-        job_id = running[task_id]
+        job_id, parent_id = running[task_id]
+        parent = None if parent_id is None else str(parent_id)
         try:
             value = json.loads(result) if result else None
         except ValueError:
             value = None
         if status == "SUCCESS":
-            tracking.succeeded(str(job_id), task_id, value)
+            # A task that spawned children returned: its job now waits for them (jobs.tree).
+            spawned = Job.objects.filter(parent_id=job_id).exists()
+            tracking.succeeded(str(job_id), task_id, value, spawned=spawned, parent_id=parent)
         else:
             error = value if isinstance(value, dict) else {}
             tracking.failed(
-                str(job_id), task_id, _StoredError(error.get("exc_type", "Error"), error.get("exc_message"))
+                str(job_id),
+                task_id,
+                _StoredError(error.get("exc_type", "Error"), error.get("exc_message")),
+                parent_id=parent,
             )
         finished += 1
     if finished:

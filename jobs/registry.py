@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from django.apps import apps as django_apps
 from django.conf import settings
@@ -27,6 +28,7 @@ from tasks.base import JobTask
 
 MAX_DELAY_SECONDS = 30 * 24 * 3600
 MAX_BATCH = 1000
+MAX_DEPENDENCIES = 100
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"  # printable ASCII, no spaces
 
 
@@ -71,6 +73,16 @@ class JobOptions(BaseModel):
         pattern=IDEMPOTENCY_KEY_PATTERN,
         description="The same key with the same body returns the same job; with another body, 409.",
     )
+    depends_on: list[UUID | Annotated[int, Field(ge=0, lt=MAX_BATCH)]] | None = Field(
+        default=None,
+        max_length=MAX_DEPENDENCIES,
+        json_schema_extra={"x-references": "jobs.Job"},
+        description=(
+            "Jobs this one waits for (status `waiting`): ids of existing jobs, or in a batch the index "
+            "of another entry. It runs once they have all succeeded; if one of them fails for good or "
+            "is cancelled, this job is cancelled, with the reason. Unknown ids and cycles are a 400."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -81,15 +93,23 @@ class JobRequest:
     priority: int | None
     delay_seconds: int
     idempotency_key: str
+    # Ids of existing jobs, or positions of other requests sent in the same call (jobs.services).
+    depends_on: tuple[UUID | int, ...] = ()
+    # What the jobs it depends on must have done: succeeded ("success"), or only ended ("completion":
+    # a batch's callback).
+    run_after: str = "success"
 
     def fingerprint(self) -> str:
         """What must match for an idempotent replay: everything but the key itself."""
-        body = {
+        body: dict[str, Any] = {
             "type": self.type,
             "payload": self.payload,
             "priority": self.priority,
             "delay_seconds": self.delay_seconds,
         }
+        if self.depends_on:
+            body["depends_on"] = [str(item) for item in self.depends_on]
+            body["run_after"] = self.run_after
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -222,6 +242,7 @@ def parse_job(data: Any, *, header_key: str | None = None) -> JobRequest:
         priority=options.priority,
         delay_seconds=options.delay_seconds or 0,
         idempotency_key=key,
+        depends_on=tuple(dict.fromkeys(options.depends_on or ())),
     )
 
 

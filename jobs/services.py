@@ -23,7 +23,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from config.celery_app import app
-from jobs.models import ApiToken, Job
+from jobs import tree
+from jobs.models import ApiToken, Job, JobDependency
 from jobs.publish import BrokerUnavailable, publish
 from jobs.registry import JobRequest
 from tasks.base import JobTask
@@ -43,12 +44,17 @@ class Accepted:
 
 def _new_job(request: JobRequest, token: ApiToken | None, now: datetime) -> Job:
     delayed = request.delay_seconds > 0
+    if request.depends_on:
+        status = Job.Status.WAITING
+    else:
+        status = Job.Status.SCHEDULED if delayed else Job.Status.QUEUED
     return Job(
         type=request.type,
         queue=request.queue,
         payload=request.payload,
         priority=request.priority,
-        status=Job.Status.SCHEDULED if delayed else Job.Status.QUEUED,
+        status=status,
+        run_after=request.run_after if request.depends_on else "",
         task_id=uuid(),
         run_at=now + timedelta(seconds=request.delay_seconds) if delayed else None,
         token=token,
@@ -78,7 +84,11 @@ def _existing(request: JobRequest, token: ApiToken | None) -> Job | None:
 def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Accepted | Conflict]:
     """Writes and publishes jobs; one entry per request, in order (a Conflict for a reused key).
 
-    Raises BrokerUnavailable when the broker did not take the messages (nothing is kept).
+    A request's `depends_on` names existing jobs (ids the caller may see: the API checks) or other
+    requests of the same call by position; such a job is written `waiting`, with a JobDependency
+    per prerequisite, and sent once they are final (jobs.tree). One that depends on a refused
+    request is refused too. Raises BrokerUnavailable when the broker did not take the messages
+    (nothing is kept).
     """
     now = timezone.now()
     outcomes: list[Accepted | Conflict] = []
@@ -108,14 +118,23 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
                 seen_keys[request.idempotency_key] = len(outcomes)
             fresh.append(job)
             outcomes.append(Accepted(job, created=True))
+        dependencies = _refuse_dependents_of_refused(requests, outcomes)
+        fresh = [job for job in fresh if any(o.job is job for o in outcomes if isinstance(o, Accepted))]
         try:
             Job.objects.bulk_create(fresh)
+            new = {job.pk for job in fresh}
+            JobDependency.objects.bulk_create(
+                JobDependency(job_id=job_id, prerequisite_id=prerequisite)
+                for job_id, prerequisites in dependencies.items()
+                if job_id in new
+                for prerequisite in prerequisites
+            )
         except IntegrityError:
             # Another request with one of these keys committed first: retry one by one, which
             # finds it. Rare; correctness over speed.
             transaction.set_rollback(True)
             raise _KeyRace() from None
-    to_send = [job for job in fresh if not _held(job, now)]
+    to_send = [job for job in fresh if job.status != Job.Status.WAITING and not _held(job, now)]
     try:
         publish(to_send)
     except BrokerUnavailable:
@@ -127,7 +146,50 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
         Job.objects.filter(pk__in=[job.pk for job in to_send]).update(published_at=published)
         for job in to_send:
             job.published_at = published
+    waiting = [job.pk for job in fresh if job.status == Job.Status.WAITING]
+    if waiting and tree.settle_waiting(waiting):  # some depend only on jobs that are final already
+        for outcome in outcomes:
+            if isinstance(outcome, Accepted) and outcome.job.pk in waiting:
+                outcome.job.refresh_from_db()
     return outcomes
+
+
+def _refuse_dependents_of_refused(
+    requests: Sequence[JobRequest], outcomes: list[Accepted | Conflict]
+) -> dict[Any, list[Any]]:
+    """Each new job's prerequisites (job ids), after refusing (in `outcomes`, in place) the requests
+    that depend, directly or not, on a refused one. A batch's callback (run after completion) waits
+    for the accepted jobs only."""
+    wanted = {index: list(request.depends_on) for index, request in enumerate(requests)}
+    changed = True
+    while changed:
+        changed = False
+        for index, request in enumerate(requests):
+            if not isinstance(outcomes[index], Accepted):
+                continue
+            refused = [
+                item
+                for item in wanted[index]
+                if isinstance(item, int) and not isinstance(outcomes[item], Accepted)
+            ]
+            if not refused:
+                continue
+            changed = True
+            if request.run_after == Job.RunAfter.COMPLETION:
+                wanted[index] = [item for item in wanted[index] if item not in refused]
+                if not wanted[index]:
+                    outcomes[index] = Conflict("no job it waits for was accepted")
+            else:
+                outcomes[index] = Conflict(f"depends on entry {refused[0]} of this batch, which was refused")
+    dependencies: dict[Any, list[Any]] = {}
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Accepted) and outcome.created and wanted[index]:
+            prerequisites = []
+            for item in wanted[index]:
+                earlier = outcomes[item] if isinstance(item, int) else None
+                prerequisites.append(earlier.job.pk if isinstance(earlier, Accepted) else item)
+            dependencies[outcome.job.pk] = list(dict.fromkeys(prerequisites))
+    return dependencies
 
 
 class _KeyRace(Exception):
@@ -146,32 +208,52 @@ def enqueue_with_key_retry(
 # --- cancel and retry --------------------------------------------------------------
 
 
-def cancel(job: Job) -> Job:
-    """Cancels a queued, scheduled, retrying or running job; a final one is a Conflict.
+CANCELLABLE = (Job.Status.WAITING, *Job.STARTABLE, Job.Status.RUNNING)
+RETRYABLE = (Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.PARTIALLY_FAILED)
+_ONLY_RETRYABLE = "only failed, cancelled or partially failed jobs can be retried"
 
-    The row is what stops it: a worker claims the row before running (jobs.tracking.claim)
-    and finds it cancelled. A running one is also terminated where it runs.
+
+def cancel(job: Job) -> Job:
+    """Cancels a waiting, queued, scheduled, retrying or running job and every job below it that is
+    not final yet (its children, theirs, ...); a final job is a Conflict.
+
+    The rows are what stop them: a worker claims a job's row before running it (jobs.tracking.claim)
+    and finds it cancelled. Running ones are also terminated where they run.
     """
     now = timezone.now()
-    cancellable = (*Job.STARTABLE, Job.Status.RUNNING)
     with transaction.atomic():
         # The status as it is now, locked: a worker's claim (an UPDATE of this row) waits for the
         # commit and then finds it cancelled, so "was it running?" cannot change under us. The
         # caller's copy may be stale: a job claimed since it was read must still be terminated.
-        before = Job.objects.select_for_update().filter(pk=job.pk).values_list("status", flat=True).first()
-        updated = Job.objects.filter(pk=job.pk, status__in=cancellable).update(
+        before = (
+            Job.objects.select_for_update().filter(pk=job.pk).values_list("status", "own_finished_at").first()
+        )
+        updated = Job.objects.filter(pk=job.pk, status__in=CANCELLABLE).update(
             status=Job.Status.CANCELLED, finished_at=now
         )
-    was_running = before == Job.Status.RUNNING
+        below = tree.descendants(job.pk) if updated else []
+        running = Job.objects.filter(pk__in=below, status=Job.Status.RUNNING, own_finished_at__isnull=True)
+        running_below = list(running.values_list("task_id", flat=True))
+        Job.objects.filter(pk__in=below, status__in=CANCELLABLE).update(
+            status=Job.Status.CANCELLED,
+            finished_at=now,
+            error_type="Cancelled",
+            error_message=f"job {job.pk} above it was cancelled",
+        )
+    # A parent waiting for its children runs no task of its own any more.
+    was_running = before is not None and before[0] == Job.Status.RUNNING and before[1] is None
     job.refresh_from_db()
     if not updated:
         raise Conflict(
-            f"job {job.id} is {job.status}; only queued, scheduled, retrying or running jobs can be cancelled"
+            f"job {job.id} is {job.status}; only waiting, queued, scheduled, retrying or running jobs "
+            "can be cancelled"
         )
     try:
         # Drops it from workers' reserved and ETA lists now, and kills it where it runs. Best
-        # effort: the row decides either way.
+        # effort: the rows decide either way.
         app.control.revoke(job.task_id, terminate=was_running, signal="SIGTERM")
+        if running_below:
+            app.control.revoke(running_below, terminate=True, signal="SIGTERM")
         app.backend.mark_as_revoked(job.task_id, reason="cancelled through the API")
     except Exception:
         logger.warning("job %s cancelled; telling the workers failed (the row still stops it)", job.id)
@@ -181,31 +263,45 @@ def cancel(job: Job) -> Job:
             task.on_cancelled(job.task_id, (), job.payload)
         except Exception:
             logger.exception("job %s cancelled; its task's clean-up failed", job.id)
+    try:
+        tree.after_final(job.pk, job.parent_id)  # its parent may be done now; jobs waiting on it
+    except Exception:
+        logger.exception("job %s cancelled; settling what it finishes failed (the reconciler will)", job.id)
     return job
 
 
 def retry(job: Job) -> Job:
-    """Runs a failed or cancelled job again, under a new task id; other states are a Conflict.
+    """Runs a failed, cancelled or partially failed job again; other states are a Conflict.
 
-    If the broker does not take it, the job is put back as it was (and BrokerUnavailable raised).
+    A job whose own task had finished and that waited for children (a newsletter, a sync) runs
+    only its children that did not succeed again, each under a new task id, and waits for them
+    once more. Any other job runs again under a new task id (children of an earlier run that
+    never finished are dropped: the new run spawns its own). If the broker does not take a
+    job's own message, the job is put back as it was (and BrokerUnavailable raised).
     """
+    if job.own_finished_at is not None and Job.objects.filter(parent_id=job.pk).exists():
+        return _retry_children(job)
     before: dict[str, Any] = dict(Job.objects.filter(pk=job.pk).values().first() or {})
     new_task_id = uuid()
-    updated = Job.objects.filter(pk=job.pk, status__in=(Job.Status.FAILED, Job.Status.CANCELLED)).update(
-        status=Job.Status.QUEUED,
-        task_id=new_task_id,
-        attempts=0,
-        result=None,
-        error_type="",
-        error_message="",
-        run_at=None,
-        published_at=None,
-        started_at=None,
-        finished_at=None,
-    )
+    with transaction.atomic():
+        updated = Job.objects.filter(pk=job.pk, status__in=RETRYABLE).update(
+            status=Job.Status.QUEUED,
+            task_id=new_task_id,
+            attempts=0,
+            result=None,
+            error_type="",
+            error_message="",
+            run_at=None,
+            published_at=None,
+            started_at=None,
+            finished_at=None,
+            own_finished_at=None,
+        )
+        if updated:
+            Job.objects.filter(parent_id=job.pk).delete()
     job.refresh_from_db()
     if not updated:
-        raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
+        raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
     try:
         publish([job])
     except BrokerUnavailable:
@@ -213,6 +309,61 @@ def retry(job: Job) -> Job:
         Job.objects.filter(pk=job.pk, task_id=new_task_id, published_at__isnull=True).update(**restore)
         raise
     Job.objects.filter(pk=job.pk).update(published_at=timezone.now())
+    _reopen_ancestors(job.parent_id)
+    job.refresh_from_db()
+    return job
+
+
+def _reopen_ancestors(parent_id: Any) -> None:
+    """A child runs again: the jobs above it wait for it again (they settle anew when it is final)."""
+    while parent_id is not None:
+        Job.objects.filter(pk=parent_id, status__in=RETRYABLE, own_finished_at__isnull=False).update(
+            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+        )
+        parent_id = Job.objects.filter(pk=parent_id).values_list("parent_id", flat=True).first()
+
+
+def _retry_children(job: Job) -> Job:
+    """Reopens `job` and runs again its children (and theirs) that did not succeed."""
+    reopened: list[Any] = []
+    rerun: list[Job] = []
+
+    def collect(parent_id: Any) -> None:
+        for child in Job.objects.filter(parent_id=parent_id, status__in=RETRYABLE):
+            if child.own_finished_at is not None and Job.objects.filter(parent_id=child.pk).exists():
+                reopened.append(child.pk)
+                collect(child.pk)
+            else:
+                rerun.append(child)
+
+    with transaction.atomic():
+        updated = Job.objects.filter(pk=job.pk, status__in=RETRYABLE).update(
+            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+        )
+        if not updated:
+            job.refresh_from_db()
+            raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
+        collect(job.pk)
+        Job.objects.filter(pk__in=reopened).update(
+            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+        )
+        for child in rerun:
+            child.status, child.task_id, child.attempts = Job.Status.QUEUED, uuid(), 0
+            child.result, child.error_type, child.error_message = None, "", ""
+            child.run_at = child.published_at = child.started_at = child.finished_at = None
+            child.own_finished_at = None
+        Job.objects.bulk_update(rerun, [*_RETRY_FIELDS, "own_finished_at"], batch_size=500)
+        Job.objects.filter(parent_id__in=[child.pk for child in rerun]).delete()
+    try:
+        publish(rerun)
+    except BrokerUnavailable:
+        # The children are recorded as queued: default.release_jobs sends them.
+        logger.warning("job %s: %d children to rerun, not taken by the broker now", job.id, len(rerun))
+    else:
+        Job.objects.filter(pk__in=[child.pk for child in rerun]).update(published_at=timezone.now())
+    _reopen_ancestors(job.parent_id)
+    # Nothing to run again (every child had succeeded): the job settles at once.
+    tree.settle_parent(job.pk)
     job.refresh_from_db()
     return job
 

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from config.celery_app import app
-from jobs import queues, reconcile, services
+from jobs import queues, reconcile, services, tree
 from tasks.base import JobTask
 
 
@@ -26,10 +26,13 @@ class ReleaseSchema(BaseModel):
 def release_jobs(self: JobTask) -> dict[str, Any]:
     """Publishes delayed jobs that are due (or within the broker's safe delay) and jobs whose
     publish was interrupted; sends again jobs whose message the broker lost (jobs.reconcile);
-    re-sends queue pauses to workers that may have missed them."""
+    settles parents and waiting jobs a crash left unsettled (jobs.tree.sweep); re-sends queue
+    pauses to workers that may have missed them."""
     released = services.release_due()
     # Finished first: a running job whose outcome is stored has no message left, and is not lost.
     finished = reconcile.finish_from_results()
     resent = reconcile.resend_lost()
+    # Parents whose last child's worker died before settling them; jobs waiting on finished ones.
+    settled = tree.sweep()
     queues.broadcast_pauses()
-    return {"released": released, "resent": resent, "finished": finished}
+    return {"released": released, "resent": resent, "finished": finished, "settled": settled}

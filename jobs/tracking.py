@@ -10,19 +10,19 @@ skipped, which is what makes a cancel durable across worker restarts.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from jobs import tree
 from jobs.models import Job
-from jobs.protocol import effective_priority
+from jobs.protocol import effective_priority, storable
 
 logger = logging.getLogger(__name__)
-
-MAX_RESULT_BYTES = 64 * 1024
 
 
 def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
@@ -87,14 +87,8 @@ def _current(job_id: str, task_id: str) -> Any:
     return Job.objects.filter(pk=job_id, task_id=task_id).exclude(status=Job.Status.CANCELLED)
 
 
-def _storable(result: Any) -> Any:
-    try:
-        text = json.dumps(result)
-    except (TypeError, ValueError):
-        return {"repr": repr(result)[:1000]}
-    if len(text) > MAX_RESULT_BYTES:
-        return {"truncated": True, "bytes": len(text)}
-    return result
+def _unfinished(job_id: str, task_id: str) -> Any:
+    return _current(job_id, task_id).exclude(status__in=Job.FINAL)
 
 
 def retrying(job_id: str, task_id: str, exc: BaseException) -> None:
@@ -103,20 +97,59 @@ def retrying(job_id: str, task_id: str, exc: BaseException) -> None:
     )
 
 
-def succeeded(job_id: str, task_id: str, result: Any) -> None:
-    _current(job_id, task_id).update(
-        status=Job.Status.SUCCEEDED,
-        result=_storable(result),
-        error_type="",
-        error_message="",
-        finished_at=timezone.now(),
+def _then(step: Callable[..., Any], *args: Any) -> None:
+    """Runs `step` once the job's own row is committed (the result backend writes it in one
+    transaction with the task's result). What it finishes (a parent, waiting jobs) is settled by
+    jobs.tree.sweep if it cannot be now: a failure here never undoes the outcome recorded."""
+
+    def settle() -> None:
+        try:
+            step(*args)
+        except Exception:
+            logger.exception("job %s: settling its parent or dependents failed; the reconciler will", args[0])
+
+    transaction.on_commit(settle)
+
+
+def succeeded(
+    job_id: str,
+    task_id: str,
+    result: Any,
+    *,
+    spawned: bool = False,
+    partial: str | None = None,
+    parent_id: str | None = None,
+) -> None:
+    """The task returned `result`. A job that `spawned` children stays running until they are final
+    (jobs.tree); one whose task says part of its work failed for good (`partial`, why) is
+    partially_failed."""
+    now = timezone.now()
+    # Written once: by the result backend with the task's result, and not again by on_success.
+    if spawned:
+        if (
+            _current(job_id, task_id)
+            .filter(own_finished_at__isnull=True)
+            .update(own_finished_at=now, result=storable(result))
+        ):
+            _then(tree.settle_parent, job_id)
+        return
+    updated = _unfinished(job_id, task_id).update(
+        status=Job.Status.PARTIALLY_FAILED if partial else Job.Status.SUCCEEDED,
+        result=storable(result),
+        error_type="PartialFailure" if partial else "",
+        error_message=(partial or "")[:2000],
+        finished_at=now,
     )
+    if updated:
+        _then(tree.after_final, job_id, parent_id)
 
 
-def failed(job_id: str, task_id: str, exc: BaseException) -> None:
-    _current(job_id, task_id).update(
+def failed(job_id: str, task_id: str, exc: BaseException, *, parent_id: str | None = None) -> None:
+    updated = _unfinished(job_id, task_id).update(
         status=Job.Status.FAILED,
         error_type=getattr(exc, "type_name", type(exc).__name__),
         error_message=str(exc)[:2000],
         finished_at=timezone.now(),
     )
+    if updated:
+        _then(tree.after_final, job_id, parent_id)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
-from celery import group
-from celery.result import GroupResult
 from django.db import OperationalError
 from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema, model_validator
 
@@ -170,10 +168,10 @@ class BackfillSchema(BaseModel):
 def backfill(self: JobTask, start: str, end: str) -> dict[str, Any]:
     """Recomputes every day from `start` to `end` (both included, at most a year).
 
-    Fans out one `analytics.aggregate_daily` per day as a group rather than
-    looping here: each day is retried, and if need be dead-lettered, on its
+    Fans out one `analytics.aggregate_daily` per day as child jobs (jobs.tree) rather
+    than looping here: each day is retried, and if need be dead-lettered, on its
     own, so one bad day neither fails nor repeats the others, and several
-    workers share a long range. The group's result is saved; its id is returned.
+    workers share a long range. The backfill's job is final when every day is.
     """
     days = service.days_between(date.fromisoformat(start), date.fromisoformat(end))
     blocked = [day for day in days if not service.is_recomputable(day)]
@@ -183,9 +181,8 @@ def backfill(self: JobTask, start: str, end: str) -> dict[str, Any]:
             "ANALYTICS_EVENT_RETENTION_DAYS: their events may be deleted and recomputing would erase "
             "their metrics; backfill a later range"
         )
-    result = cast(GroupResult, group(aggregate_daily.s(day=day.isoformat()) for day in days).apply_async())
-    result.save()
-    return {"start": start, "end": end, "days": len(days), "group_id": result.id}
+    self.spawn((aggregate_daily, {"day": day.isoformat()}) for day in days)
+    return {"start": start, "end": end, "days": len(days)}
 
 
 # --- analytics.daily_report -------------------------------------------------------

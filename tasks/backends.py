@@ -19,17 +19,21 @@ from django.db import transaction
 from django_celery_results.backends.database import DatabaseBackend as _DatabaseBackend
 
 from jobs import tracking
-from jobs.protocol import JOB_HEADER
+from jobs.protocol import JOB_HEADER, PARENT_HEADER
 from tasks.reliability import DATABASE_ERRORS, describe, in_worker, is_outage
 
 logger = logging.getLogger(__name__)
 
 
-def _job_of(request: Any) -> str | None:
+def _header(request: Any, name: str) -> str | None:
     if request is None:
         return None
-    job_id = getattr(request, JOB_HEADER, None) or (getattr(request, "headers", None) or {}).get(JOB_HEADER)
-    return str(job_id) if job_id else None
+    value = getattr(request, name, None) or (getattr(request, "headers", None) or {}).get(name)
+    return str(value) if value else None
+
+
+def _job_of(request: Any) -> str | None:
+    return _header(request, JOB_HEADER)
 
 
 class DatabaseBackend(_DatabaseBackend):
@@ -42,10 +46,20 @@ class DatabaseBackend(_DatabaseBackend):
                 return super().store_result(task_id, result, state, traceback, request, **kwargs)
             with transaction.atomic():
                 stored = super().store_result(task_id, result, state, traceback, request, **kwargs)
+                parent_id = _header(request, PARENT_HEADER)
                 if state == states.SUCCESS:
-                    tracking.succeeded(job_id, task_id, result)
+                    task = self.app.tasks.get(getattr(request, "task", None) or "")
+                    partial = getattr(task, "partially_failed_because", None)
+                    tracking.succeeded(
+                        job_id,
+                        task_id,
+                        result,
+                        spawned=bool(getattr(request, "spawned_children", False)),
+                        partial=partial(result) if partial else None,
+                        parent_id=parent_id,
+                    )
                 else:
-                    tracking.failed(job_id, task_id, result)
+                    tracking.failed(job_id, task_id, result, parent_id=parent_id)
             return stored
         except DATABASE_ERRORS as exc:
             task = get_current_task()

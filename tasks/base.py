@@ -20,11 +20,12 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, ClassVar
 
 from celery import Task
 from celery._state import _task_stack  # type: ignore[attr-defined]  # what Task.__call__ uses
+from celery.utils import uuid as uuid_text
 from django.apps import apps as django_apps
 from django.conf import settings
 from django.utils import timezone
@@ -36,6 +37,7 @@ from jobs.protocol import (
     DELIVERY_COUNT_HEADER,
     FIRST_FAILURE_HEADER,
     JOB_HEADER,
+    PARENT_HEADER,
     REPLAY_HEADER,
     RESENT_HEADER,
 )
@@ -199,8 +201,11 @@ class JobTask(Task):
             self._defer_if_outage(exc)
             raise
         finally:
+            spawned = getattr(self.request, "spawned_children", False)
             self.pop_request()
             _task_stack.pop()
+            if spawned:  # told to on_success, which sees the worker's request, not this copy
+                setattr(self.request, "spawned_children", True)  # noqa: B010
 
     # --- progress -----------------------------------------------------------
 
@@ -265,6 +270,7 @@ class JobTask(Task):
             FIRST_FAILURE_HEADER,
             REPLAY_HEADER,
             JOB_HEADER,
+            PARENT_HEADER,
             DEFERRED_HEADER,
             RESENT_HEADER,
         ):
@@ -346,7 +352,39 @@ class JobTask(Task):
             )
             raise Ignore()
 
-    def _track(self, what: str, *args: Any) -> bool:
+    # --- children (jobs.tree) --------------------------------------------------------
+
+    def spawn(self, children: Iterable[tuple[Any, ...]]) -> list[Any]:
+        """Sends child jobs of this job: `(task, kwargs)` or `(task, kwargs, countdown)` each.
+
+        The children are recorded in one INSERT with this job as their parent and sent in one
+        batch; this job is final only once they all are (jobs.tree). Their arguments are checked
+        here, so a bad child fails this task, not a worker later. Running again (a retry, a
+        redelivery), the same call finds the children already there and sends none twice.
+        """
+        from jobs import tree
+
+        specs = []
+        for child in children:
+            task, kwargs, *rest = child
+            name = task if isinstance(task, str) else task.name
+            target = self.app.tasks[name]
+            if isinstance(target, JobTask):
+                target.validate_arguments((), kwargs)
+            specs.append(tree.ChildSpec(name, kwargs, float(rest[0]) if rest else 0.0))
+        if not specs:
+            return []
+        job_id = self.request_header(JOB_HEADER)
+        setattr(self.request, "spawned_children", True)  # noqa: B010 (Context declares no such field)
+        return tree.spawn(None if job_id is None else str(job_id), self.request.id or uuid_text(), specs)
+
+    def partially_failed_because(self, result: Any) -> str | None:
+        """Why a run that returned `result` did part of its work only (the job is then
+        partially_failed); None when it did all of it. Families whose tasks report per-item
+        failures in their result say so here (email.send_batch: refused recipients)."""
+        return None
+
+    def _track(self, what: str, *args: Any, **options: Any) -> bool:
         """Records the outcome in the job's row; False when the database was away (deferred)."""
         job_id = self.request_header(JOB_HEADER)
         if job_id is None:
@@ -354,7 +392,7 @@ class JobTask(Task):
         from jobs import tracking
 
         try:
-            getattr(tracking, what)(str(job_id), self.request.id, *args)
+            getattr(tracking, what)(str(job_id), self.request.id, *args, **options)
         except reliability.DATABASE_ERRORS as exc:
             if what != "retrying" and reliability.in_worker(self.request) and reliability.is_outage(exc):
                 self.defer_for_outage(exc)  # the outcome is not recorded: run it again later
@@ -374,7 +412,7 @@ class JobTask(Task):
     # --- outcomes -----------------------------------------------------------
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if self.deferred or not self._track("failed", exc):
+        if self.deferred or not self._track("failed", exc, parent_id=self.request_header(PARENT_HEADER)):
             return
         from tasks import deadletters
 
@@ -389,7 +427,16 @@ class JobTask(Task):
             logger.exception("could not store a dead letter for %s[%s]", self.name, task_id)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        if self.deferred or not self._track("succeeded", retval):
+        if self.deferred:
+            return
+        tracked = self._track(
+            "succeeded",
+            retval,
+            spawned=bool(getattr(self.request, "spawned_children", False)),
+            partial=self.partially_failed_because(retval),
+            parent_id=self.request_header(PARENT_HEADER),
+        )
+        if not tracked:
             return
         dead_letter_id = self.request_header(REPLAY_HEADER)
         if dead_letter_id is None:

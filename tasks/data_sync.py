@@ -1,11 +1,11 @@
 """The `data_sync` task family (queue `data_sync`): pull records from HTTP sources, export changes.
 
 `data_sync.sync` fetches every page of a `DataSource` (through the SSRF-guarded
-fetcher, tasks/services/fetch.py), then fans the records out as a chord:
-one `data_sync.upsert_batch` per `batch_size` records, and
-`data_sync.finish_run` as the callback that adds up the counts on the
-`SyncRun`. If a batch (or the callback) fails for good, the callback's error
-link `data_sync.fail_run` marks the run failed, so no run stays "running".
+fetcher, tasks/services/fetch.py), then fans the records out as child jobs
+(jobs.tree): one `data_sync.upsert_batch` per `batch_size` records. The sync's
+job stays `running` until the last batch is final; then `_sync_outcome` adds up
+the batches' counts on the `SyncRun` and the job: succeeded, partially failed
+(some records or batches failed for good) or failed.
 
 `data_sync.export` writes the records changed since the previous export to a
 JSON Lines file (the hourly backup).
@@ -19,19 +19,18 @@ bad JSON or CSV, a page over the size cap are permanent (dead letter at once).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Any, ClassVar
 
-from celery import Signature, chord
-from celery.result import AsyncResult
 from django.db import OperationalError
 from pydantic import BaseModel, Field
 
 from config.celery_app import app
-from tasks.base import MAX_INTEGER, InvalidArguments, JobTask, PermanentJobError, RowId, TransientJobError
+from jobs.models import Job
+from jobs.tree import Child, Outcome, children_path
+from tasks.base import InvalidArguments, JobTask, PermanentJobError, RowId, TransientJobError
 from tasks.models import DataSource, SyncRun
 from tasks.services import data_sync as service
 from tasks.services.fetch import PermanentFetchError, TransientFetchError
@@ -53,12 +52,15 @@ def job_errors() -> Iterator[None]:
 
 
 class RunTask(JobTask):
-    """A task working for a `SyncRun`: failing for good marks the run failed with the error.
+    """A task working for a `SyncRun`. `data_sync.sync` failing for good (or cancelled) marks its run
+    failed with the error; a batch failing for good is counted when the sync's job settles.
 
     The run is the `run_id` argument, or for `data_sync.sync` the run its task id owns.
     """
 
     abstract = True
+    # Failing for good ends the run (the sync itself); a batch's failure is one child's outcome.
+    ends_run: ClassVar[bool] = True
 
     def run_id_of(self, task_id: str, args: Any, kwargs: Any) -> int | None:
         try:
@@ -69,6 +71,8 @@ class RunTask(JobTask):
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         super().on_failure(exc, task_id, args, kwargs, einfo)
+        if not self.ends_run:
+            return
         try:
             run_id = self.run_id_of(task_id, args, kwargs)
             if run_id is not None:
@@ -77,6 +81,8 @@ class RunTask(JobTask):
             logger.exception("could not mark the sync run of %s[%s] failed", self.name, task_id)
 
     def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
+        if not self.ends_run:
+            return
         run_id = self.run_id_of(task_id, args, kwargs)
         if run_id is not None:
             service.fail_run(run_id, f"{self.name} was cancelled")
@@ -99,11 +105,49 @@ class SyncSchema(BaseModel):
     source_id: RowId
 
 
+def _sync_outcome(task: JobTask, job: Job, children: Sequence[Child]) -> Outcome:
+    """The last batch is final: the run gets the summed counts, the job its outcome. Records of a
+    batch that failed for good count as failed."""
+    own = job.result if isinstance(job.result, dict) else {}
+    run_id = own.get("run_id")
+    stored = [
+        child.result
+        for child in children
+        if child.status == Job.Status.SUCCEEDED and isinstance(child.result, dict)
+    ]
+    lost_batches = len(children) - len(stored)
+    counted = sum(sum(int(result.get(name, 0)) for name in COUNTS) for result in stored)
+    lost_records = max(0, int(own.get("records", 0)) - counted)
+    failed_before = int(own.get("failed_before", 0))
+    error = ""
+    if lost_batches:
+        error = (
+            f"{lost_batches} of {len(children)} batch(es) failed for good ({lost_records} records not "
+            f"stored): see {children_path(job, 'failed')} and the dead letters"
+        )
+    if isinstance(run_id, int):
+        service.settle_run(run_id, stored, failed_before=failed_before + lost_records, error=error)
+    totals = {name: sum(int(result.get(name, 0)) for result in stored) for name in COUNTS}
+    totals["failed"] += failed_before + lost_records
+    result = {**own, **totals, "failed_batches": lost_batches}
+    if not totals["failed"]:
+        return Outcome(Job.Status.SUCCEEDED, result)
+    result["failures"] = children_path(job)
+    if not stored:
+        return Outcome(Job.Status.FAILED, result, "SyncFailed", error)
+    message = error or f"{totals['failed']} record(s) failed (no id, repeated, or refused by the database)"
+    return Outcome(Job.Status.PARTIALLY_FAILED, result, "RecordsFailed", message)
+
+
+COUNTS = ("created", "updated", "unchanged", "failed")
+
+
 @app.task(
     bind=True,
     base=RunTask,
     name="data_sync.sync",
     schema=SyncSchema,
+    finish_tree=_sync_outcome,
     references={"source_id": "tasks.DataSource"},
     autoretry_for=TRANSIENT,
     idempotency=(
@@ -112,7 +156,7 @@ class SyncSchema(BaseModel):
     ),
 )
 def sync(self: RunTask, source_id: int) -> dict[str, Any]:
-    """Fetches every page of the source and sends the upsert chord; returns the run and batch count.
+    """Fetches every page of the source and spawns the upsert batches; returns the run and batch count.
 
     A disabled source is skipped. A retry refetches from the first page: nothing
     is written before every page has been fetched.
@@ -137,13 +181,12 @@ def sync(self: RunTask, source_id: int) -> dict[str, Any]:
         service.finish_run(run.pk, [], failed_before=collected.failed)
         return {"run_id": run.pk, "batches": 0, "records": 0}
 
-    header = [upsert_batch.s(run_id=run.pk, records=records) for records in groups]
-    finishing = chord(header)(finishing_callback(run.pk, failed_before=collected.failed))
+    self.spawn((upsert_batch, {"run_id": run.pk, "records": records}) for records in groups)
     return {
         "run_id": run.pk,
         "batches": len(groups),
         "records": len(collected.records),
-        "finish_task_id": finishing.id,
+        "failed_before": collected.failed,
     }
 
 
@@ -157,6 +200,7 @@ class UpsertBatchSchema(BaseModel):
     base=RunTask,
     name="data_sync.upsert_batch",
     schema=UpsertBatchSchema,
+    ends_run=False,
     autoretry_for=TRANSIENT,
     idempotency="an upsert by external id and checksum: a second run finds every record unchanged",
 )
@@ -167,75 +211,6 @@ def upsert_batch(self: RunTask, run_id: int, records: list[Any]) -> dict[str, in
         raise PermanentJobError(f"sync run {run_id} does not exist")
     with job_errors():
         return service.upsert_records(run.source, records).as_dict()
-
-
-class FinishRunSchema(BaseModel):
-    results: list[dict[str, Annotated[int, Field(ge=0, le=MAX_INTEGER)]]]
-    run_id: RowId
-    failed_before: int = Field(default=0, ge=0, le=MAX_INTEGER)
-
-
-@app.task(
-    bind=True,
-    base=RunTask,
-    name="data_sync.finish_run",
-    schema=FinishRunSchema,
-    autoretry_for=TRANSIENT,
-    idempotency="sets the run's counts from the batch results; a second run finds it finished",
-)
-def finish_run(
-    self: RunTask, results: list[dict[str, int]], run_id: int, failed_before: int = 0
-) -> dict[str, Any]:
-    """The chord callback: marks the run succeeded with the summed counts of its batches."""
-    service.finish_run(run_id, results, failed_before=failed_before)
-    run = SyncRun.objects.get(pk=run_id)
-    return {
-        "run_id": run_id,
-        "status": run.status,
-        **{name: getattr(run, name) for name in ("created", "updated", "unchanged", "failed")},
-    }
-
-
-class FailRunSchema(BaseModel):
-    failed_task_id: str = Field(min_length=1, max_length=255)
-    run_id: RowId
-
-
-@app.task(
-    bind=True,
-    base=RunTask,
-    name="data_sync.fail_run",
-    schema=FailRunSchema,
-    autoretry_for=TRANSIENT,
-    idempotency="only a running run is marked failed; the first error recorded wins",
-)
-def fail_run(self: RunTask, failed_task_id: str, run_id: int) -> dict[str, Any]:
-    """The error link of the chord callback: a batch or the callback failed for good.
-
-    Celery calls it with the id of the failed callback. The batch that failed has
-    usually written its own error on the run already (RunTask.on_failure).
-    """
-    error = f"a batch or the finishing step failed for good (task {failed_task_id}); see the dead letters"
-    outcome: AsyncResult[Any] = AsyncResult(failed_task_id, app=app)
-    # Celery sends this task just before it stores the chord's error: give it a moment.
-    for _ in range(20):
-        if outcome.state == "FAILURE":
-            error = f"{error}: {outcome.result}"
-            break
-        time.sleep(0.05)
-    marked = service.fail_run(run_id, error)
-    return {"run_id": run_id, "marked_failed": marked}
-
-
-def finishing_callback(run_id: int, failed_before: int = 0) -> Signature[Any]:
-    """The chord callback: `finish_run`, with `fail_run` as its error link.
-
-    Celery calls the error link when a header task (a batch) fails for good (the
-    chord then errors instead of calling the callback) or when the callback
-    itself fails, so the run is marked failed either way.
-    """
-    errback = fail_run.s(run_id=run_id)
-    return finish_run.s(run_id=run_id, failed_before=failed_before).on_error(errback)
 
 
 class ExportSchema(BaseModel):

@@ -7,9 +7,9 @@ result backend. The dead letter keeps them as given, so it can be replayed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from celery import group
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -18,6 +18,8 @@ from django.utils import timezone
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from config.celery_app import app
+from jobs.models import Job
+from jobs.tree import Child, Outcome, children_path
 from tasks.base import REPLAY_HEADER, JobTask
 from tasks.services import email as service
 
@@ -129,6 +131,48 @@ class NewsletterSchema(BaseModel):
         return value
 
 
+def _newsletter_outcome(task: JobTask, job: Job, children: Sequence[Child]) -> Outcome:
+    """A newsletter is done when its last batch is: succeeded when every recipient got the message,
+    partially failed when some were refused (5xx) or their batch failed for good, failed when none
+    got it."""
+    own = job.result if isinstance(job.result, dict) else {}
+    sent = already_sent = refused = 0
+    for child in children:
+        if child.status in (Job.Status.SUCCEEDED, Job.Status.PARTIALLY_FAILED) and isinstance(
+            child.result, dict
+        ):
+            sent += int(child.result.get("sent", 0))
+            already_sent += int(child.result.get("already_sent", 0))
+            refused += int(child.result.get("failed", 0))
+    lost_batches = [
+        child.id for child in children if child.status in (Job.Status.FAILED, Job.Status.CANCELLED)
+    ]
+    undelivered = sum(
+        len(payload.get("recipients") or [])
+        for payload in Job.objects.filter(pk__in=lost_batches).values_list("payload", flat=True)
+    )
+    result = {
+        **own,
+        "sent": sent,
+        "already_sent": already_sent,
+        "refused": refused,
+        "undelivered": undelivered,
+        "failed_batches": len(lost_batches),
+    }
+    if not refused and not undelivered:
+        return Outcome(Job.Status.SUCCEEDED, result)
+    problems = []
+    if refused:
+        problems.append(f"{refused} recipient(s) refused for good")
+    if undelivered:
+        problems.append(f"{undelivered} not sent: {len(lost_batches)} batch(es) failed for good")
+    result["failures"] = children_path(job)
+    message = f"{'; '.join(problems)} (of {own.get('recipients', '?')}); see {children_path(job)}"
+    if sent + already_sent == 0:
+        return Outcome(Job.Status.FAILED, result, "NewsletterFailed", message)
+    return Outcome(Job.Status.PARTIALLY_FAILED, result, "RecipientsFailed", message)
+
+
 @app.task(
     bind=True,
     base=JobTask,
@@ -136,6 +180,7 @@ class NewsletterSchema(BaseModel):
     schema=NewsletterSchema,
     body_limit_setting="JOBS_API_MAX_BULK_BODY_BYTES",
     masked=frozenset({"recipients", "context"}),
+    finish_tree=_newsletter_outcome,
     idempotency="fans out batches whose messages are keyed campaign:recipient; a rerun skips the sent",
 )
 def newsletter(
@@ -147,21 +192,21 @@ def newsletter(
     batch_size: int = 100,
     window_seconds: int = 3600,
 ) -> dict[str, Any]:
-    """Sends one campaign to many recipients, in batches spread evenly over `window_seconds`."""
+    """Sends one campaign to many recipients, in batches spread evenly over `window_seconds`.
+
+    Each batch is a child job (jobs.tree): the newsletter's job stays `running` until the last
+    batch is final, then counts what was sent, refused and not sent.
+    """
     service.render(template, context or {})  # a broken template fails here, not in 1,000 batches
     plan = service.plan_batches(recipients, batch_size, window_seconds)
-    group(
-        send_batch.signature(
-            kwargs={
-                "campaign": campaign,
-                "template": template,
-                "recipients": batch,
-                "context": context or {},
-            },
-            countdown=offset,
+    self.spawn(
+        (
+            send_batch,
+            {"campaign": campaign, "template": template, "recipients": batch, "context": context or {}},
+            offset,
         )
         for offset, batch in plan
-    ).apply_async()
+    )
     return {"campaign": campaign, "recipients": sum(len(batch) for _, batch in plan), "batches": len(plan)}
 
 
@@ -174,12 +219,21 @@ class BatchSchema(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
+def _refused(task: JobTask, result: Any) -> str | None:
+    failed = result.get("failed", 0) if isinstance(result, dict) else 0
+    if not failed:
+        return None
+    total = failed + result.get("sent", 0) + result.get("already_sent", 0)
+    return f"{failed} of {total} recipient(s) refused for good (5xx); the email log has each reply"
+
+
 @app.task(
     bind=True,
     base=JobTask,
     name="email.send_batch",
     schema=BatchSchema,
     masked=frozenset({"recipients", "context"}),
+    partially_failed_because=_refused,
     idempotency="each message is keyed campaign:recipient in the email log; a retry skips the sent",
 )
 def send_batch(
@@ -232,13 +286,18 @@ def weekly_newsletter(
     )
     if not recipients:
         return {"campaign": campaign, "recipients": 0, "batches": 0}
-    newsletter.apply_async(
-        kwargs={
-            "campaign": campaign,
-            "template": template,
-            "recipients": recipients,
-            "context": context or {},
-            "window_seconds": window_seconds,
-        }
+    self.spawn(
+        [
+            (
+                newsletter,
+                {
+                    "campaign": campaign,
+                    "template": template,
+                    "recipients": recipients,
+                    "context": context or {},
+                    "window_seconds": window_seconds,
+                },
+            )
+        ]
     )
     return {"campaign": campaign, "recipients": len(recipients)}

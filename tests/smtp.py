@@ -102,6 +102,8 @@ class SmtpServer:
         self.refused: list[tuple[str, str]] = []
         self._failures = {"RCPT": fail_rcpt_with, "DATA": fail_data_with}
         self._remaining = fail_times
+        # Addresses refused at RCPT every time, with their reply (`refuse`).
+        self._refused_addresses: dict[str, tuple[int, str]] = {}
         self._changed = threading.Condition()
         self._controller = _Controller(_Handler(self), hostname=host, port=0)
 
@@ -162,10 +164,23 @@ class SmtpServer:
             self._failures = {"RCPT": rcpt, "DATA": data}
             self._remaining = times
 
+    def refuse(self, address: str, reply: tuple[int, str] | None = (550, "5.1.1 no such user")) -> None:
+        """Refuses `address` at RCPT with `reply` from now on (None: accept it again)."""
+        with self._changed:
+            if reply is None:
+                self._refused_addresses.pop(address.lower(), None)
+            else:
+                self._refused_addresses[address.lower()] = reply
+
     # --- called from the server's thread ----------------------------------------
 
     def _take_failure(self, command: str, detail: str) -> str | None:
         with self._changed:
+            refused = self._refused_addresses.get(detail.lower()) if command == "RCPT" else None
+            if refused is not None:
+                self.refused.append((command, detail))
+                self._changed.notify_all()
+                return f"{refused[0]} {refused[1]}"
             failure = self._failures[command]
             if failure is None or self._remaining == 0:
                 return None

@@ -17,8 +17,10 @@ from config.settings.base import *  # noqa: F403
 from config.settings.base import DATABASES
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-# Mail sent by code under test is captured unless a test points EMAIL_* at its own SMTP server.
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# Mail sent by code under test is captured unless a test points EMAIL_* at its own SMTP server (in
+# this process), or EMAIL_URL at it (for a worker process it starts).
+if not os.environ.get("EMAIL_URL"):
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so worker subprocesses started by the tests see the same database.

@@ -19,8 +19,9 @@ from jobs.models import ApiToken, Job
 from tasks.models import DeadLetter
 
 # An absolute POSIX path of two or more parts (/srv/app/tasks/images.py), not inside a URL
-# (https://host/a/b), a relative path (images/outputs/1.png) or a date (2026/11/23).
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~\\-])(?:/[^\s/'\"()<>,;:=]+)+/(?P<name>[^\s/'\"()<>,;:=]*)")
+# (https://host/a/b), a relative path (images/outputs/1.png), a date (2026/11/23) or a path of this
+# API (/api/jobs/<id>/children, where a job's result says its failures are).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~\\-])(?!/api/)(?:/[^\s/'\"()<>,;:=]+)+/(?P<name>[^\s/'\"()<>,;:=]*)")
 HIDDEN_DIRECTORY = "\N{HORIZONTAL ELLIPSIS}"
 
 

@@ -7,12 +7,14 @@ arguments masked and the traceback cut to its final exception line.
 from __future__ import annotations
 
 from typing import Annotated, Any
+from uuid import UUID
 
 from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
 from pydantic import BeforeValidator, Field
 
 from config.celery_app import app
+from jobs import tree
 from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import (
@@ -52,6 +54,9 @@ SUMMARY_FIELDS = (
 class DeadLetterFilters(Schema):
     task: str | None = Field(default=None, max_length=255, pattern=NO_NUL, description="Only this task name.")
     queue: str | None = Field(default=None, max_length=100, pattern=NO_NUL)
+    job: UUID | None = Field(
+        default=None, description="Only the dead letters of this job and of the jobs below it (its children)."
+    )
     limit: int = Field(default=50, ge=1, le=200)
     cursor: Annotated[str | None, BeforeValidator(cursor_pattern(DEAD_LETTER_CURSOR))] = Field(
         default=None,
@@ -81,13 +86,16 @@ def _summary(letter: DeadLetter, viewer: ApiToken) -> dict[str, Any]:
     summary="Dead letters, newest failure first",
 )
 def list_dead_letters(request: HttpRequest, filters: Query[DeadLetterFilters]) -> dict[str, Any]:
-    """Staff tokens see every dead letter; other tokens those of the jobs their user sent."""
+    """Staff tokens see every dead letter; other tokens those of the jobs their user sent.
+    `?job=<id>` lists a job's own and those of its children (a newsletter's failed batches)."""
     token = token_of(request)
     letters = access.visible_dead_letters(token)
     if filters.task:
         letters = letters.filter(task_name=filters.task)
     if filters.queue:
         letters = letters.filter(queue=filters.queue)
+    if filters.job:
+        letters = letters.filter(job_id__in=[filters.job, *tree.descendants(filters.job)])
     page = keyset_page(letters, by="last_failed_at", limit=filters.limit, cursor=filters.cursor, pk_type=int)
     return {**page, "items": [_summary(letter, token) for letter in page["items"]]}
 

@@ -27,11 +27,29 @@ class JobError(Schema):
     message: str
 
 
+class ChildrenOut(Schema):
+    total: int
+    final: int = Field(description="How many are final (succeeded, partially_failed, failed, cancelled).")
+    counts: dict[str, int] = Field(description="How many are in each status.")
+
+
+class DependenciesOut(Schema):
+    total: int
+    counts: dict[str, int] = Field(description="How many of the jobs waited for are in each status.")
+    run_after: str = Field(
+        description="`success`: runs once they all succeeded (`depends_on`); `completion`: once they "
+        "are all final, whatever the outcome (a batch's callback)."
+    )
+
+
 class JobOut(Schema):
     id: UUID
     type: str
     queue: str
-    status: str = Field(description="queued, scheduled, running, retrying, succeeded, failed or cancelled")
+    status: str = Field(
+        description="waiting, queued, scheduled, running, retrying (not final); succeeded, "
+        "partially_failed, failed or cancelled (final). A job with children is final only once they are."
+    )
     priority: int | None
     progress: Progress
     attempts: int
@@ -41,6 +59,11 @@ class JobOut(Schema):
     run_at: datetime | None = Field(description="For a delayed job: when it is due.")
     started_at: datetime | None
     finished_at: datetime | None
+    parent: UUID | None = Field(default=None, description="The job whose task spawned this one.")
+    children: ChildrenOut | None = Field(
+        default=None, description="The jobs this one spawned, per status (GET /api/jobs/{id}/children)."
+    )
+    depends_on: DependenciesOut | None = Field(default=None, description="The jobs this one waits for.")
 
 
 class JobPage(Schema):
@@ -60,6 +83,9 @@ class BatchOut(Schema):
     accepted: int
     refused: int
     results: list[BatchEntry]
+    callback: BatchEntry | None = Field(
+        default=None, description="The batch's callback job, when the request named one."
+    )
 
 
 class QueueOut(Schema):

@@ -382,16 +382,36 @@ def finish_run(run_id: int, results: Sequence[Mapping[str, int]], failed_before:
 
     `failed_before` counts the records dropped while collecting (no id, repeats).
     """
+    totals = _summed(results, failed_before)
+    updated = SyncRun.objects.filter(pk=run_id, status=SyncRun.Status.RUNNING).update(
+        status=SyncRun.Status.SUCCEEDED, finished_at=timezone.now(), error="", **totals.as_dict()
+    )
+    return bool(updated)
+
+
+def settle_run(
+    run_id: int, results: Sequence[Mapping[str, int]], failed_before: int = 0, error: str = ""
+) -> None:
+    """Sets a run's counts from its stored batches once every batch is final: succeeded, or failed
+    with `error` when batches failed for good. Whatever the run said before (its batches may have
+    been retried since)."""
+    totals = _summed(results, failed_before)
+    SyncRun.objects.filter(pk=run_id).update(
+        status=SyncRun.Status.FAILED if error else SyncRun.Status.SUCCEEDED,
+        finished_at=timezone.now(),
+        error=error[:MAX_ERROR_LENGTH],
+        **totals.as_dict(),
+    )
+
+
+def _summed(results: Sequence[Mapping[str, int]], failed_before: int) -> BatchCounts:
     totals = BatchCounts(failed=failed_before)
     for result in results:
         totals.created += int(result.get("created", 0))
         totals.updated += int(result.get("updated", 0))
         totals.unchanged += int(result.get("unchanged", 0))
         totals.failed += int(result.get("failed", 0))
-    updated = SyncRun.objects.filter(pk=run_id, status=SyncRun.Status.RUNNING).update(
-        status=SyncRun.Status.SUCCEEDED, finished_at=timezone.now(), error="", **totals.as_dict()
-    )
-    return bool(updated)
+    return totals
 
 
 def fail_run(run_id: int, error: str) -> bool:

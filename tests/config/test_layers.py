@@ -18,6 +18,7 @@ RECORD = (
     "jobs.models",
     "jobs.protocol",
     "jobs.tracking",
+    "jobs.tree",
     "jobs.publish",
     "jobs.outbox",
     "jobs.reconcile",

@@ -34,6 +34,10 @@ ELLIPSIS = "\N{HORIZONTAL ELLIPSIS}"
         ("stored images/outputs/5/abc-0.png", "stored images/outputs/5/abc-0.png"),
         ("due 2026/11/23, 3/4 done, /healthz", "due 2026/11/23, 3/4 done, /healthz"),
         ("no path here", "no path here"),
+        (
+            "3 failed: see /api/jobs/0b6f5c1e-0000-4000-8000-000000000000/children",
+            "3 failed: see /api/jobs/0b6f5c1e-0000-4000-8000-000000000000/children",
+        ),
     ],
 )
 def test_absolute_paths_are_cut_to_their_file_name(text: str, shown: str) -> None:

@@ -248,6 +248,12 @@ CASES: list[Case] = [
     ),
     Case("get_job", "get", lambda w: f"/api/jobs/{uuid4()}", _callers({"token": 404}), label="no such job"),
     Case(
+        "list_children",
+        "get",
+        lambda w: f"/api/jobs/{w.jobs[OWNER].id}/children",
+        _callers({"staff": 200, "owner": 200, "other": 404}),
+    ),
+    Case(
         "cancel_job",
         "delete",
         lambda w: f"/api/jobs/{w.job(OWNER).id}",

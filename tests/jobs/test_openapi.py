@@ -309,10 +309,24 @@ class World:
         if isinstance(header_key, str) and isinstance(body_key, str) and header_key != body_key:
             case.headers["Idempotency-Key"] = body_key
         bodies = case.body.get("jobs") if isinstance(case.body, dict) else None
-        for body in bodies if isinstance(bodies, list) else [case.body]:
+        callback = case.body.get("callback") if isinstance(bodies, list) else None
+        if isinstance(callback, dict):
+            callback.pop("depends_on", None)  # a batch's callback waits for the batch, nothing else
+        for body in [*(bodies if isinstance(bodies, list) else [case.body]), callback]:
+            if isinstance(body, dict) and isinstance(body.get("depends_on"), list):
+                self._name_existing_jobs(body)
             if isinstance(body, dict) and isinstance(body.get("payload"), dict):
                 _meet_checks_the_document_does_not_state(body.get("type"), body["payload"])
                 self._name_existing_rows(body.get("type"), body["payload"])
+
+    def _name_existing_jobs(self, body: dict[str, Any]) -> None:
+        """`depends_on` names jobs that exist (`x-references`); indexes of batch entries, which a
+        schema cannot tie to the batch (in range, no cycle, not refused), are tested on their own
+        (tests/jobs/test_job_trees.py)."""
+        jobs = self.jobs
+        body["depends_on"] = [
+            str(jobs[(len(str(item)) + n) % len(jobs)].pk) for n, item in enumerate(body["depends_on"])
+        ]
 
     def _name_existing_rows(self, job_type: Any, payload: dict[str, Any]) -> None:
         """A valid id in a field that names a row (`x-references`) becomes the id of a row that exists."""

@@ -7,9 +7,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from celery.result import GroupResult
 from django.contrib.auth import get_user_model
 
+from jobs.models import Job
 from tasks.analytics import aggregate_daily, backfill, daily_report, ingest
 from tasks.models import DailyMetric, DeadLetter, EmailLog, Event
 from tasks.services import analytics as service
@@ -67,15 +67,19 @@ def test_backfill_rolls_up_every_day_of_the_range(celery_worker: object, setting
     )
     DailyMetric.objects.create(day=date(2026, 3, 30), event_name="stale", count=1, distinct_users=1)
 
-    sent = backfill.delay(start="2026-03-28", end="2026-03-31").get(timeout=30)
-    days = GroupResult.restore(sent["group_id"])
-    assert days is not None
-    assert [r["day"] for r in days.join(timeout=30)] == [
+    result = backfill.delay(start="2026-03-28", end="2026-03-31")
+    sent = result.get(timeout=30)
+    # The backfill's job is final once every day's roll-up is (jobs.tree).
+    job = wait_for(lambda: Job.objects.filter(task_id=result.id, status__in=Job.FINAL).first())
+    assert job.status == Job.Status.SUCCEEDED, job.error_message
+    days = Job.objects.filter(parent=job).order_by("payload__day")
+    assert [(child.result or {})["day"] for child in days] == [
         "2026-03-28",
         "2026-03-29",
         "2026-03-30",
         "2026-03-31",
     ]
+    assert {child.status for child in days} == {Job.Status.SUCCEEDED}
 
     assert sent["days"] == 4
     assert metric_rows() == {

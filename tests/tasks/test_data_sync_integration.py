@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import chord
+from django.db import connection
 from django.urls import reverse
 
+from jobs.models import Job
 from tasks import data_sync
 from tasks.models import DataSource, DeadLetter, SyncedRecord, SyncExport, SyncRun
 from tests.tasks.upstream import Upstream, make_records
@@ -152,27 +153,46 @@ def test_a_page_nested_too_deep_fails_the_sync_at_once_with_a_clear_error(
     assert not SyncedRecord.objects.exists()
 
 
-def test_a_batch_that_fails_for_good_fails_the_run_instead_of_leaving_it_running(
-    celery_worker: object, upstream: Upstream
-) -> None:
-    source = make_source(upstream)
-    run = SyncRun.objects.create(source=source, task_id="hand-made")
-    # The chord as data_sync.sync sends it, with one batch that cannot succeed
-    # (it names a run that does not exist): the chord errors, and the callback's
-    # error link must mark the run failed.
-    header = [
-        data_sync.upsert_batch.s(run_id=run.pk, records=make_records(2)),
-        data_sync.upsert_batch.s(run_id=run.pk + 1000, records=make_records(2, start=3)),
-    ]
-    chord(header)(data_sync.finishing_callback(run.pk))
+@pytest.fixture
+def refuse_record_7() -> Iterator[None]:
+    """A PostgreSQL trigger that refuses to store the record with id 7: its batch fails for good."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the refusing trigger is PostgreSQL's")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION refuse_7() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.external_id = '7' THEN RAISE EXCEPTION 'record 7 is refused'; END IF; RETURN NEW; "
+            "END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            "CREATE TRIGGER refuse_7 BEFORE INSERT ON tasks_syncedrecord "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_7()"
+        )
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER refuse_7 ON tasks_syncedrecord")
+        cursor.execute("DROP FUNCTION refuse_7()")
 
-    run = finished(run.pk)
+
+def test_a_batch_that_fails_for_good_leaves_the_run_failed_and_the_job_partially_failed(
+    celery_worker: object, upstream: Upstream, refuse_record_7: None
+) -> None:
+    source = make_source(upstream)  # 10 records in batches of 4: 1-4, 5-8, 9-10
+
+    result = data_sync.sync.delay(source_id=source.pk)
+    run = finished(result.get(timeout=30)["run_id"])
 
     assert run.status == SyncRun.Status.FAILED
-    assert "failed for good" in run.error, run.error
-    assert run.finished_at is not None
-    assert wait_for(lambda: DeadLetter.objects.filter(task_name="data_sync.upsert_batch").exists())
-    assert SyncedRecord.objects.count() == 2  # the good batch is stored
+    assert "1 of 3 batch(es) failed for good (4 records not stored)" in run.error, run.error
+    assert (run.created, run.failed) == (6, 4)
+    assert SyncedRecord.objects.count() == 6  # the good batches are stored
+    job = wait_for(lambda: Job.objects.filter(task_id=result.id, status__in=Job.FINAL).first())
+    assert job.status == Job.Status.PARTIALLY_FAILED
+    outcome = job.result or {}
+    assert (outcome["created"], outcome["failed"], outcome["failed_batches"]) == (6, 4, 1)
+    [failed] = Job.objects.filter(parent=job, status=Job.Status.FAILED)
+    letter = DeadLetter.objects.get(task_name="data_sync.upsert_batch")
+    assert letter.job_id == failed.pk and "record 7 is refused" in letter.exception_message
 
 
 def test_a_csv_source_syncs_through_the_worker(celery_worker: object, upstream: Upstream) -> None:
