@@ -101,6 +101,11 @@ def main() -> None:
         default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench_data_sync"),
     )
     parser.add_argument("--broker-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/6"))
+    parser.add_argument(
+        "--results-name",
+        default="data_sync",
+        help="the results file (docs/results/<name>.json): another name keeps a comparison run apart",
+    )
     options = parser.parse_args()
 
     ensure_database(options.database_url)
@@ -184,7 +189,11 @@ def main() -> None:
         "worker_process_tree_peak_rss_mib": tree_peak / 2**20,
     }
     write_results(
-        "data_sync", figures, vars(options), database_url=options.database_url, redis_url=options.broker_url
+        options.results_name,
+        figures,
+        vars(options),
+        database_url=options.database_url,
+        redis_url=options.broker_url,
     )
 
 

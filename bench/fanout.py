@@ -192,6 +192,11 @@ def main() -> None:
         default=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench_fanout"),
     )
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument(
+        "--results-name",
+        default="fanout",
+        help="the results file (docs/results/<name>.json): another name keeps a comparison run apart",
+    )
     options = parser.parse_args()
     if options.recipients < 1 or options.repeat < 1:
         parser.error("--recipients and --repeat must be at least 1")
@@ -260,7 +265,11 @@ def main() -> None:
         "received": smtp.received,
     }
     write_results(
-        "fanout", figures, vars(options), database_url=options.database_url, redis_url=options.broker_url
+        options.results_name,
+        figures,
+        vars(options),
+        database_url=options.database_url,
+        redis_url=options.broker_url,
     )
 
 

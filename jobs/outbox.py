@@ -7,7 +7,8 @@ Procrastinate give by keeping the queue in PostgreSQL):
 
     with transaction.atomic():
         order = Order.objects.create(...)
-        enqueue("email.send", to=order.email, template="order_confirmation", context={...})
+        sent = enqueue("email.send", to=order.email, template="order_confirmation", context={...})
+        enqueue("analytics.ingest", events=[...], depends_on=[sent])   # after it succeeded
 
 The job's row is written in the same transaction as the caller's own rows: if the
 transaction rolls back there is no job, and if it commits there is one. Its message is
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
+from uuid import UUID
 
 from celery.utils import uuid
 from django.conf import settings
@@ -35,7 +38,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.celery_app import app
-from jobs.models import Job
+from jobs import tree
+from jobs.models import Job, JobDependency
 from jobs.publish import BrokerUnavailable, publish, queue_for
 
 logger = logging.getLogger(__name__)
@@ -51,14 +55,17 @@ def enqueue(
     *,
     priority: int | None = None,
     delay_seconds: float = 0,
+    depends_on: Sequence[Job | Any] = (),
     using: str | None = None,
     **kwargs: Any,
 ) -> Job:
     """Records a job of `task` with keyword arguments `kwargs`; sends it when the transaction commits.
 
     `task` is a task of this project (a JobTask) or its name; `priority` 0-9 (9 first),
-    `delay_seconds` to run it later. Raises InvalidJob when the task is unknown, the arguments
-    do not match its schema or are not JSON, or an option is out of range.
+    `delay_seconds` to run it later; `depends_on`: jobs (or their ids) it waits for: it is sent
+    once they have all succeeded, and cancelled with the reason if one does not (jobs.tree).
+    Raises InvalidJob when the task is unknown, the arguments do not match its schema or are
+    not JSON, an option is out of range, or a job it depends on does not exist.
     """
     name = task if isinstance(task, str) else getattr(task, "name", repr(task))
     task = app.tasks.get(name)
@@ -79,17 +86,35 @@ def enqueue(
         raise InvalidJob(f"{name}: arguments must be JSON values ({exc})") from None
     if priority is not None and not 0 <= priority <= 9:
         raise InvalidJob(f"{name}: priority must be 0-9, not {priority}")
+    try:
+        prerequisites = list(dict.fromkeys(UUID(str(getattr(item, "pk", item))) for item in depends_on))
+    except ValueError:
+        raise InvalidJob(f"{name}: depends_on: jobs or job ids, not {list(depends_on)!r}") from None
+    if prerequisites:
+        found = set(Job.objects.using(using).filter(pk__in=prerequisites).values_list("pk", flat=True))
+        missing = [str(pk) for pk in prerequisites if pk not in found]
+        if missing:
+            raise InvalidJob(f"{name}: depends_on: there is no job {', '.join(missing)}")
     now = timezone.now()
     run_at = now + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
+    waiting = bool(prerequisites)
     job = Job.objects.using(using).create(
         type=name,
         queue=queue_for(name),
         payload=kwargs,
         priority=priority,
-        status=Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,
+        status=Job.Status.WAITING if waiting else Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,
+        run_after=Job.RunAfter.SUCCESS if waiting else "",
         task_id=uuid(),
         run_at=run_at,
     )
+    if waiting:
+        JobDependency.objects.using(using).bulk_create(
+            JobDependency(job=job, prerequisite_id=pk) for pk in prerequisites
+        )
+        # Sent by jobs.tree when the last of them is final (at once if they all are).
+        transaction.on_commit(partial(tree.settle_waiting, [job.pk]), using=using, robust=True)
+        return job
     held = run_at is not None and delay_seconds > settings.JOBS_BROKER_MAX_DELAY_SECONDS
     if not held:  # a long delay waits in the database; default.release_jobs sends it when due
         transaction.on_commit(partial(_send, job), using=using, robust=True)

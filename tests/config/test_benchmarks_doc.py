@@ -16,6 +16,7 @@ ANCHORS = (
     "email",
     "images",
     "data-sync",
+    "fan-out",
     "analytics",
     "beat",
     "monitoring",

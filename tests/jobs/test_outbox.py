@@ -111,3 +111,18 @@ def depth_is_zero() -> bool:
     from config.celery_app import app
 
     return depth(app) == 0
+
+
+def test_a_job_may_wait_for_others_enqueued_before_it(celery_worker: object) -> None:
+    with transaction.atomic():
+        first = enqueue("default.ping")
+        second = enqueue("default.ping", depends_on=[first])
+        third = enqueue("default.ping", depends_on=[second.pk])
+    assert second.status == third.status == Job.Status.WAITING
+
+    wait_for(lambda: Job.objects.filter(pk=third.pk, status=Job.Status.SUCCEEDED).exists(), what="the chain")
+    times = {job.pk: job for job in Job.objects.filter(pk__in=[first.pk, second.pk, third.pk])}
+    first_end, second_start = times[first.pk].finished_at, times[second.pk].started_at
+    assert first_end and second_start and first_end <= second_start
+    with pytest.raises(InvalidJob, match="depends_on: there is no job"):
+        enqueue("default.ping", depends_on=["0b6c9d1e-0000-4000-8000-000000000000"])
