@@ -21,7 +21,11 @@ docs/results/fanout.json.
 
 Only the task's name and arguments, the EmailLog model and the Job model are
 relied on. The database given is created if missing (PostgreSQL) and
-migrated; email log rows of earlier runs of this benchmark are deleted first.
+migrated; email log rows of earlier runs of this benchmark are deleted first,
+and on PostgreSQL the database is vacuumed (VACUUM ANALYZE) before each run,
+outside the timing, so that no run pays for the dead rows of the ones before
+it (autovacuum may be slow to come, or off: it is off on the machine this was
+written on).
 A run that takes longer than --timeout seconds ends the benchmark with a
 message saying how far it got; the worker is stopped whatever happens.
 """
@@ -67,6 +71,41 @@ def shown(values: list[float], unit: str, digits: int) -> str:
         f"{figure['median']:,.{digits}f}{unit} "
         f"({figure['min']:,.{digits}f}-{figure['max']:,.{digits}f}{unit})"
     )
+
+
+def autovacuum() -> str:
+    """The server's autovacuum setting ("on" or "off"; "n/a" off PostgreSQL)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return "n/a"
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW autovacuum")
+        return str(cursor.fetchone()[0])
+
+
+def vacuum() -> float:
+    """VACUUM ANALYZE of the benchmark's whole database (PostgreSQL only); the seconds it took."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return 0.0
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")  # autocommit: VACUUM cannot run inside a transaction
+    return time.perf_counter() - started
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, of its live descendants and of the children it reaped."""
+    root = psutil.Process(pid)
+    times = root.cpu_times()
+    total = float(times.user + times.system + times.children_user + times.children_system)
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a child that just exited
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return total
 
 
 def stop_tree(process: subprocess.Popen[bytes] | None) -> None:
@@ -116,8 +155,10 @@ def run_once(
         "batch_size": batch_size,
         "window_seconds": 0,
     }
+    vacuumed = vacuum()  # the dead rows of earlier runs, not timed
     received_before = smtp.received
     sampler = TreeSampler(worker.pid)
+    worker_cpu, own_cpu = tree_cpu_seconds(worker.pid), time.process_time()
     started = time.perf_counter()
     result = newsletter.apply_async(kwargs=kwargs)
     published = time.perf_counter() - started
@@ -162,6 +203,7 @@ def run_once(
             time.sleep(POLL_SECONDS)
     finally:
         peak = sampler.stop()
+    worker_cpu, own_cpu = tree_cpu_seconds(worker.pid) - worker_cpu, time.process_time() - own_cpu
     outcome = {
         "campaign": campaign,
         "all_sent_seconds": all_sent,
@@ -169,13 +211,17 @@ def run_once(
         "job_status": job_status,
         "messages_per_s": n / all_sent,
         "apply_async_seconds": published,
+        "vacuum_seconds": vacuumed,
         "received": smtp.received - received_before,
         "worker_process_tree_peak_rss_mib": peak / 2**20,
+        "worker_process_tree_cpu_seconds": worker_cpu,
+        "bench_process_cpu_seconds": own_cpu,
     }
     print(
         f"run {number}: all sent {all_sent:6.2f} s ({n / all_sent:6,.0f} messages/s); "
         f"newsletter job {job_status} {job_final:6.2f} s; apply_async {published:.2f} s; "
-        f"SMTP server received {outcome['received']:,}; worker tree peak RSS {peak / 2**20:.0f} MiB"
+        f"SMTP server received {outcome['received']:,}; worker tree peak RSS {peak / 2**20:.0f} MiB; "
+        f"CPU: worker tree {worker_cpu:.1f} s, this process (SMTP server, polling) {own_cpu:.1f} s"
     )
     return outcome
 
@@ -220,6 +266,7 @@ def main() -> None:
     from tasks.models import EmailLog
 
     EmailLog.objects.filter(campaign__startswith=CAMPAIGN_PREFIX).delete()
+    vacuum_setting = autovacuum()
     n = options.recipients
     recipients = [f"reader{i}@example.com" for i in range(n)]
     smtp = SmtpCounter()
@@ -234,7 +281,8 @@ def main() -> None:
                 f"{n:,} recipients, batches of {options.batch_size}, window 0 s; "
                 f"worker -Q email -c {options.concurrency}; SMTP server 127.0.0.1:{port}; "
                 f"EMAIL_SEND_RATE {SEND_RATE}; database {connection.vendor} "
-                f"({connection.settings_dict['NAME']}); {options.repeat} runs"
+                f"({connection.settings_dict['NAME']}, autovacuum {vacuum_setting}, "
+                f"VACUUM ANALYZE before each run); {options.repeat} runs"
             )
             for number in range(1, options.repeat + 1):
                 runs.append(run_once(number, worker, smtp, recipients, options.batch_size, options.timeout))
@@ -257,6 +305,7 @@ def main() -> None:
         "recipients": n,
         "batches": -(-n // options.batch_size),
         "email_send_rate": SEND_RATE,
+        "autovacuum": vacuum_setting,
         "runs": runs,
         "all_sent_seconds": spread(all_sent),
         "job_final_seconds": spread(job_final),
