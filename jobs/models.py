@@ -36,6 +36,19 @@ class ApiToken(models.Model):
         return self.revoked_at is None and self.user.is_active
 
 
+class PayloadField(models.JSONField):
+    """A JSONField that Django's PostgreSQL bulk INSERT writes as VALUES rows, not UNNEST(jsonb[]).
+
+    Django 5.2 inserts many rows as one array per column; psycopg quotes every element of a jsonb
+    array in Python (a regular-expression escape per quote character): 3.4 s of a sync's 1,000
+    child jobs of 100 records each, against 0.2 s as plain parameters. A field with its own
+    placeholder keeps the plain form (django/db/backends/postgresql/compiler.py).
+    """
+
+    def get_placeholder(self, value: object, compiler: object, connection: object) -> str:
+        return "%s"
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         # Waits for the jobs it depends on (JobDependency); no message is sent until they are final.
@@ -63,7 +76,7 @@ class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     type = models.CharField(max_length=200, db_index=True)
     queue = models.CharField(max_length=100)
-    payload = models.JSONField(default=dict)
+    payload = PayloadField(default=dict)
     priority = models.PositiveSmallIntegerField(null=True, blank=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     # The Celery task id of the current run: retries keep it, a retry through the API gets a new one.
@@ -82,7 +95,13 @@ class Job(models.Model):
     # The job whose task spawned this one (jobs.tree.spawn): a parent is final only once its
     # children are.
     parent = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children", editable=False
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="children",
+        editable=False,
+        db_index=False,  # jobs_job_parent_status (below) leads with it
     )
     # When the job's own task returned, for a job with children: from then on it is `running`
     # only while it waits for them, and jobs.tree.settle_parent finishes it.
@@ -107,6 +126,9 @@ class Job(models.Model):
                 condition=Q(published_at__isnull=True),
                 name="jobs_job_unpublished",
             ),
+            # "Is any child of this parent not final yet?" (jobs.tree.settle_parent, per finishing
+            # child) reads the few unfinished entries, not all of a parent's children.
+            models.Index(fields=["parent", "status"], name="jobs_job_parent_status"),
         ]
 
     def __str__(self) -> str:

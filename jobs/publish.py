@@ -91,12 +91,12 @@ def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
         ):
             for job in jobs:
                 task = app.tasks[job.type]
+                options: dict[str, Any] = message_options(job, headers)
+                if hasattr(task, "validate_arguments"):
+                    # Checked when the job was recorded (API, enqueue, spawn): not again per message.
+                    options["arguments_checked"] = True
                 task.apply_async(
-                    kwargs=job.payload,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=retry_policy,
-                    **message_options(job, headers),
+                    kwargs=job.payload, producer=producer, retry=True, retry_policy=retry_policy, **options
                 )
     except _UNAVAILABLE as exc:  # down, frozen, or every connection busy
         raise BrokerUnavailable(f"the broker did not take the job(s): {type(exc).__name__}") from exc

@@ -101,7 +101,10 @@ def spawn(parent_job_id: str | None, parent_task_id: str, children: Sequence[Chi
         rows = _unsent(rows)  # the parent ran before: its children are there
     else:
         try:
-            Job.objects.bulk_create(rows)
+            # In statements of 100 rows: one statement holding every child's arguments (a sync's
+            # 100,000 records) would be built whole in memory.
+            with transaction.atomic():
+                Job.objects.bulk_create(rows, batch_size=100)
         except IntegrityError:  # another delivery of the parent inserted them just now
             rows = _unsent(rows)
     _send(rows, now)

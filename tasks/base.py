@@ -177,8 +177,12 @@ class JobTask(Task):
         return missing
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:  # type: ignore[override]
-        """Sends the task after checking its arguments; masked ones are shown masked."""
-        self.validate_arguments(args, kwargs)
+        """Sends the task after checking its arguments; masked ones are shown masked.
+
+        `arguments_checked=True`: they were checked when the job was recorded (jobs.publish sends
+        recorded jobs); the worker checks them again before running either way."""
+        if not options.pop("arguments_checked", False):
+            self.validate_arguments(args, kwargs)
         if self.masked:
             arguments = self.bind_arguments(args or (), kwargs or {}) if args or kwargs else {}
             shown = {k: mask_value(v) if k in self.masked else v for k, v in arguments.items()}
