@@ -119,7 +119,8 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
             fresh.append(job)
             outcomes.append(Accepted(job, created=True))
         dependencies = _refuse_dependents_of_refused(requests, outcomes)
-        fresh = [job for job in fresh if any(o.job is job for o in outcomes if isinstance(o, Accepted))]
+        still = {id(outcome.job) for outcome in outcomes if isinstance(outcome, Accepted)}
+        fresh = [job for job in fresh if id(job) in still]
         try:
             Job.objects.bulk_create(fresh)
             new = {job.pk for job in fresh}
