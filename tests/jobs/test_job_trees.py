@@ -14,12 +14,10 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from celery import Celery
 
 from jobs import tree
 from jobs.models import Job, JobDependency
 from tasks.models import DataSource, DeadLetter, SyncedRecord, SyncRun
-from tests.faults.harness import kill_whole_worker
 from tests.jobs.conftest import ApiClient
 from tests.smtp import SmtpServer
 from tests.tasks.upstream import Upstream, make_records
@@ -167,31 +165,6 @@ def test_a_sync_reports_its_counts_only_once_its_last_batch_is_stored(
     assert (run.status, run.created, run.failed) == (SyncRun.Status.SUCCEEDED, 10, 1)
 
 
-def test_a_worker_killed_mid_fan_out_leaves_the_parent_running_until_another_worker_finishes_it(
-    celery_app: Celery,
-    smtp_server: SmtpServer,
-    api_client: ApiClient,
-    worker_process: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Worker processes (prefork, as deployed) that send through this test's SMTP server.
-    monkeypatch.setenv("EMAIL_URL", f"smtp://127.0.0.1:{smtp_server.port}")
-    first = worker_process("trees-1", "-Q", "email", "--pool=prefork", "--concurrency=1")
-    job_id = enqueue(api_client, newsletter(readers(30), window_seconds=10))  # batches at 0, 3.3, 6.7 s
-    wait_for(lambda: sum(delivered(smtp_server).values()) >= 10, what="the first batch")
-
-    kill_whole_worker(first)
-
-    for _ in range(20):  # the parent says what is true: not done
-        assert api_client.get(f"/api/jobs/{job_id}").json()["status"] == "running"
-        time.sleep(0.1)
-    worker_process("trees-2", "-Q", "email", "--pool=prefork", "--concurrency=1")
-    body = final(api_client, job_id, timeout=120)
-
-    assert body["status"] == "succeeded", body["error"]
-    assert delivered(smtp_server) == Counter(readers(30))
-
-
 def test_cancelling_a_newsletter_cancels_its_batches_not_yet_sent(
     celery_worker: object, smtp_server: SmtpServer, api_client: ApiClient, staff_client: ApiClient
 ) -> None:
@@ -313,7 +286,7 @@ def test_a_job_may_depend_on_jobs_sent_earlier(celery_worker: object, api_client
 
 
 def test_cycles_unknown_ids_and_misplaced_indexes_are_refused_naming_the_problem(
-    api_client: ApiClient, make_client: Any
+    celery_worker: object, api_client: ApiClient
 ) -> None:
     ping = {"type": "default.ping"}
     someone_elses = Job.objects.create(type="default.ping", queue="default", task_id="elsewhere")
@@ -350,12 +323,16 @@ def test_cycles_unknown_ids_and_misplaced_indexes_are_refused_naming_the_problem
     assert callback["accepted"] and callback["job"]["depends_on"]["total"] == 1
     assert callback_with_dependencies.status_code == 400
     assert not Job.objects.filter(status=Job.Status.WAITING, run_after="success").exists()
+    # The module's worker runs what was accepted: let it finish before the tables are emptied.
+    final(api_client, callback["job"]["id"])
 
 
 # --- nothing stalls ---------------------------------------------------------------------------
 
 
-def test_the_reconciler_settles_parents_and_waiting_jobs_whose_settling_was_missed() -> None:
+def test_the_reconciler_settles_parents_and_waiting_jobs_whose_settling_was_missed(
+    celery_worker: object,
+) -> None:
     parent = Job.objects.create(
         type="default.ping",
         queue="default",
@@ -382,6 +359,8 @@ def test_the_reconciler_settles_parents_and_waiting_jobs_whose_settling_was_miss
     assert parent.status == "partially_failed" and "1 of 2 children did not succeed" in parent.error_message
     assert waiter.status == "queued" and waiter.published_at is not None
     assert tree.sweep() == 0
+    # The released job is a real message, run by the module's worker: it ends before teardown.
+    wait_for(lambda: Job.objects.filter(pk=waiter.pk, status="succeeded").exists(), what="the released job")
 
 
 def test_a_failed_child_dead_letter_is_listed_with_its_parent(staff_client: ApiClient) -> None:
