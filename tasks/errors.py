@@ -20,4 +20,12 @@ class DeliveryLimitExceeded(PermanentJobError):
 
 
 class TransientJobError(Exception):
-    """Something outside the task failed and may work later: retry with backoff."""
+    """Something outside the task failed and may work later: retry with backoff.
+
+    `retry_after`: seconds the other side asked us to wait (HTTP `Retry-After`, an SMTP reply that
+    says when), or None. The retry waits at least that long, capped by the task's retry policy.
+    """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after

@@ -79,7 +79,13 @@ class PermanentFetchError(FetchError):
 
 
 class TransientFetchError(FetchError):
-    """The network or the server failed; a later attempt may work."""
+    """The network or the server failed; a later attempt may work.
+
+    `retry_after`: the seconds the server's `Retry-After` asked for (429, 503), else None."""
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class RefusedURL(PermanentFetchError):
