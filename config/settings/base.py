@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kombu import Queue
+from django.core.exceptions import ImproperlyConfigured
 
+from config import brokers
 from config.env import Env, read_dot_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -166,12 +167,21 @@ EMAIL_SEND_RATE = env.rate("EMAIL_SEND_RATE", default="10/second")
 # The run command starts an embedded Valkey on this address when no broker is set.
 EMBEDDED_BROKER_URL = "redis://127.0.0.1:6390/0"
 CELERY_BROKER_URL = env.broker_url("CELERY_BROKER_URL", default=EMBEDDED_BROKER_URL)
-# Shared counters (the global email send rate) live in Redis: the broker's when
-# it is Redis, else RATE_LIMIT_STORAGE_URL must name one (memory:// is per process).
-RATE_LIMIT_STORAGE_URL = env.str(
-    "RATE_LIMIT_STORAGE_URL",
-    default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "memory://",
-)
+BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+# Shared counters (the API's enqueue rate, the global email send rate) live in Redis: the
+# broker's when it is Redis. With RabbitMQ they need a Redis of their own: RATE_LIMIT_STORAGE_URL,
+# by default METRICS_REDIS_URL; with neither set the settings refuse to load, since memory://
+# would give every process its own window (N web processes: N times the rate). Set
+# RATE_LIMIT_STORAGE_URL=memory:// explicitly for a single-process setup. (Not the database:
+# a moving window is a write per request, and the limiter must answer while the database is slow.)
+_SHARED_REDIS_URL = CELERY_BROKER_URL if BROKER_IS_REDIS else env.str("METRICS_REDIS_URL", default="")
+RATE_LIMIT_STORAGE_URL = env.str("RATE_LIMIT_STORAGE_URL", default=_SHARED_REDIS_URL)
+if not RATE_LIMIT_STORAGE_URL:
+    raise ImproperlyConfigured(
+        "RATE_LIMIT_STORAGE_URL: with a RabbitMQ broker (CELERY_BROKER_URL=amqp://...) the shared rate "
+        "limits need a Redis: set METRICS_REDIS_URL or RATE_LIMIT_STORAGE_URL to redis://... "
+        "(RATE_LIMIT_STORAGE_URL=memory:// keeps them per process: for one process only)."
+    )
 # Results live in the database (django-celery-results): they survive a broker
 # restart or flush, and the API can list them with the ORM.
 # (tasks.backends: django-celery-results' backend, which in a worker sends a message again
@@ -256,12 +266,30 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # What delivery/redis.py files a message without a priority under (kombu's own is 0).
     "default_priority": CELERY_TASK_DEFAULT_PRIORITY,
 }
-# RabbitMQ orders by priority only in queues declared with x-max-priority (classic queues; Redis
+# RabbitMQ (config/brokers.py, docs/brokers.md): `quorum` (the default) declares every task queue
+# as a quorum queue: replicated, with a delivery limit and a dead-letter exchange; RabbitMQ 3.10
+# ignores priorities there. `classic` keeps classic queues, which order by priority (below) but
+# are not replicated. A queue cannot change type in place (PRECONDITION_FAILED): see docs/brokers.md.
+RABBITMQ_QUEUE_TYPE = env.choice("RABBITMQ_QUEUE_TYPE", default="quorum", choices=list(brokers.QUEUE_TYPES))
+RABBITMQ_QUORUM_QUEUES = brokers.uses_quorum_queues(CELERY_BROKER_URL, RABBITMQ_QUEUE_TYPE)
+# Classic queues: RabbitMQ orders by priority only in queues declared with x-max-priority (Redis
 # ignores the argument). Off: queues are declared without it, as earlier versions did, and RabbitMQ
 # ignores priorities. A queue that exists with other arguments cannot be declared again
-# (PRECONDITION_FAILED): docs/api.md, Priorities, says how to migrate.
+# (PRECONDITION_FAILED): docs/api.md, Priorities, says how to migrate. Quorum queues: not used.
 RABBITMQ_PRIORITY_QUEUES = env.bool("RABBITMQ_PRIORITY_QUEUES", default=True)
-CELERY_TASK_QUEUE_MAX_PRIORITY = 9 if RABBITMQ_PRIORITY_QUEUES else None
+CELERY_TASK_QUEUE_MAX_PRIORITY = 9 if RABBITMQ_PRIORITY_QUEUES and not RABBITMQ_QUORUM_QUEUES else None
+# Whether the broker runs a backlog highest priority first (GET /api/queues says so).
+BROKER_ORDERS_BY_PRIORITY = BROKER_IS_REDIS or CELERY_TASK_QUEUE_MAX_PRIORITY is not None
+if brokers.is_amqp(CELERY_BROKER_URL):
+    # Publisher confirms on every channel (the API, apply_async, beat, the workers' retries): a
+    # publish returns once RabbitMQ has the message (on a quorum queue: on a majority of its
+    # replicas), and one it refuses (nack, unroutable exchange) raises instead of being lost.
+    # Reads and writes give up after the socket timeout, the wait for a confirm included.
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        confirm_publish=True,
+        read_timeout=CELERY_BROKER_SOCKET_TIMEOUT,
+        write_timeout=CELERY_BROKER_SOCKET_TIMEOUT,
+    )
 
 # Events on: Flower and the monitoring app build on them.
 CELERY_WORKER_SEND_TASK_EVENTS = True
@@ -284,10 +312,32 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # --- Queues and routing: the one place that says what runs where. ------------
 
 TASK_QUEUES = ("email", "images", "data_sync", "analytics", "default")
-CELERY_TASK_QUEUES = tuple(Queue(name, routing_key=name) for name in TASK_QUEUES)
+# Quorum queues: RabbitMQ dead-letters a message returned (its worker lost) more than this many
+# times. A backstop: our own cap (JOBS_MAX_DELIVERIES, below) fires first, on delivery
+# JOBS_MAX_DELIVERIES + 1, and leaves a dead letter with the arguments and the traceback; the
+# margin covers that delivery's own worker dying too.
+RABBITMQ_DELIVERY_LIMIT = env.int(
+    "RABBITMQ_DELIVERY_LIMIT",
+    default=env.int("JOBS_MAX_DELIVERIES", default=5, min_value=1, max_value=1000) + 2,
+    # Below JOBS_MAX_DELIVERIES RabbitMQ would drop the message before our cap recorded it.
+    min_value=env.int("JOBS_MAX_DELIVERIES", default=5, min_value=1, max_value=1000),
+)
+CELERY_TASK_QUEUES = brokers.task_queues(
+    TASK_QUEUES,
+    broker_url=CELERY_BROKER_URL,
+    queue_type=RABBITMQ_QUEUE_TYPE,
+    delivery_limit=RABBITMQ_DELIVERY_LIMIT,
+)
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_DEFAULT_EXCHANGE = "default"
+CELERY_TASK_DEFAULT_EXCHANGE = brokers.QUORUM_EXCHANGE if RABBITMQ_QUORUM_QUEUES else "default"
+CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic" if RABBITMQ_QUORUM_QUEUES else "direct"
 CELERY_TASK_DEFAULT_ROUTING_KEY = "default"
+# Quorum queues: Celery (5.5+) then turns off global QoS (quorum queues do not support it) and
+# sends countdowns and ETAs through RabbitMQ's native delayed delivery (the `celery_delayed_*`
+# exchanges and quorum queues its workers declare), so a delayed message waits in the broker, not
+# unacknowledged in a worker. Longer delays than JOBS_BROKER_MAX_DELAY_SECONDS wait in the database.
+CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
 # Routing by task-name prefix; anything else goes to `default`.
 CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name, "routing_key": name} for name in TASK_QUEUES[:-1]}
 # A typo in `-Q emial` or a route to an undeclared queue fails loudly rather
@@ -440,10 +490,7 @@ MAINTENANCE_TIME_BUDGET_SECONDS = env.int(
 METRICS_ENABLED = env.bool("METRICS_ENABLED", default=True)
 # Where the counters live: the broker's Redis by default; with RabbitMQ, name a Redis here
 # (empty turns collection off, with a warning at start-up).
-METRICS_REDIS_URL = env.str(
-    "METRICS_REDIS_URL",
-    default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "",
-)
+METRICS_REDIS_URL = env.str("METRICS_REDIS_URL", default=CELERY_BROKER_URL if BROKER_IS_REDIS else "")
 METRICS_FLUSH_SECONDS = env.float("METRICS_FLUSH_SECONDS", default=1.0, min_value=0.05, max_value=60)
 # `monitoring.rollup` (every minute) writes per-minute rows; rows older than
 # METRICS_MINUTE_ROWS_HOURS are compacted to hourly ones, and all are kept METRICS_RETENTION_DAYS.

@@ -13,6 +13,14 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-product
 os.environ.setdefault("JOBS_RETRY_BACKOFF_SECONDS", "0.05")
 os.environ.setdefault("JOBS_RETRY_BACKOFF_MAX_SECONDS", "1")
 
+# A worker a test starts on RabbitMQ keeps the shared counters (rate limits, metrics) in the tests'
+# Redis (REDIS_URL), as a deployment names one with METRICS_REDIS_URL; without one, per process.
+if not os.environ.get("CELERY_BROKER_URL", "").startswith(("redis", "valkey")):
+    if os.environ.get("REDIS_URL"):
+        os.environ.setdefault("METRICS_REDIS_URL", os.environ["REDIS_URL"])
+    else:
+        os.environ.setdefault("RATE_LIMIT_STORAGE_URL", "memory://")
+
 from config.settings.base import *  # noqa: F403
 from config.settings.base import DATABASES
 
