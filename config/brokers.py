@@ -53,6 +53,16 @@ def uses_quorum_queues(broker_url: str, queue_type: str) -> bool:
     return is_amqp(broker_url) and queue_type == QUORUM
 
 
+class QuorumQueue(Queue):
+    """A task queue that declares its dead-letter exchange and queue before itself, wherever it is
+    declared (a worker, or a publisher the first time it sends to it): RabbitMQ drops a message
+    dead-lettered to an exchange that does not exist."""
+
+    def declare(self, nowait: bool = False, channel: Any = None) -> Any:
+        dead_letter_queue().bind(channel or self.channel).declare()
+        return super().declare(nowait=nowait, channel=channel)
+
+
 def task_queues(
     names: tuple[str, ...], *, broker_url: str, queue_type: str, delivery_limit: int
 ) -> tuple[Queue, ...]:
@@ -61,7 +71,7 @@ def task_queues(
         exchange = Exchange(QUORUM_EXCHANGE, type="topic", durable=True)
         arguments = quorum_arguments(delivery_limit)
         return tuple(
-            Queue(name, exchange, routing_key=name, durable=True, queue_arguments=dict(arguments))
+            QuorumQueue(name, exchange, routing_key=name, durable=True, queue_arguments=dict(arguments))
             for name in names
         )
     return tuple(Queue(name, routing_key=name) for name in names)
@@ -82,10 +92,12 @@ def dead_letter_queue() -> Queue:
     )
 
 
-def declare_dead_letter_queue(connection: Any) -> None:
-    """Declares the dead-letter exchange and queue (idempotent) over a kombu connection."""
+def declare(connection: Any, queues: Any = ()) -> None:
+    """Declares the dead-letter exchange and queue, and `queues` (idempotent), over a connection."""
     channel: Any = connection.channel()
     try:
         dead_letter_queue().bind(channel).declare()
+        for queue in queues:
+            queue.bind(channel).declare()
     finally:
         channel.close()

@@ -16,6 +16,7 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_ready
 from celery.worker.control import control_command
 
+from config import brokers
 from jobs.gate import gate
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,23 @@ def paused_queues() -> set[str]:
     from jobs.models import QueuePause
 
     return set(QueuePause.objects.values_list("queue", flat=True))
+
+
+@celeryd_after_setup.connect
+def _declare_every_task_queue(sender: str, instance: Any, **kwargs: Any) -> None:
+    """Quorum queues: every task queue (not only this worker's) and the dead-letter queue exist
+    before the worker binds them to Celery's native delayed delivery exchanges. A queue missing
+    then is left unbound, and a countdown sent to it would be dropped when due."""
+    from django.conf import settings
+
+    if not settings.RABBITMQ_QUORUM_QUEUES:
+        return
+    try:
+        with instance.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            brokers.declare(connection, instance.app.amqp.queues.values())
+    except Exception:  # the broker is away: the worker's own start-up will say so, loudly
+        logger.exception("could not declare the task queues on RabbitMQ at start-up")
 
 
 @celeryd_after_setup.connect

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Literal
 
+from django.conf import settings
 from django.db.models import Count
 from django.http import HttpRequest
 from django.utils import timezone
@@ -67,7 +68,15 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
         )
     # Not the broker's error text: it names the broker's address.
     broker_error = "the broker did not answer" if live["depth_error"] else None
-    return {"queues": items, "broker_error": broker_error, "workers_unanswered": not live["workers"]}
+    rabbitmq = not settings.BROKER_IS_REDIS
+    return {
+        "queues": items,
+        "broker_error": broker_error,
+        "workers_unanswered": not live["workers"],
+        "priorities_ordered": settings.BROKER_ORDERS_BY_PRIORITY,
+        "broker": "rabbitmq" if rabbitmq else "redis",
+        "queue_type": settings.RABBITMQ_QUEUE_TYPE if rabbitmq else None,
+    }
 
 
 class StatsQuery(Schema):

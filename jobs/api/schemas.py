@@ -107,6 +107,15 @@ class QueuesOut(Schema):
     workers_unanswered: bool = Field(
         description="True when no worker has reported itself (each does every few seconds)."
     )
+    priorities_ordered: bool = Field(
+        description="True when the broker runs each queue's backlog highest priority first (Redis; "
+        "RabbitMQ classic queues). False on RabbitMQ quorum queues (the default there): a job's "
+        "`priority` is accepted, recorded and sent, but RabbitMQ 3.10 does not order by it."
+    )
+    broker: str = Field(description="`redis` or `rabbitmq`.")
+    queue_type: str | None = Field(
+        default=None, description="RabbitMQ: `quorum` or `classic` (RABBITMQ_QUEUE_TYPE); Redis: null."
+    )
 
 
 class Latency(Schema):
