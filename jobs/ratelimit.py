@@ -2,7 +2,9 @@
 
 The `limits` library's moving window runs as one Lua script in Redis
 (RATE_LIMIT_STORAGE_URL), so it is atomic across processes and machines; a
-batch costs as many units as it has jobs.
+batch costs as many units as it has jobs. With RabbitMQ as the broker the store is
+METRICS_REDIS_URL's Redis unless RATE_LIMIT_STORAGE_URL names another; the settings refuse to
+load with neither (memory:// only when set explicitly: per process). See docs/brokers.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,15 @@ each job whose message is in neither, twice in a row (a message moving from a qu
 `unacked` between two reads is not taken for lost). A copy that turns out to be a second one
 is harmless: a job runs only for the message that claims its row first (jobs.tracking.claim).
 
-RabbitMQ keeps its queues on disk; on it this reconciler does nothing.
+RabbitMQ: this reconciler sends nothing again (`broker_task_ids` is None), and need not. Every
+publish waits for RabbitMQ's confirm (publisher confirms: on a quorum queue, a majority of its
+replicas wrote it) before the row is marked published, so a row with `published_at` has a message
+RabbitMQ holds on disk; a worker's unacknowledged messages go back to their queue when its
+connection drops (RabbitMQ redelivers them: resending would only make copies); a quorum queue
+survives the loss of a node. The gap, a row whose publish was never confirmed (refused, or the
+web process died in between), has no `published_at`: `default.release_jobs` publishes it
+(jobs.services.release_due), on either broker. What RabbitMQ itself dead-letters becomes a dead
+letter (tasks.dead_lettered). See docs/brokers.md.
 
 `finish_from_results` repairs the other half: a job whose task stored its result but whose
 row was never finished (its pool process was killed after the result was written and before

@@ -3,6 +3,8 @@
 - `queue_depths()`: messages waiting in each queue, read from the broker itself (Redis or
   RabbitMQ). On Redis also the messages delivered to a worker and not acknowledged yet
   (running, prefetched, or held until their ETA/countdown), which kombu keeps in one hash.
+  On RabbitMQ a passive queue.declare answers the ready count (quorum and classic queues
+  alike); countdowns on quorum queues wait in Celery's `celery_delayed_*` queues, not counted.
 - `inspect_workers()`: what the workers answer to a broadcast: which of them consume each queue,
   and how many messages each holds (running, reserved, scheduled). It waits its whole timeout
   for answers, so it is for an operator (`manage.py workers --ask`), never for a request path:

@@ -127,7 +127,8 @@ def test_a_worker_declares_every_task_queue_as_a_quorum_queue_with_a_delivery_li
                 classic.queue_declare(queue.name, durable=True, arguments={"x-max-priority": 9})
         brokers.dead_letter_queue().bind(connection.channel()).declare()
         # Native delayed delivery's exchanges, declared by the worker (countdowns go through them).
-        connection.channel().exchange_declare("celery_delayed_27", type="topic", durable=True, passive=True)
+        delayed: Any = connection.channel()
+        delayed.exchange_declare("celery_delayed_27", type="topic", durable=True, passive=True)
     assert queue.queue_arguments is not None
     assert queue.queue_arguments["x-delivery-limit"] == settings.JOBS_MAX_DELIVERIES + 2
     assert queue.queue_arguments["x-dead-letter-exchange"] == brokers.DEAD_LETTER_EXCHANGE
@@ -188,13 +189,17 @@ def test_a_message_rejected_without_requeue_becomes_a_dead_letter(rabbitmq: str,
     job = Job.objects.get(pk=action("send", str(tmp_path), "rejected", "api"))
     with Connection(RABBITMQ_URL) as connection:
         message = quorum_queues()[-1].bind(connection.channel()).get(no_ack=False)
+        assert message is not None
         message.reject(requeue=False)
         # Anything else RabbitMQ dead-letters (not a Celery task) is kept in the quarantine.
-        connection.default_channel.basic_publish(
-            connection.default_channel.prepare_message(b"not a task"), exchange=brokers.DEAD_LETTER_EXCHANGE
-        )
-        wait_for(lambda: dead_lettered.drain(connection), what="the dead-lettered message")
-        wait_for(lambda: dead_lettered.drain(connection) or QuarantinedMessage.objects.exists())
+        channel: Any = connection.default_channel
+        channel.basic_publish(channel.prepare_message(b"not a task"), exchange=brokers.DEAD_LETTER_EXCHANGE)
+
+        def both_recorded() -> bool:
+            dead_lettered.drain(connection)
+            return DeadLetter.objects.exists() and QuarantinedMessage.objects.exists()
+
+        wait_for(both_recorded, what="the dead-lettered messages to be recorded")
 
     letter = DeadLetter.objects.get(task_id=job.task_id)
     assert "rejected it without requeue" in letter.exception_message
