@@ -43,6 +43,9 @@ def _publish_connection() -> Connection:
             options = dict(app.conf.broker_transport_options or {})
             if app.conf.broker_url.startswith(("redis://", "rediss://")):
                 options.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+            elif options.get("confirm_publish"):
+                # RabbitMQ: every publish waits for its confirm (config/settings/base.py), at most this.
+                options.update(read_timeout=timeout, write_timeout=timeout)
             _connection = app.connection_for_write(connect_timeout=timeout, transport_options=options)
         return _connection
 

@@ -91,6 +91,25 @@ def api_queues() -> dict[str, Any]:
     return {"status": answer.status_code, **answer.json()}
 
 
+def metrics_page_depths() -> dict[str, Any]:
+    """The admin metrics page as a superuser sees it: each queue's "Waiting" cell."""
+    import re
+
+    from django.contrib.auth import get_user_model
+
+    user, _ = get_user_model().objects.get_or_create(
+        username="amqp-admin", defaults={"is_staff": True, "is_superuser": True}
+    )
+    settings.ALLOWED_HOSTS.append("testserver")
+    client = Client()
+    client.force_login(user)
+    page = client.get("/admin/metrics/")
+    cells = re.findall(
+        r'<tr data-queue="([^"]+)">\s*<td>[^<]*</td>\s*<td class="num depth">([^<]*)</td>', page.text
+    )
+    return {"status": page.status_code, "waiting": dict(cells)}
+
+
 def lost_job_resent() -> dict[str, Any]:
     """A `queued` job published an hour ago whose message RabbitMQ does not hold: the reconciler
     leaves it to the broker (it does not read RabbitMQ's queues)."""
@@ -120,6 +139,8 @@ def main(action: str, *arguments: str) -> Any:
         return consumers()
     if action == "api_queues":
         return api_queues()
+    if action == "metrics_page":
+        return metrics_page_depths()
     if action == "reconcile":
         return lost_job_resent()
     if action == "settings":

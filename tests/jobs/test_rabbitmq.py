@@ -240,6 +240,9 @@ def test_depths_pause_and_resume_work_on_rabbitmq(
     assert listed["broker"] == "rabbitmq" and listed["queue_type"] == "quorum"
     assert listed["priorities_ordered"] is False
     assert {q["name"]: q["depth"] for q in listed["queues"]}["default"] == 3
+    page = action("metrics_page")
+    assert page["status"] == 200
+    assert page["waiting"]["default"] == "3"
 
     assert action("resume", "default") is True
     wait_for(lambda: len(ran(tmp_path)) == 3, timeout=60, what="the backlog to run once resumed")
