@@ -57,8 +57,10 @@ def confirm_modes() -> dict[str, Any]:
     return answers
 
 
-def send(directory: str, key: str, how: str, delay: str = "0") -> str:
-    kwargs = {"directory": directory, "key": key}
+def send(directory: str, key: str, how: str, delay: str = "0", runs_for: str = "0") -> str:
+    kwargs: dict[str, Any] = {"directory": directory, "key": key}
+    if float(runs_for):
+        kwargs["seconds"] = float(runs_for)
     seconds = int(delay)
     if how == "apply_async":
         return str(probe_effect.apply_async(kwargs=kwargs, countdown=seconds or None).id)

@@ -185,6 +185,32 @@ def test_a_message_returned_past_the_delivery_limit_becomes_a_dead_letter_and_fa
     assert job.error_type == "rabbitmq.DeadLettered"
 
 
+def test_our_delivery_cap_fires_before_rabbitmqs_and_leaves_a_dead_letter_with_the_traceback(
+    amqp_worker: Callable[..., WorkerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One delivery allowed (RabbitMQ's limit follows: 1 + 2), for the publisher and the workers.
+    monkeypatch.setenv("JOBS_MAX_DELIVERIES", "1")
+    worker = amqp_worker("default")
+    job = Job.objects.get(pk=action("send", str(tmp_path), "killer", "api", "0", "60"))
+    wait_for(lambda: ran(tmp_path) == ["killer"], timeout=60, what="the task to start")
+
+    worker.process.kill()  # its connection drops: RabbitMQ requeues the message (x-delivery-count 1)
+    worker.process.wait()
+    amqp_worker("default")
+
+    letter = wait_for(
+        lambda: DeadLetter.objects.filter(task_id=job.task_id).first(), timeout=60, what="the dead letter"
+    )
+    assert letter.exception_type == "tasks.errors.DeliveryLimitExceeded"
+    assert "delivered 2 times" in letter.exception_message
+    assert "Traceback" in letter.traceback
+    assert letter.kwargs == job.payload
+    assert ran(tmp_path) == ["killer"]  # not run again
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.FAILED, what="the job to fail")
+    with Connection(RABBITMQ_URL) as connection:
+        assert dead_lettered.drain(connection) == 0  # acknowledged by us, not dead-lettered by RabbitMQ
+
+
 def test_a_message_rejected_without_requeue_becomes_a_dead_letter(rabbitmq: str, tmp_path: Path) -> None:
     job = Job.objects.get(pk=action("send", str(tmp_path), "rejected", "api"))
     with Connection(RABBITMQ_URL) as connection:
