@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ def load(**variables: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def loaded(**variables: str) -> dict[str, object]:
+def loaded(**variables: str) -> dict[str, Any]:
     result = load(**variables)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -66,7 +67,7 @@ def test_rabbitmq_gets_quorum_queues_with_a_delivery_limit_a_dlx_and_publisher_c
     assert settings["exchange"] == ["jobs", "topic"]
     assert settings["max_priority"] is None  # quorum queues refuse x-max-priority
     assert settings["ordered"] is False
-    assert {"confirm_publish", "read_timeout", "write_timeout"} <= set(settings["options"])  # type: ignore[arg-type]
+    assert {"confirm_publish", "read_timeout", "write_timeout"} <= set(settings["options"])
     # The shared rate limits live in the metrics Redis.
     assert settings["rate_limit_store"] == "redis://metrics.internal:6379/0"
 
@@ -89,7 +90,7 @@ def test_on_redis_nothing_changes() -> None:
     assert settings["arguments"] is None
     assert settings["max_priority"] == 9
     assert settings["ordered"] is True
-    assert "confirm_publish" not in settings["options"]  # type: ignore[operator]
+    assert "confirm_publish" not in settings["options"]
     assert settings["rate_limit_store"] == "redis://broker.internal:6379/0"
 
 
