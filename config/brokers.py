@@ -101,3 +101,23 @@ def declare(connection: Any, queues: Any = ()) -> None:
             queue.bind(channel).declare()
     finally:
         channel.close()
+
+
+def declare_topology(connection: Any, queues: Any) -> None:
+    """Quorum queues: the dead-letter queue, every task queue in `queues`, and Celery's native
+    delayed delivery (the `celery_delayed_*` exchanges and queues, each task queue bound to them).
+
+    Workers declare it at start-up (Celery binds only queues that exist); a publishing process
+    declares it before its first publish, so that a countdown sent before any worker ever ran
+    is not refused for want of the `celery_delayed_27` exchange. Idempotent.
+    """
+    from kombu.transport.native_delayed_delivery import (
+        bind_queue_to_native_delayed_delivery_exchange,
+        declare_native_delayed_delivery_exchanges_and_queues,
+    )
+
+    queues = list(queues)
+    declare(connection, queues)
+    declare_native_delayed_delivery_exchanges_and_queues(connection, QUORUM)
+    for queue in queues:
+        bind_queue_to_native_delayed_delivery_exchange(connection, queue)

@@ -12,11 +12,13 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from amqp.exceptions import MessageNacked, NotFound
 from django.conf import settings
 from kombu import Connection
 from kombu.exceptions import LimitExceeded
 from kombu.pools import producers
 
+from config import brokers
 from config.celery_app import app
 from jobs.protocol import BROKER_ERRORS, JOB_HEADER, PARENT_HEADER
 
@@ -24,11 +26,13 @@ if TYPE_CHECKING:
     from jobs.models import Job
 
 
-# The broker down or frozen, or every pooled connection busy: the job was not taken.
-_UNAVAILABLE: tuple[type[Exception], ...] = (*BROKER_ERRORS, LimitExceeded)
+# The broker down or frozen, or every pooled connection busy; RabbitMQ: it refused the message
+# (nack), or an exchange it needs is not there: the job was not taken.
+_UNAVAILABLE: tuple[type[Exception], ...] = (*BROKER_ERRORS, LimitExceeded, MessageNacked, NotFound)
 
 _lock = threading.Lock()
 _connection: Connection | None = None
+_topology_declared = False
 
 
 class BrokerUnavailable(Exception):
@@ -48,6 +52,20 @@ def _publish_connection() -> Connection:
                 options.update(read_timeout=timeout, write_timeout=timeout)
             _connection = app.connection_for_write(connect_timeout=timeout, transport_options=options)
         return _connection
+
+
+def _declare_topology_once(connection: Connection) -> None:
+    """RabbitMQ quorum queues: the queues and delayed-delivery exchanges exist before this
+    process's first publish (config.brokers.declare_topology); tried again until it worked."""
+    global _topology_declared
+    if _topology_declared or not settings.RABBITMQ_QUORUM_QUEUES:
+        return
+    with _lock:
+        if not _topology_declared:
+            with connection.clone() as own:
+                own.ensure_connection(max_retries=0)  # one attempt: a refused broker fails fast
+                brokers.declare_topology(own, app.amqp.queues.values())
+            _topology_declared = True
 
 
 def queue_for(task_name: str) -> str:
@@ -87,6 +105,7 @@ def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
     timeout = settings.JOBS_API_PUBLISH_TIMEOUT_SECONDS
     retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
     try:
+        _declare_topology_once(_publish_connection())
         # Each message is an LPUSH (+ nothing else with our queues): 2 per job leaves headroom.
         with (
             producers[_publish_connection()].acquire(block=True, timeout=timeout) as producer,

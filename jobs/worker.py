@@ -43,7 +43,7 @@ def _declare_every_task_queue(sender: str, instance: Any, **kwargs: Any) -> None
     try:
         with instance.app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=3)
-            brokers.declare(connection, instance.app.amqp.queues.values())
+            brokers.declare_topology(connection, instance.app.amqp.queues.values())
     except Exception:  # the broker is away: the worker's own start-up will say so, loudly
         logger.exception("could not declare the task queues on RabbitMQ at start-up")
 

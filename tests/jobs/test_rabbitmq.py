@@ -251,6 +251,32 @@ def test_countdowns_go_through_native_delayed_delivery_and_run(
     assert "Direct exchanges are not supported" not in log
 
 
+def test_a_countdown_sent_before_any_worker_ever_ran_is_delivered_once_one_does(
+    rabbitmq: str, worker_process: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    with Connection(RABBITMQ_URL) as connection:  # no delayed-delivery exchanges or queues either
+        for level in range(28):
+            channel: Any = connection.channel()
+            try:
+                _, messages, consumers = channel.queue_declare(f"celery_delayed_{level}", passive=True)
+            except NotFound:
+                continue
+            if messages or consumers:
+                pytest.skip(
+                    f"delayed delivery at {RABBITMQ_URL} is in use; give RABBITMQ_URL a vhost of its own"
+                )
+            channel.queue_delete(f"celery_delayed_{level}")
+            channel.exchange_delete(f"celery_delayed_{level}")
+        last: Any = connection.channel()
+        last.exchange_delete("celery_delayed_delivery")
+
+    job_id = action("send", str(tmp_path), "early", "api", "2")
+
+    assert Job.objects.get(pk=job_id).published_at is not None  # taken by RabbitMQ, not refused
+    worker_process("rabbit", "-Q", "default", "-P", "solo", "-I", "tests.probes", broker_url=rabbitmq)
+    wait_for(lambda: ran(tmp_path) == ["early"], timeout=60, what="the countdown to run")
+
+
 def test_depths_pause_and_resume_work_on_rabbitmq(
     amqp_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
