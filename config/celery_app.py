@@ -59,6 +59,33 @@ def give_every_message_a_priority(properties: dict[str, Any] | None = None, **kw
         properties["priority"] = app.conf.task_default_priority
 
 
+# RabbitMQ's dead-lettering history (Celery's own list, celery.app.task.X_DEATH_HEADERS).
+DEAD_LETTERING_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+@before_task_publish.connect
+def drop_rabbitmqs_dead_lettering_history(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """A message sent again with the headers of one that came through native delayed delivery
+    (a deferral while the database is away, a retry, a replay) must not carry its `x-death`: on a
+    countdown, RabbitMQ versions before 4.0.1 (3.13 reproduced; 3.10 here did not) can see the same
+    `celery_delayed_*` queue twice, take it for a dead-letter cycle and drop the message silently
+    (celery/celery#9867). Celery strips
+    them from its own retries; this covers every other path. The headers are those published."""
+    if headers:
+        for name in DEAD_LETTERING_HEADERS & headers.keys():
+            del headers[name]
+
+
 @setup_logging.connect
 def configure_logging_from_django(**kwargs: Any) -> None:
     """Celery's logging goes through Django's LOGGING instead of Celery's own setup."""

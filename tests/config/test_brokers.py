@@ -112,3 +112,30 @@ def test_a_bad_rabbitmq_setting_fails_at_start_up_naming_the_variable(
     variables: dict[str, str], message: str
 ) -> None:
     assert message in refused(CELERY_BROKER_URL=AMQP, METRICS_REDIS_URL="redis://m:6379/0", **variables)
+
+
+@pytest.mark.django_db
+def test_no_message_is_published_with_rabbitmqs_dead_lettering_history(empty_queues: None) -> None:
+    # A deferral or replay copies the headers of the message it carries on; one that came through
+    # native delayed delivery has an `x-death`, which must not travel on (celery/celery#9867).
+    from celery.signals import before_task_publish
+
+    from config.celery_app import app
+
+    published: list[dict[str, Any]] = []
+
+    def look(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:  # runs after ours
+        published.append(dict(headers or {}))
+
+    before_task_publish.connect(look, weak=False)
+    try:
+        app.send_task(
+            "default.no_such_task",
+            headers={"x-death": [{"queue": "celery_delayed_0"}], "x-first-death-queue": "q", "x_job_id": "1"},
+        )
+    finally:
+        before_task_publish.disconnect(look)
+        app.control.purge()
+    (headers,) = published
+    assert not [name for name in headers if name.startswith("x-")]
+    assert headers["x_job_id"] == "1"  # our own headers travel on

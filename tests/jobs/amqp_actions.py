@@ -57,6 +57,24 @@ def confirm_modes() -> dict[str, Any]:
     return answers
 
 
+# What a message that came through native delayed delivery once (1 s: the queue celery_delayed_0)
+# carries, as a deferral or a replay would copy it on.
+DELAYED_ONCE = {
+    "x-death": [
+        {
+            "count": 1,
+            "reason": "expired",
+            "queue": "celery_delayed_0",
+            "exchange": "celery_delayed_0",
+            "routing-keys": ["0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.default"],
+        }
+    ],
+    "x-first-death-queue": "celery_delayed_0",
+    "x-first-death-reason": "expired",
+    "x-first-death-exchange": "celery_delayed_0",
+}
+
+
 def send(directory: str, key: str, how: str, delay: str = "0", runs_for: str = "0") -> str:
     kwargs: dict[str, Any] = {"directory": directory, "key": key}
     if float(runs_for):
@@ -64,6 +82,8 @@ def send(directory: str, key: str, how: str, delay: str = "0", runs_for: str = "
     seconds = int(delay)
     if how == "apply_async":
         return str(probe_effect.apply_async(kwargs=kwargs, countdown=seconds or None).id)
+    if how == "again":  # sent on with the headers of a message that was delayed before
+        return str(probe_effect.apply_async(kwargs=kwargs, countdown=seconds, headers=dict(DELAYED_ONCE)).id)
     request = JobRequest(
         type=TASK, queue="default", payload=kwargs, priority=None, delay_seconds=seconds, idempotency_key=""
     )

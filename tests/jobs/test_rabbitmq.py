@@ -242,9 +242,13 @@ def test_countdowns_go_through_native_delayed_delivery_and_run(
 
     action("send", str(tmp_path), "countdown", "apply_async", "2")
     job_id = action("send", str(tmp_path), "delayed-job", "api", "2")
+    # Sent on with the x-death of an earlier trip through celery_delayed_0, and delayed through it
+    # again (some RabbitMQ versions before 4.0.1 take that for a dead-letter cycle and drop it:
+    # config.celery_app strips the history; 3.10 itself delivers it either way).
+    action("send", str(tmp_path), "delayed-again", "again", "1")
 
-    wait_for(lambda: len(ran(tmp_path)) == 2, timeout=60, what="both delayed tasks to run")
-    assert sorted(ran(tmp_path)) == ["countdown", "delayed-job"]
+    wait_for(lambda: len(ran(tmp_path)) == 3, timeout=60, what="the three delayed tasks to run")
+    assert sorted(ran(tmp_path)) == ["countdown", "delayed-again", "delayed-job"]
     wait_for(lambda: Job.objects.get(pk=job_id).status == Job.Status.SUCCEEDED, what="the job to succeed")
     log = worker.log.read_text()
     assert "Failed to setup delayed delivery" not in log
