@@ -92,10 +92,13 @@ def _unfinished(job_id: str, task_id: str) -> Any:
     return _current(job_id, task_id).exclude(status__in=Job.FINAL)
 
 
-def retrying(job_id: str, task_id: str, exc: BaseException) -> None:
-    _current(job_id, task_id).update(
-        status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000]
-    )
+def retrying(job_id: str, task_id: str, exc: BaseException, attempt: int | None = None) -> None:
+    """Attempt `attempt` failed and will be retried. Written after the retry was sent (or held):
+    a row the next attempt has claimed already (its `attempts` is higher) is left running."""
+    rows = _unfinished(job_id, task_id)
+    if attempt is not None:
+        rows = rows.filter(attempts__lte=attempt)
+    rows.update(status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000])
 
 
 def hold_retry(

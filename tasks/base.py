@@ -448,7 +448,7 @@ class JobTask(Task):
         return True
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        self._track("retrying", exc)
+        self._track("retrying", exc, attempt=(self.request.retries or 0) + 1)
 
     def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
         """A job of this task was cancelled through the API (called where it was cancelled, not in
