@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,15 @@ def test_arguments_are_checked_again_when_the_task_starts() -> None:
 def test_masked_values_keep_their_shape_but_not_their_content() -> None:
     assert mask_value(["ann@example.com", "token-123"]) == ["a***@e***.com", "***"]
     assert mask_value({"reset_link": "https://x/reset/abc"}) == {"reset_link": "***"}
+
+
+def test_the_readme_and_the_tasks_page_state_each_familys_window() -> None:
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    page = (root / "docs" / "tasks.md").read_text()
+
+    for family in retries.SETTINGS:
+        policy = retries.configured(family)
+        row = f"| {policy.attempts} | {retries.describe_window(policy)} |"
+        assert row in readme, f"README.md: {family}'s row should end {row}"
+        assert retries.describe_window(policy) in page, f"docs/tasks.md: {family}'s window"
