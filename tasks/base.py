@@ -104,6 +104,16 @@ def describe_validation_error(task_name: str, error: ValidationError) -> str:
     return f"{task_name}: invalid arguments: " + "; ".join(problems)
 
 
+def asked_wait(exc: BaseException | None) -> float | None:
+    """The seconds the other side asked us to wait (`retry_after`) on `exc` or the error it wraps
+    (`raise TransientJobError(...) from TransientFetchError(..., retry_after=120)`)."""
+    for error in (exc, getattr(exc, "__cause__", None)):
+        asked = getattr(error, "retry_after", None)
+        if asked is not None:
+            return float(asked)
+    return None
+
+
 class JobTask(Task):
     """The base class of every task in this project (see the module docstring)."""
 
@@ -233,9 +243,8 @@ class JobTask(Task):
         **options: Any,
     ) -> Any:
         if countdown is None and eta is None:
-            countdown = retries.scaled(
-                self.policy.wait(self.request.retries or 0, retry_after=getattr(exc, "retry_after", None))
-            )
+            wait = self.policy.wait(self.request.retries or 0, retry_after=asked_wait(exc))
+            countdown = retries.scaled(wait)
         headers = self.carried_headers()
         headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
         # A retry is a new message: its deliveries are counted afresh.

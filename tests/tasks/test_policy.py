@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks import retries
-from tasks.base import InvalidArguments, JobTask, mask_value
+from tasks.base import InvalidArguments, JobTask, TransientJobError, asked_wait, mask_value
 from tasks.retries import RetryPolicy
 from tests import probes
 
@@ -107,3 +107,18 @@ def test_the_readme_and_the_tasks_page_state_each_familys_window() -> None:
         row = f"| {policy.attempts} | {retries.describe_window(policy)} |"
         assert row in readme, f"README.md: {family}'s row should end {row}"
         assert retries.describe_window(policy) in page, f"docs/tasks.md: {family}'s window"
+
+
+def test_a_wait_asked_for_is_found_on_the_error_a_task_wrapped() -> None:
+    class Upstream(Exception):
+        retry_after = 120
+
+    try:
+        try:
+            raise Upstream("503 maintenance")
+        except Upstream as cause:
+            raise TransientJobError("the source is away") from cause
+    except TransientJobError as error:
+        assert asked_wait(error) == 120
+    assert asked_wait(TransientJobError("busy", retry_after=30)) == 30
+    assert asked_wait(TransientJobError("busy")) is None
