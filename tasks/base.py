@@ -280,7 +280,7 @@ class JobTask(Task):
         an ETA message would sit in a worker for that long, past the Redis visibility timeout or
         RabbitMQ's consumer timeout. `default.release_jobs` sends it when due, with this retry's
         number and headers. False (the broker holds it after all) for a task without a row, or
-        when the row cannot be written."""
+        when the row cannot be written; True, sending nothing, when the job was cancelled."""
         job_id = self.request_header(JOB_HEADER)
         if job_id is None or not reliability.in_worker(self.request) or not self.request.id:
             return False
@@ -288,10 +288,13 @@ class JobTask(Task):
 
         kept = {name: headers[name] for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER) if name in headers}
         try:
-            tracking.hold_retry(str(job_id), self.request.id, countdown, kept, exc)
+            held = tracking.hold_retry(str(job_id), self.request.id, countdown, kept, exc)
         except Exception:
             logger.exception("%s[%s]: could not hold the retry in the database", self.name, self.request.id)
             return False
+        if not held:  # cancelled meanwhile: there is nothing to retry, and nothing is sent
+            logger.info("%s[%s]: job %s was cancelled; not retried", self.name, self.request.id, job_id)
+            return True
         logger.info(
             "%s[%s]: retry %d held in the database for %.0f s (JOBS_BROKER_MAX_DELAY_SECONDS is %s)",
             self.name,

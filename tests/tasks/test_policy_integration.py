@@ -116,6 +116,8 @@ def test_a_retry_resends_the_arguments_as_they_came_not_as_parsed(celery_worker:
 # --- retries held in the database, and the delivery limit --------------------------------------
 
 
+# release_due skips a row another transaction has locked (the worker finishing the attempt that
+# held it): like release_jobs every few seconds, the tests call it until it sends the retry.
 def _held(task_id: str, attempts: int) -> Job | None:
     return Job.objects.filter(
         task_id=task_id, status="retrying", published_at__isnull=True, attempts=attempts
@@ -135,11 +137,11 @@ def test_a_long_retry_waits_in_the_database_and_release_jobs_sends_it_when_due(
     assert first.run_at is not None and first.error_type == "TransientJobError"
     assert set(first.held_headers or {}) == {FIRST_FAILURE_HEADER}
     assert reconcile.resend_lost() == 0  # nothing was published: nothing is lost
-    assert services.release_due() == 1
+    assert wait_for(services.release_due, what="release_jobs to send the due retry") == 1
 
     second = wait_for(lambda: _held(result.id, attempts=2), what="the second retry held in the row")
     assert second.held_headers == first.held_headers  # the first failure's time travels on
-    assert services.release_due() == 1
+    assert wait_for(services.release_due, what="release_jobs to send the due retry") == 1
 
     # Released as retry 1, then retry 2 (the probe answers with its attempt number).
     assert result.get(timeout=30) == {"attempts": 3}
@@ -156,9 +158,9 @@ def test_a_held_retry_that_runs_out_of_attempts_is_a_dead_letter_with_its_first_
     result = probes.probe_flaky.delay(fail_times=5)
 
     wait_for(lambda: _held(result.id, 1), what="retry 1 held")
-    assert services.release_due() == 1
+    assert wait_for(services.release_due, what="release_jobs to send the due retry") == 1
     wait_for(lambda: _held(result.id, 2), what="retry 2 held")
-    assert services.release_due() == 1
+    assert wait_for(services.release_due, what="release_jobs to send the due retry") == 1
 
     with pytest.raises(Exception, match="attempt 3 of a flaky probe failed"):
         result.get(timeout=30)
