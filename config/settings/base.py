@@ -7,8 +7,10 @@ key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
 from config.env import Env, read_dot_env
@@ -309,15 +311,28 @@ CELERY_IMPORTS = (
 
 # --- The shared task policy (tasks/base.py) -----------------------------------
 
-# Attempts in all (first run + retries) before a task goes to the dead letters.
-JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_value=100)
+# Retry policies (tasks/retries.py): each task family has its own attempts and backoff, chosen to
+# ride out an outage of what it depends on. "attempts,base,cap" replaces a family's (unset: the
+# family's own); retry n waits between ceiling/2 and ceiling, ceiling = min(cap, base * 2**n).
+JOBS_RETRY_DEFAULT = env.retry_policy("JOBS_RETRY_DEFAULT")
+JOBS_RETRY_EMAIL = env.retry_policy("JOBS_RETRY_EMAIL")
+JOBS_RETRY_DATA_SYNC = env.retry_policy("JOBS_RETRY_DATA_SYNC")
+JOBS_RETRY_ANALYTICS = env.retry_policy("JOBS_RETRY_ANALYTICS")
+JOBS_RETRY_IMAGES = env.retry_policy("JOBS_RETRY_IMAGES")
+# Multiplies every retry wait. 1 in production; the test settings make it small so that tests run
+# the production attempt counts in seconds.
+JOBS_RETRY_DELAY_SCALE = env.float("JOBS_RETRY_DELAY_SCALE", default=1.0, min_value=0.0001, max_value=10)
+for _replaced, _by in (
+    ("JOBS_MAX_ATTEMPTS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+    ("JOBS_RETRY_BACKOFF_SECONDS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+    ("JOBS_RETRY_BACKOFF_MAX_SECONDS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+):
+    if os.environ.get(_replaced):
+        raise ImproperlyConfigured(f"{_replaced} is no longer read: set {_by} or a family's JOBS_RETRY_*.")
 # A message delivered more often than this (its worker died each time: out of memory, a crash,
 # the hard time limit) fails for good with a dead letter instead of going round for ever.
 # Deferrals while the database is away and a task's own retries are not deliveries.
 JOBS_MAX_DELIVERIES = env.int("JOBS_MAX_DELIVERIES", default=5, min_value=1, max_value=1000)
-# Retry n waits uniform(0, min(max, base * 2**n)) seconds: exponential with full jitter.
-JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
-JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
 # Workers ask the database `SELECT 1` this often and consume only while it answers
 # (tasks.reliability); a message whose outcome cannot be written is sent again for later.
 JOBS_DATABASE_PROBE_SECONDS = env.float(
