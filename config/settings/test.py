@@ -12,6 +12,9 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-product
 # Retries in tests wait tenths of a second, not minutes; the policy itself is unchanged.
 os.environ.setdefault("JOBS_RETRY_BACKOFF_SECONDS", "0.05")
 os.environ.setdefault("JOBS_RETRY_BACKOFF_MAX_SECONDS", "1")
+# A sync's page retries too: hundredths of a second (a test that honours a real Retry-After raises it).
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_SECONDS", "0.01")
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_MAX_SECONDS", "0.05")
 
 from config.settings.base import *  # noqa: F403
 from config.settings.base import DATABASES

@@ -369,12 +369,13 @@ def test_collect_follows_next_links_through_every_page(upstream: Upstream) -> No
 
 @pytest.mark.django_db
 @pytest.mark.usefixtures("allow_upstream")
-def test_collect_counts_records_without_an_id_and_repeats_as_failed(upstream: Upstream) -> None:
-    upstream.records = [{"id": 1, "v": "old"}, {"name": "no id"}, {"id": ""}, {"id": 1, "v": "new"}, "x"]
+def test_collect_counts_records_without_an_id_and_later_copies_of_an_id_as_failed(upstream: Upstream) -> None:
+    # The first copy of an id wins: a sync stores records page by page, before it sees later copies.
+    upstream.records = [{"id": 1, "v": "first"}, {"name": "no id"}, {"id": ""}, {"id": 1, "v": "again"}, "x"]
 
     collected = service.collect(make_source(upstream))
 
-    assert collected.records == [{"id": 1, "v": "new"}]
+    assert collected.records == [{"id": 1, "v": "first"}]
     assert (collected.fetched, collected.failed) == (5, 4)
 
 
