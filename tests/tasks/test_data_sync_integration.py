@@ -116,7 +116,9 @@ def test_a_page_that_answers_503_once_is_retried_and_the_sync_completes(
     assert not DeadLetter.objects.exists()
 
 
-def test_a_first_page_that_answers_404_fails_the_sync_at_once(celery_worker: object, upstream: Upstream) -> None:
+def test_a_first_page_that_answers_404_fails_the_sync_at_once(
+    celery_worker: object, upstream: Upstream
+) -> None:
     upstream.fail("/records?page=1", 404)
     source = make_source(upstream)
 
