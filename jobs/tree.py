@@ -105,16 +105,20 @@ def spawn(
                 error_message=Value(""),
             )
         )
-    if Job.objects.filter(pk=rows[0].id).exists():
-        rows = _unsent(rows)  # the parent ran before: its children are there
-    else:
+    # The parent ran before: its children are there (all of them, or, for a parent that spawns in
+    # several calls and whose rerun groups them otherwise, some of them).
+    ran_before = set(Job.objects.filter(pk__in=[row.id for row in rows]).values_list("pk", flat=True))
+    fresh = [row for row in rows if row.id not in ran_before]
+    if fresh:
         try:
             # In statements of 100 rows: one statement holding every child's arguments (a sync's
             # 100,000 records) would be built whole in memory.
             with transaction.atomic():
-                Job.objects.bulk_create(rows, batch_size=100)
+                Job.objects.bulk_create(fresh, batch_size=100)
         except IntegrityError:  # another delivery of the parent inserted them just now
-            rows = _unsent(rows)
+            ran_before.add(fresh[0].id)
+    if ran_before:
+        rows = _unsent(rows)
     _send(rows, now)
     return rows
 

@@ -18,6 +18,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs import tree
 from jobs.models import Job
 from tasks import data_sync
 from tasks.admin.data_sync import DataSourceForm
@@ -729,6 +730,23 @@ def test_a_run_is_found_again_by_its_task_id_and_finishes_with_the_summed_counts
     assert (run.status, run.created, run.updated, run.unchanged, run.failed) == ("succeeded", 4, 1, 2, 3)
     assert run.finished_at is not None
     assert not service.fail_run(run.pk, "too late")
+
+
+@pytest.mark.django_db
+def test_a_sync_spawning_its_batches_again_in_other_groups_gets_each_batch_once() -> None:
+    """A resumed sync whose pages now cut its batches otherwise: a call that finds some of its
+    batches recorded records the others (it used to look at the first only)."""
+    later = 10**7  # past the broker's horizon: recorded, not sent (no worker needs to see them)
+
+    def batch(number: int) -> tree.ChildSpec:
+        return tree.ChildSpec("data_sync.upsert_batch", {"run_id": number, "records": []}, later)
+
+    tree.spawn(None, "sync-task", [batch(0)])
+    tree.spawn(None, "sync-task", [batch(0), batch(1)])
+    tree.spawn(None, "sync-task", [batch(2)], first_index=2)
+
+    rows = dict(Job.objects.filter(type="data_sync.upsert_batch").values_list("pk", "payload"))
+    assert rows == {tree.child_id("sync-task", n): {"run_id": n, "records": []} for n in range(3)}
 
 
 def test_the_first_error_of_a_failed_run_is_kept(source: DataSource) -> None:
