@@ -398,6 +398,16 @@ DATA_SYNC_MAX_RESPONSE_BYTES = env.int(
 DATA_SYNC_MAX_REDIRECTS = env.int("DATA_SYNC_MAX_REDIRECTS", default=5, min_value=0, max_value=20)
 # Pages per sync: a `next` link that never ends cannot keep a sync going (or its memory growing).
 DATA_SYNC_MAX_PAGES = env.int("DATA_SYNC_MAX_PAGES", default=10_000, min_value=1)
+# A page's own retry budget: a transient failure (network, timeout, 408/429/5xx) retries that page
+# in place, up to this many tries in all, before the sync gives up and the task's retry resumes at
+# that page (its checkpoint). Waits grow from DATA_SYNC_PAGE_RETRY_SECONDS (with jitter), or are
+# what the server's Retry-After asks, never more than DATA_SYNC_PAGE_RETRY_MAX_SECONDS: a longer
+# Retry-After is left to the task's retry, which does not hold a worker while it waits.
+DATA_SYNC_PAGE_ATTEMPTS = env.int("DATA_SYNC_PAGE_ATTEMPTS", default=3, min_value=1, max_value=20)
+DATA_SYNC_PAGE_RETRY_SECONDS = env.float("DATA_SYNC_PAGE_RETRY_SECONDS", default=1.0, min_value=0.001)
+DATA_SYNC_PAGE_RETRY_MAX_SECONDS = env.float(
+    "DATA_SYNC_PAGE_RETRY_MAX_SECONDS", default=30.0, min_value=0.001, max_value=600
+)
 # Where `data_sync.export` writes its JSON Lines files.
 DATA_SYNC_EXPORT_DIR = Path(env.str("DATA_SYNC_EXPORT_DIR", default=str(MEDIA_ROOT / "exports")))
 # An export covers changes up to `now - lag`: a batch that set changed_at just

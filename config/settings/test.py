@@ -12,6 +12,9 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-product
 # Retries in tests run the production policies (the same attempts, the same growth to the cap) with
 # every wait scaled down: email's hour-long window takes seconds.
 os.environ.setdefault("JOBS_RETRY_DELAY_SCALE", "0.001")
+# A sync's page retries too: hundredths of a second (a test that honours a real Retry-After raises it).
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_SECONDS", "0.01")
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_MAX_SECONDS", "0.05")
 
 from config.settings.base import *  # noqa: F403
 from config.settings.base import DATABASES
