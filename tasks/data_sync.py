@@ -223,7 +223,9 @@ def sync(self: RunTask, source_id: int) -> dict[str, Any]:
         final = isinstance(exc, PermanentFetchError) or _last_attempt(self)
         if final and stopped.batches:
             # Failing now would leave the stored batches uncounted: the job settles when they are
-            # final, partially failed, and the run failed with this error and the counts.
+            # final, partially failed, and the run failed with this error and the counts. The dead
+            # letter says what stopped it; replaying it syncs the source again.
+            _dead_letter(self, f"{where}: {exc}", exc)
             return {**_fetched(self, run.pk, stopped), "incomplete": f"{where}: {exc}"}
         if isinstance(exc, PermanentFetchError):
             raise PermanentJobError(f"{where}: {exc}") from exc
@@ -251,6 +253,24 @@ def _fetched(task: RunTask, run_id: int, checkpoint: service.Checkpoint) -> dict
     # Batches spawned by an earlier attempt make this job a parent too (JobTask.spawn sets this).
     setattr(task.request, "spawned_children", True)  # noqa: B010
     return summary
+
+
+def _dead_letter(task: RunTask, message: str, exc: BaseException) -> None:
+    """A dead letter for a sync that stopped for good before the source's last page (its job ends
+    partially failed, not failed: no on_failure stores one)."""
+    import traceback
+    from types import SimpleNamespace
+
+    from tasks import deadletters
+
+    kind = PermanentJobError if isinstance(exc, PermanentFetchError) else TransientJobError
+    details = SimpleNamespace(traceback="".join(traceback.format_exception(exc)))
+    try:
+        request = task.request
+        task_id = request.id or ""
+        deadletters.record_failure(task, kind(message), task_id, request.args, request.kwargs, details)
+    except Exception:  # bookkeeping never hides the outcome
+        logger.exception("could not store the dead letter of %s[%s]", task.name, task.request.id)
 
 
 def _last_attempt(task: RunTask) -> bool:

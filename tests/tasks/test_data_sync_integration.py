@@ -153,6 +153,11 @@ def test_a_later_page_that_answers_404_stops_the_sync_at_once_with_the_earlier_p
     job = wait_for(lambda: Job.objects.filter(task_id=result.id, status__in=Job.FINAL).first())
     assert job.status == Job.Status.PARTIALLY_FAILED and "answered 404" in job.error_message
     assert (job.result or {})["created"] == 6
+    # What stopped it is a dead letter of the sync, with its arguments: replaying it syncs again.
+    letter = DeadLetter.objects.get(task_id=result.id)
+    assert letter.kwargs == {"source_id": source.pk} and letter.job_id == job.pk
+    assert "page 3" in letter.exception_message and "answered 404" in letter.exception_message
+    assert "PermanentFetchError" in letter.traceback
 
 
 def test_a_page_nested_too_deep_fails_the_sync_at_once_with_a_clear_error(

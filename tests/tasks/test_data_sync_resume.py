@@ -150,3 +150,6 @@ def test_a_source_that_stays_down_ends_the_run_failed_with_what_was_stored_count
     assert [upstream.hits(page(n)) for n in (1, 2)] == [1, 1]  # every attempt resumed at page 3
     assert upstream.hits(page(3)) == 3 * job.attempts
     assert SyncedRecord.objects.filter(source=source).count() == 6
+    # Its attempts ran out: a dead letter says where, for a replay once the source is back.
+    letter = DeadLetter.objects.get(task_id=result.id)
+    assert letter.attempts == job.attempts and "page 3" in letter.exception_message
