@@ -121,6 +121,30 @@ class Env:
             ) from None
         return value
 
+    def retry_policy(
+        self, name: builtins.str
+    ) -> builtins.tuple[builtins.int, builtins.float, builtins.float] | None:
+        """`attempts,base,cap` (e.g. `13,10,1200`: 13 attempts in all, waits from 10 s up to 1,200 s);
+        None when unset (the task family's own policy, tasks/retries.py)."""
+        value = self._raw(name)
+        if not value:
+            return None
+        usage = "write it as attempts,base,cap, e.g. 13,10,1200"
+        parts = [part.strip() for part in value.split(",")]
+        try:
+            attempts, base, cap = builtins.int(parts[0]), builtins.float(parts[1]), builtins.float(parts[2])
+        except (ValueError, IndexError):
+            raise ImproperlyConfigured(f"{name}={value!r} is not a retry policy; {usage}.") from None
+        if len(parts) != 3:
+            raise ImproperlyConfigured(f"{name}={value!r} is not a retry policy; {usage}.")
+        if not 1 <= attempts <= 100:
+            raise ImproperlyConfigured(f"{name}={value!r}: attempts must be 1-100.")
+        if not 0.01 <= base <= cap <= 7 * 24 * 3600:
+            raise ImproperlyConfigured(
+                f"{name}={value!r}: base and cap are seconds with 0.01 <= base <= cap <= 604800 (7 days)."
+            )
+        return attempts, base, cap
+
     def choice(
         self, name: builtins.str, default: builtins.str, choices: builtins.list[builtins.str]
     ) -> builtins.str:

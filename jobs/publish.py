@@ -88,9 +88,15 @@ def message_options(job: Job, headers: dict[str, Any] | None = None) -> dict[str
     options: dict[str, Any] = {
         "task_id": job.task_id,
         "queue": job.queue,
-        "headers": {**(headers or {}), JOB_HEADER: str(job.id)},
+        "headers": {**(job.held_headers or {}), **(headers or {}), JOB_HEADER: str(job.id)},
         "priority": message_priority(job.priority),
     }
+    # The attempt the message is for: a retry (held in the row, or sent again by the reconciler)
+    # keeps counting where its job is, a running job's lost message is the same attempt again.
+    if job.status == "retrying" and job.attempts:
+        options["retries"] = job.attempts
+    elif job.status == "running" and job.attempts > 1:
+        options["retries"] = job.attempts - 1
     if job.parent_id is not None:
         options["headers"][PARENT_HEADER] = str(job.parent_id)
     if job.run_at is not None:

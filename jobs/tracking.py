@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
@@ -91,10 +92,34 @@ def _unfinished(job_id: str, task_id: str) -> Any:
     return _current(job_id, task_id).exclude(status__in=Job.FINAL)
 
 
-def retrying(job_id: str, task_id: str, exc: BaseException) -> None:
-    _current(job_id, task_id).update(
-        status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000]
+def retrying(job_id: str, task_id: str, exc: BaseException, attempt: int | None = None) -> None:
+    """Attempt `attempt` failed and will be retried. Written after the retry was sent (or held):
+    a row the next attempt has claimed already (its `attempts` is higher) is left running."""
+    rows = _unfinished(job_id, task_id)
+    if attempt is not None:
+        rows = rows.filter(attempts__lte=attempt)
+    rows.update(status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000])
+
+
+def hold_retry(
+    job_id: str, task_id: str, countdown: float, headers: dict[str, Any], exc: BaseException | None
+) -> bool:
+    """Holds the job's next attempt in its row: `retrying`, due in `countdown` seconds, unpublished.
+
+    `default.release_jobs` (jobs.services.release_due) publishes it when it is due (within
+    JOBS_BROKER_MAX_DELAY_SECONDS), as retry number `attempts` with `headers` (jobs.publish). Until
+    then the reconciler leaves it alone (nothing was published, nothing is lost) and a cancel stops
+    it like any other retrying job. False when the row is cancelled or finished: nothing to hold.
+    """
+    updated = _unfinished(job_id, task_id).update(
+        status=Job.Status.RETRYING,
+        run_at=timezone.now() + timedelta(seconds=countdown),
+        published_at=None,
+        held_headers=headers or None,
+        error_type=type(exc).__name__ if exc is not None else "",
+        error_message=str(exc)[:2000] if exc is not None else "",
     )
+    return bool(updated)
 
 
 def _then(step: Callable[..., Any], *args: Any) -> None:

@@ -66,12 +66,16 @@ def child_id(parent_task_id: str, index: int) -> uuid.UUID:
     return uuid.uuid5(_CHILD_IDS, f"{parent_task_id}/{index}")
 
 
-def spawn(parent_job_id: str | None, parent_task_id: str, children: Sequence[ChildSpec]) -> list[Job]:
+def spawn(
+    parent_job_id: str | None, parent_task_id: str, children: Sequence[ChildSpec], *, first_index: int = 0
+) -> list[Job]:
     """Records `children` of the job in one INSERT and sends them in one batch; returns their rows.
 
-    A rerun of the parent (same task id) inserts nothing and sends only the children whose
-    message was never sent. Children due later than the broker can hold are sent by
-    `default.release_jobs` when due; so are children the broker did not take now.
+    `first_index`: the position of the first of them among the parent's children, for a parent that
+    spawns in several calls (a sync, page after page); positions make the ids. A rerun of the
+    parent (same task id) inserts nothing and sends only the children whose message was never sent.
+    Children due later than the broker can hold are sent by `default.release_jobs` when due; so
+    are children the broker did not take now.
     """
     if not children:
         return []
@@ -80,7 +84,7 @@ def spawn(parent_job_id: str | None, parent_task_id: str, children: Sequence[Chi
     ) or {"priority": None, "token_id": None}
     now = timezone.now()
     rows = []
-    for index, spec in enumerate(children):
+    for index, spec in enumerate(children, start=first_index):
         run_at = now + timedelta(seconds=spec.countdown) if spec.countdown > 0 else None
         identity = child_id(parent_task_id, index)
         rows.append(
@@ -101,16 +105,20 @@ def spawn(parent_job_id: str | None, parent_task_id: str, children: Sequence[Chi
                 error_message=Value(""),
             )
         )
-    if Job.objects.filter(pk=rows[0].id).exists():
-        rows = _unsent(rows)  # the parent ran before: its children are there
-    else:
+    # The parent ran before: its children are there (all of them, or, for a parent that spawns in
+    # several calls and whose rerun groups them otherwise, some of them).
+    ran_before = set(Job.objects.filter(pk__in=[row.id for row in rows]).values_list("pk", flat=True))
+    fresh = [row for row in rows if row.id not in ran_before]
+    if fresh:
         try:
             # In statements of 100 rows: one statement holding every child's arguments (a sync's
             # 100,000 records) would be built whole in memory.
             with transaction.atomic():
-                Job.objects.bulk_create(rows, batch_size=100)
+                Job.objects.bulk_create(fresh, batch_size=100)
         except IntegrityError:  # another delivery of the parent inserted them just now
-            rows = _unsent(rows)
+            ran_before.add(fresh[0].id)
+    if ran_before:
+        rows = _unsent(rows)
     _send(rows, now)
     return rows
 

@@ -5,8 +5,10 @@ A task opts in with `@app.task(base=JobTask, name="family.verb", schema=..., ide
 - arguments are validated against `schema` (a pydantic model whose fields are
   the task's parameters) when the task is sent and again when it starts;
 - `TransientJobError` (and whatever the task adds to `autoretry_for`) is retried
-  with exponential backoff and full jitter, capped at `retry_backoff_max`
-  seconds, for at most `max_attempts` attempts in all;
+  under the task family's retry policy (tasks.retries: attempts, and a wait that
+  grows to a cap, with equal jitter), waiting at least what the other side asked
+  for (`retry_after`); a wait longer than JOBS_BROKER_MAX_DELAY_SECONDS is held in
+  the job's row, not in the broker, and `default.release_jobs` sends it when due;
 - `PermanentJobError` (bad arguments, a missing row, a 4xx answer, an
   undecodable file) fails at once;
 - a task that fails for good leaves a dead letter (tasks.deadletters) holding
@@ -17,14 +19,16 @@ A task opts in with `@app.task(base=JobTask, name="family.verb", schema=..., ide
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-import random
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Annotated, Any, ClassVar
 
 from celery import Task
 from celery._state import _task_stack  # type: ignore[attr-defined]  # what Task.__call__ uses
+from celery.exceptions import Retry
 from celery.utils import uuid as uuid_text
 from django.apps import apps as django_apps
 from django.conf import settings
@@ -41,8 +45,9 @@ from jobs.protocol import (
     REPLAY_HEADER,
     RESENT_HEADER,
 )
-from tasks import reliability
+from tasks import reliability, retries
 from tasks.errors import DeliveryLimitExceeded, InvalidArguments, PermanentJobError, TransientJobError
+from tasks.retries import RetryPolicy
 
 # Re-exported: task modules and the faces import them from here.
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "InvalidArguments",
     "JobTask",
     "PermanentJobError",
+    "RetryPolicy",
     "RowId",
     "TransientJobError",
 ]
@@ -98,17 +104,14 @@ def describe_validation_error(task_name: str, error: ValidationError) -> str:
     return f"{task_name}: invalid arguments: " + "; ".join(problems)
 
 
-def backoff_countdown(
-    retries: int, *, base: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry number `retries + 1`: full jitter over an exponential cap.
-
-    The ceiling doubles with each retry (base, 2*base, 4*base, ...) up to
-    `maximum`; the wait is uniform in [0, ceiling] so workers that failed together
-    do not retry together.
-    """
-    ceiling = min(maximum, base * (2**retries))
-    return (rng or random).uniform(0, ceiling)
+def asked_wait(exc: BaseException | None) -> float | None:
+    """The seconds the other side asked us to wait (`retry_after`) on `exc` or the error it wraps
+    (`raise TransientJobError(...) from TransientFetchError(..., retry_after=120)`)."""
+    for error in (exc, getattr(exc, "__cause__", None)):
+        asked = getattr(error, "retry_after", None)
+        if asked is not None:
+            return float(asked)
+    return None
 
 
 class JobTask(Task):
@@ -129,17 +132,24 @@ class JobTask(Task):
 
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (TransientJobError,)
     dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (PermanentJobError,)
-    max_attempts: ClassVar[int] = settings.JOBS_MAX_ATTEMPTS
-    retry_backoff_base: ClassVar[float] = settings.JOBS_RETRY_BACKOFF_SECONDS
-    retry_backoff_max: ClassVar[int] = settings.JOBS_RETRY_BACKOFF_MAX_SECONDS
-    # Countdowns are ours (backoff_countdown): Celery's own backoff is whole seconds only.
+    # How the task retries (tasks.retries). None: its family's policy, by task-name prefix
+    # (`email.send`: email's), with JOBS_RETRY_<FAMILY> applied; `max_attempts` alone changes the
+    # attempts and keeps the family's waits. `policy` is the one in force.
+    retry_policy: ClassVar[RetryPolicy | None] = None
+    max_attempts: ClassVar[int | None] = None
+    policy: ClassVar[RetryPolicy] = retries.DEFAULT
+    # Countdowns are ours (RetryPolicy.wait): Celery's own backoff is whole seconds and full jitter.
     retry_backoff = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.max_attempts < 1:
-            raise ValueError(f"{cls.__name__}.max_attempts must be at least 1")
-        cls.max_retries = cls.max_attempts - 1
+        policy = cls.retry_policy or retries.configured(retries.family_of(getattr(cls, "name", None)))
+        if cls.max_attempts is not None:
+            if cls.max_attempts < 1:
+                raise ValueError(f"{cls.__name__}.max_attempts must be at least 1")
+            policy = dataclasses.replace(policy, attempts=cls.max_attempts)
+        cls.policy = policy
+        cls.max_retries = policy.retries
 
     # --- arguments ----------------------------------------------------------
 
@@ -233,14 +243,27 @@ class JobTask(Task):
         **options: Any,
     ) -> Any:
         if countdown is None and eta is None:
-            countdown = backoff_countdown(
-                self.request.retries, base=self.retry_backoff_base, maximum=self.retry_backoff_max
-            )
+            wait = self.policy.wait(self.request.retries or 0, retry_after=asked_wait(exc))
+            countdown = retries.scaled(wait)
         headers = self.carried_headers()
         headers.setdefault(FIRST_FAILURE_HEADER, timezone.now().isoformat())
         # A retry is a new message: its deliveries are counted afresh.
         headers.pop(DELIVERY_COUNT_HEADER, None)
         options["headers"] = {**headers, **options.get("headers", {})}
+        limit = self.max_retries if max_retries is None else max_retries
+        if (
+            countdown is not None
+            and eta is None
+            and countdown > settings.JOBS_BROKER_MAX_DELAY_SECONDS
+            and args is None
+            and kwargs is None
+            and (limit is None or (self.request.retries or 0) + 1 <= limit)
+            and self._hold_retry(countdown, options["headers"], exc)
+        ):
+            held = Retry(exc=exc, when=timezone.now() + timedelta(seconds=countdown))
+            if throw:
+                raise held
+            return held
         return super().retry(
             args,
             kwargs,
@@ -251,6 +274,36 @@ class JobTask(Task):
             max_retries=max_retries,
             **options,
         )
+
+    def _hold_retry(self, countdown: float, headers: Mapping[str, Any], exc: BaseException | None) -> bool:
+        """Holds a long wait in the job's row (status retrying, due `countdown` seconds from now):
+        an ETA message would sit in a worker for that long, past the Redis visibility timeout or
+        RabbitMQ's consumer timeout. `default.release_jobs` sends it when due, with this retry's
+        number and headers. False (the broker holds it after all) for a task without a row, or
+        when the row cannot be written; True, sending nothing, when the job was cancelled."""
+        job_id = self.request_header(JOB_HEADER)
+        if job_id is None or not reliability.in_worker(self.request) or not self.request.id:
+            return False
+        from jobs import tracking
+
+        kept = {name: headers[name] for name in (FIRST_FAILURE_HEADER, REPLAY_HEADER) if name in headers}
+        try:
+            held = tracking.hold_retry(str(job_id), self.request.id, countdown, kept, exc)
+        except Exception:
+            logger.exception("%s[%s]: could not hold the retry in the database", self.name, self.request.id)
+            return False
+        if not held:  # cancelled meanwhile: there is nothing to retry, and nothing is sent
+            logger.info("%s[%s]: job %s was cancelled; not retried", self.name, self.request.id, job_id)
+            return True
+        logger.info(
+            "%s[%s]: retry %d held in the database for %.0f s (JOBS_BROKER_MAX_DELAY_SECONDS is %s)",
+            self.name,
+            self.request.id,
+            (self.request.retries or 0) + 1,
+            countdown,
+            settings.JOBS_BROKER_MAX_DELAY_SECONDS,
+        )
+        return True
 
     def request_header(self, name: str) -> Any:
         return getattr(self.request, name, None) or (self.request.headers or {}).get(name)
@@ -407,7 +460,7 @@ class JobTask(Task):
         return True
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        self._track("retrying", exc)
+        self._track("retrying", exc, attempt=(self.request.retries or 0) + 1)
 
     def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
         """A job of this task was cancelled through the API (called where it was cancelled, not in

@@ -215,6 +215,15 @@ class SyncRun(models.Model):
     unchanged = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True)
+    # The checkpoint (tasks.services.data_sync.Checkpoint): the records of the first `pages` pages
+    # are in the first `batches` batches (`records` of them) or counted in `failed_before` (no id,
+    # repeated); a retry of the sync resumes at `next_url` ("" before the first page).
+    next_url = models.TextField(blank=True)
+    fetch_complete = models.BooleanField(default=False)
+    records = models.PositiveIntegerField(default=0)
+    failed_before = models.PositiveIntegerField(default=0)
+    # Transient page failures retried in place (DATA_SYNC_PAGE_ATTEMPTS), over all attempts.
+    page_retries = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-started_at"]

@@ -6,15 +6,22 @@ Database: DATABASE_URL when set (CI points it at PostgreSQL), otherwise SQLite.
 
 This has to run before pytest-django imports the settings, which read the
 broker URL, hence a wrapper around `pytest_load_initial_conftests`.
+
+Run in parallel (`bin/test -n 2`, pytest-xdist), each test process gets brokers of its own:
+Redis database number + its index (gw1 of db 0 uses db 1), a RabbitMQ virtual host of its own
+(created with rabbitmqctl), and an embedded broker each; pytest-django gives each its own test
+database. Workers, purges and control broadcasts of one never reach another's.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -23,13 +30,52 @@ from localdev.embedded_broker import EmbeddedBroker, free_port, is_listening
 _embedded: EmbeddedBroker | None = None
 
 
+def parallel_index() -> int:
+    """0 in a serial run and in pytest-xdist's gw0; N in gwN."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def own_broker_url(url: str, index: int | None = None) -> str:
+    """`url` made this test process's own when tests run in parallel (see the module docstring)."""
+    index = parallel_index() if index is None else index
+    if not index:
+        return url
+    parts = urlsplit(url)
+    if parts.scheme.startswith(("redis", "valkey")):
+        base = int(parts.path.strip("/") or 0)
+        return urlunsplit(parts._replace(path=f"/{base + index}"))
+    if parts.scheme.startswith(("amqp", "pyamqp")):
+        vhost = parts.path[1:] or "/"
+        own = f"{'root' if vhost == '/' else vhost}-gw{index}"
+        ctl = shutil.which("rabbitmqctl")
+        if ctl is None:
+            raise pytest.UsageError(f"running in parallel on {url} needs rabbitmqctl to add vhost {own}")
+        subprocess.run([ctl, "-q", "add_vhost", own], capture_output=True, check=False)
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", own, parts.username or "guest", ".*", ".*", ".*"],
+            capture_output=True,
+            check=False,
+        )
+        return urlunsplit(parts._replace(path=f"/{own}"))
+    return url
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_load_initial_conftests(
     early_config: pytest.Config, parser: pytest.Parser, args: list[str]
 ) -> Generator[None, None, None]:
     global _embedded
     url = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL")
+    for name in ("REDIS_URL", "METRICS_REDIS_URL", "RATE_LIMIT_STORAGE_URL"):
+        if os.environ.get(name, "").startswith(("redis", "valkey")):
+            os.environ[name] = own_broker_url(os.environ[name])
+    if parallel_index() and shutil.which("rabbitmqctl"):
+        # tests.rabbitmq reads it when first imported, after this
+        rabbitmq = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+        os.environ["RABBITMQ_URL"] = own_broker_url(rabbitmq)
     if url:
+        url = own_broker_url(url)
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 6379
         if parts.scheme.startswith("redis") and not is_listening(host, port, timeout=2):

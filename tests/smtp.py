@@ -100,6 +100,9 @@ class SmtpServer:
         self.host = host
         self.messages: list[ReceivedMessage] = []
         self.refused: list[tuple[str, str]] = []
+        # time.monotonic() of each refusal and of each accepted message, in order.
+        self.refused_at: list[float] = []
+        self.received_at: list[float] = []
         self._failures = {"RCPT": fail_rcpt_with, "DATA": fail_data_with}
         self._remaining = fail_times
         # Addresses refused at RCPT every time, with their reply (`refuse`).
@@ -187,6 +190,7 @@ class SmtpServer:
             if self._remaining is not None:
                 self._remaining -= 1
             self.refused.append((command, detail))
+            self.refused_at.append(time.monotonic())
             self._changed.notify_all()
         code, text = failure
         return f"{code} {text}"
@@ -201,4 +205,5 @@ class SmtpServer:
         )
         with self._changed:
             self.messages.append(received)
+            self.received_at.append(time.monotonic())
             self._changed.notify_all()

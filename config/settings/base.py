@@ -7,6 +7,7 @@ key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -359,15 +360,28 @@ CELERY_IMPORTS = (
 
 # --- The shared task policy (tasks/base.py) -----------------------------------
 
-# Attempts in all (first run + retries) before a task goes to the dead letters.
-JOBS_MAX_ATTEMPTS = env.int("JOBS_MAX_ATTEMPTS", default=5, min_value=1, max_value=100)
+# Retry policies (tasks/retries.py): each task family has its own attempts and backoff, chosen to
+# ride out an outage of what it depends on. "attempts,base,cap" replaces a family's (unset: the
+# family's own); retry n waits between ceiling/2 and ceiling, ceiling = min(cap, base * 2**n).
+JOBS_RETRY_DEFAULT = env.retry_policy("JOBS_RETRY_DEFAULT")
+JOBS_RETRY_EMAIL = env.retry_policy("JOBS_RETRY_EMAIL")
+JOBS_RETRY_DATA_SYNC = env.retry_policy("JOBS_RETRY_DATA_SYNC")
+JOBS_RETRY_ANALYTICS = env.retry_policy("JOBS_RETRY_ANALYTICS")
+JOBS_RETRY_IMAGES = env.retry_policy("JOBS_RETRY_IMAGES")
+# Multiplies every retry wait. 1 in production; the test settings make it small so that tests run
+# the production attempt counts in seconds.
+JOBS_RETRY_DELAY_SCALE = env.float("JOBS_RETRY_DELAY_SCALE", default=1.0, min_value=0.0001, max_value=10)
+for _replaced, _by in (
+    ("JOBS_MAX_ATTEMPTS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+    ("JOBS_RETRY_BACKOFF_SECONDS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+    ("JOBS_RETRY_BACKOFF_MAX_SECONDS", "JOBS_RETRY_DEFAULT (attempts,base,cap)"),
+):
+    if os.environ.get(_replaced):
+        raise ImproperlyConfigured(f"{_replaced} is no longer read: set {_by} or a family's JOBS_RETRY_*.")
 # A message delivered more often than this (its worker died each time: out of memory, a crash,
 # the hard time limit) fails for good with a dead letter instead of going round for ever.
 # Deferrals while the database is away and a task's own retries are not deliveries.
 JOBS_MAX_DELIVERIES = env.int("JOBS_MAX_DELIVERIES", default=5, min_value=1, max_value=1000)
-# Retry n waits uniform(0, min(max, base * 2**n)) seconds: exponential with full jitter.
-JOBS_RETRY_BACKOFF_SECONDS = env.float("JOBS_RETRY_BACKOFF_SECONDS", default=2.0, min_value=0.01)
-JOBS_RETRY_BACKOFF_MAX_SECONDS = env.int("JOBS_RETRY_BACKOFF_MAX_SECONDS", default=600, min_value=1)
 # Workers ask the database `SELECT 1` this often and consume only while it answers
 # (tasks.reliability); a message whose outcome cannot be written is sent again for later.
 JOBS_DATABASE_PROBE_SECONDS = env.float(
@@ -433,6 +447,16 @@ DATA_SYNC_MAX_RESPONSE_BYTES = env.int(
 DATA_SYNC_MAX_REDIRECTS = env.int("DATA_SYNC_MAX_REDIRECTS", default=5, min_value=0, max_value=20)
 # Pages per sync: a `next` link that never ends cannot keep a sync going (or its memory growing).
 DATA_SYNC_MAX_PAGES = env.int("DATA_SYNC_MAX_PAGES", default=10_000, min_value=1)
+# A page's own retry budget: a transient failure (network, timeout, 408/429/5xx) retries that page
+# in place, up to this many tries in all, before the sync gives up and the task's retry resumes at
+# that page (its checkpoint). Waits grow from DATA_SYNC_PAGE_RETRY_SECONDS (with jitter), or are
+# what the server's Retry-After asks, never more than DATA_SYNC_PAGE_RETRY_MAX_SECONDS: a longer
+# Retry-After is left to the task's retry, which does not hold a worker while it waits.
+DATA_SYNC_PAGE_ATTEMPTS = env.int("DATA_SYNC_PAGE_ATTEMPTS", default=3, min_value=1, max_value=20)
+DATA_SYNC_PAGE_RETRY_SECONDS = env.float("DATA_SYNC_PAGE_RETRY_SECONDS", default=1.0, min_value=0.001)
+DATA_SYNC_PAGE_RETRY_MAX_SECONDS = env.float(
+    "DATA_SYNC_PAGE_RETRY_MAX_SECONDS", default=30.0, min_value=0.001, max_value=600
+)
 # Where `data_sync.export` writes its JSON Lines files.
 DATA_SYNC_EXPORT_DIR = Path(env.str("DATA_SYNC_EXPORT_DIR", default=str(MEDIA_ROOT / "exports")))
 # An export covers changes up to `now - lag`: a batch that set changed_at just

@@ -9,9 +9,12 @@ import tempfile
 # one cannot send them to another database or broker (forced: an exported value cannot either).
 os.environ["DJANGO_READ_DOT_ENV_FILE"] = "false"
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
-# Retries in tests wait tenths of a second, not minutes; the policy itself is unchanged.
-os.environ.setdefault("JOBS_RETRY_BACKOFF_SECONDS", "0.05")
-os.environ.setdefault("JOBS_RETRY_BACKOFF_MAX_SECONDS", "1")
+# Retries in tests run the production policies (the same attempts, the same growth to the cap) with
+# every wait scaled down: email's hour-long window takes seconds.
+os.environ.setdefault("JOBS_RETRY_DELAY_SCALE", "0.001")
+# A sync's page retries too: hundredths of a second (a test that honours a real Retry-After raises it).
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_SECONDS", "0.01")
+os.environ.setdefault("DATA_SYNC_PAGE_RETRY_MAX_SECONDS", "0.05")
 
 # A worker a test starts on RabbitMQ keeps the shared counters (rate limits, metrics) in the tests'
 # Redis (REDIS_URL), as a deployment names one with METRICS_REDIS_URL; without one, per process.

@@ -86,6 +86,7 @@ class SyncRunAdmin(ReadOnlyAdmin):
         "updated",
         "unchanged",
         "failed",
+        "page_retries",
         "short_error",
     )
     list_filter = ("status", "source")

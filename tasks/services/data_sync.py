@@ -2,10 +2,14 @@
 
 The flow (tasks/data_sync.py runs it):
 
-1. `collect(source)` fetches every page (JSON with a `next` link, or one CSV)
-   through the guarded fetcher and returns the records, one per external id
-   (the last copy wins), counting those without a usable id as failed;
-2. the records are split into `batches(...)`, each upserted by
+1. `iter_pages(source, ...)` fetches page after page (JSON with a `next` link,
+   or one CSV) through the guarded fetcher, retrying a page's transient failure
+   in place (`PageRetry`: DATA_SYNC_PAGE_ATTEMPTS, honouring Retry-After);
+   a `Feed` takes each external id once per run (the first copy; later copies
+   and records without a usable id count as failed) and cuts the records into
+   batches as the pages come, so a sync holds one batch of records, not all;
+   its `Checkpoint` (saved in the SyncRun) is where a retry resumes;
+2. each batch is upserted by
    `upsert_records(...)`: one SELECT of the existing checksums, then
    bulk_create for new ids and bulk_update for changed ones. A record whose
    checksum (sha256 of its canonical JSON) is unchanged is not written, so
@@ -24,9 +28,11 @@ import hashlib
 import io
 import json
 import os
+import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from urllib.parse import urljoin
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
@@ -187,34 +194,194 @@ def parse_csv_page(page: FetchedPage, source: DataSource) -> list[Any]:
     return rows
 
 
-def iter_pages(source: DataSource, fetcher: Fetcher, max_pages: int | None = None) -> Iterator[list[Any]]:
-    """Yields each page's records, following `next` links (JSON) or one page (CSV)."""
+@dataclass(frozen=True)
+class PageRetry:
+    """A page's own retry budget: a transient failure retries that page in place, up to `attempts`
+    tries in all, waiting `base * 2**n` seconds (with jitter), or what the server's Retry-After
+    asks, never more than `maximum`. A Retry-After over `maximum` is not waited out in the worker:
+    the page gives up at once and the task's retry waits instead."""
+
+    attempts: int = 3
+    base: float = 1.0
+    maximum: float = 30.0
+
+    @classmethod
+    def from_settings(cls) -> PageRetry:
+        return cls(
+            attempts=settings.DATA_SYNC_PAGE_ATTEMPTS,
+            base=settings.DATA_SYNC_PAGE_RETRY_SECONDS,
+            maximum=settings.DATA_SYNC_PAGE_RETRY_MAX_SECONDS,
+        )
+
+    def delay(self, attempt: int, error: TransientFetchError) -> float | None:
+        """Seconds to wait before try `attempt + 1` of a page that failed with `error`; None: give up."""
+        if attempt >= self.attempts:
+            return None
+        if error.retry_after is not None:
+            return None if error.retry_after > self.maximum else error.retry_after
+        backoff = min(self.maximum, self.base * 2 ** (attempt - 1))
+        return random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter, not a secret)
+
+
+@dataclass(frozen=True)
+class Page:
+    number: int  # 1 for the source's first page, counted across the run's attempts
+    url: str
+    records: list[Any]
+    next_url: str | None  # None on the last page
+
+
+def fetch_page(
+    fetcher: Fetcher,
+    url: str,
+    retry: PageRetry,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[TransientFetchError, float], None] | None = None,
+) -> FetchedPage:
+    """GET one page, retrying a transient failure in place within `retry`'s budget; the last
+    failure is raised (its `retry_after` is what the server asked for, if it did)."""
+    attempt = 1
+    while True:
+        try:
+            return fetcher.get(url)
+        except TransientFetchError as exc:
+            wait = retry.delay(attempt, exc)
+            if wait is None:
+                raise
+            if on_retry is not None:
+                on_retry(exc, wait)
+            sleep(wait)
+            attempt += 1
+
+
+def iter_pages(
+    source: DataSource,
+    fetcher: Fetcher,
+    *,
+    start_url: str | None = None,
+    pages_before: int = 0,
+    max_pages: int | None = None,
+    retry: PageRetry | None = None,
+    on_retry: Callable[[TransientFetchError, float], None] | None = None,
+) -> Iterator[Page]:
+    """Yields each page, following `next` links (JSON) or one page (CSV), from `start_url` (a
+    checkpoint's) or the source's first page. `pages_before`: pages fetched by earlier attempts,
+    counted against DATA_SYNC_MAX_PAGES."""
+    retry = retry or PageRetry(attempts=1)
     if source.kind == DataSource.Kind.CSV:
-        yield parse_csv_page(fetcher.get(source.url), source)
+        page = fetch_page(fetcher, source.url, retry, on_retry=on_retry)
+        yield Page(1, source.url, parse_csv_page(page, source), None)
         return
     limit = max_pages or settings.DATA_SYNC_MAX_PAGES
-    url: str | None = source.url
-    seen: set[str] = set()
+    url: str | None = start_url or source.url
+    number = pages_before
+    seen: set[str] = set()  # this attempt's pages: a loop is found within one attempt
     while url is not None:
-        if len(seen) >= limit:
+        if number >= limit:
             raise SourceDataError(
                 f"source '{source.name}' has more than {limit} pages (DATA_SYNC_MAX_PAGES); "
                 "raise the setting or check its next links"
             )
         seen.add(url)
-        page = fetcher.get(url)
-        records, url = parse_json_page(page, source)
-        yield records
-        if url in seen:
-            raise SourceDataError(f"{redact_url(page.url)}: the next link points back to an earlier page")
+        number += 1
+        fetched = fetch_page(fetcher, url, retry, on_retry=on_retry)
+        records, next_url = parse_json_page(fetched, source)
+        if next_url is not None and next_url in seen:
+            raise SourceDataError(f"{redact_url(fetched.url)}: the next link points back to an earlier page")
+        yield Page(number, url, records, next_url)
+        url = next_url
+
+
+@dataclass
+class Checkpoint:
+    """How far a run's fetching got. Every record of the pages before `next_url` is in one of
+    the run's first `batches` batches (spawned), or counted in `failed`: a retry resumes at
+    `next_url` with these counts and loses or counts twice nothing."""
+
+    next_url: str = ""  # "" before the first page
+    pages: int = 0
+    fetched: int = 0
+    failed: int = 0  # no usable id, or a repeat of an id an earlier record of the run took
+    records: int = 0  # records in the spawned batches
+    batches: int = 0
+    complete: bool = False  # the last page is in
+
+    @classmethod
+    def of(cls, run: SyncRun) -> Checkpoint:
+        return cls(
+            next_url=run.next_url,
+            pages=run.pages,
+            fetched=run.fetched,
+            failed=run.failed_before,
+            records=run.records,
+            batches=run.batches,
+            complete=run.fetch_complete,
+        )
+
+
+class Feed:
+    """Turns a run's pages into upsert batches of `size` records, for one attempt of the sync.
+
+    Each external id is taken once per run: the first record carrying it is stored, later ones
+    (on the same page or any later one, in this attempt or an earlier one) count as failed, as
+    records without a usable id do. `seen` holds the ids the run's earlier batches took (empty on
+    a first attempt). Records wait in a buffer until a batch is full; `flush()` empties it."""
+
+    def __init__(self, source: DataSource, start: Checkpoint, seen: set[str], size: int) -> None:
+        self.source = source
+        self.saved = replace(start)
+        self.now = replace(start)
+        self.seen = seen
+        self.size = max(1, size)
+        self._buffer: list[Any] = []
+        if not self.now.next_url:
+            self.now.next_url = source.url
+
+    def add(self, page: Page) -> list[tuple[int, list[Any]]]:
+        """Takes a page; returns the batches it filled as (position, records)."""
+        now = self.now
+        now.pages += 1
+        for record in page.records:
+            now.fetched += 1
+            external_id = external_id_of(record, self.source.id_field)
+            if external_id is None or external_id in self.seen:
+                now.failed += 1
+                continue
+            self.seen.add(external_id)
+            self._buffer.append(record)
+        now.next_url = page.next_url or ""
+        now.complete = page.next_url is None
+        full: list[tuple[int, list[Any]]] = []
+        while len(self._buffer) >= self.size:
+            full.append(self._take(self.size))
+        return full
+
+    def flush(self) -> tuple[int, list[Any]] | None:
+        """The buffered records as a last (smaller) batch, or None when there are none."""
+        return self._take(len(self._buffer)) if self._buffer else None
+
+    def _take(self, count: int) -> tuple[int, list[Any]]:
+        group, self._buffer = self._buffer[:count], self._buffer[count:]
+        position = self.now.batches
+        self.now.batches += 1
+        self.now.records += len(group)
+        return position, group
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Where a retry may resume, once every record taken so far is in a batch; else None."""
+        if self._buffer:
+            return None
+        self.saved = replace(self.now)
+        return self.saved
 
 
 @dataclass
 class Collected:
-    records: list[Any] = field(default_factory=list)  # one per external id, upstream order
+    records: list[Any] = field(default_factory=list)  # one per external id (the first), upstream order
     pages: int = 0
     fetched: int = 0
-    failed: int = 0  # no usable id, or an earlier copy of a repeated id
+    failed: int = 0  # no usable id, or a later copy of a repeated id
 
 
 def collect(
@@ -222,29 +389,22 @@ def collect(
     fetcher: Fetcher | None = None,
     on_page: Callable[[int, int], None] | None = None,
 ) -> Collected:
-    """Fetches every page of `source`; `on_page(pages, records)` is called after each one."""
-    by_id: dict[str, Any] = {}
+    """Fetches every page of `source` into memory (the sync streams them instead: `Feed`);
+    `on_page(pages, records)` is called after each one."""
     result = Collected()
+    feed = Feed(source, Checkpoint(), set(), size=1)
     own_fetcher = fetcher is None
     fetcher = fetcher or Fetcher()
     try:
-        for records in iter_pages(source, fetcher):
-            result.pages += 1
-            for record in records:
-                result.fetched += 1
-                external_id = external_id_of(record, source.id_field)
-                if external_id is None:
-                    result.failed += 1
-                    continue
-                if external_id in by_id:
-                    result.failed += 1
-                by_id[external_id] = record
+        for page in iter_pages(source, fetcher):
+            for _, group in feed.add(page):
+                result.records.extend(group)
             if on_page is not None:
-                on_page(result.pages, result.fetched)
+                on_page(feed.now.pages, feed.now.fetched)
     finally:
         if own_fetcher:
             fetcher.close()
-    result.records = list(by_id.values())
+    result.pages, result.fetched, result.failed = feed.now.pages, feed.now.fetched, feed.now.failed
     return result
 
 
@@ -367,14 +527,25 @@ def start_run(source: DataSource, task_id: str) -> SyncRun:
     return run
 
 
-def record_collected(run: SyncRun, collected: Collected, batch_count: int) -> None:
-    run.pages, run.fetched, run.failed, run.batches = (
-        collected.pages,
-        collected.fetched,
-        collected.failed,
-        batch_count,
+def save_checkpoint(run_id: int, checkpoint: Checkpoint) -> None:
+    """Records how far the run's fetching got (one UPDATE, after the batches it names are spawned)."""
+    SyncRun.objects.filter(pk=run_id, status=SyncRun.Status.RUNNING).update(
+        next_url=checkpoint.next_url,
+        pages=checkpoint.pages,
+        fetched=checkpoint.fetched,
+        failed_before=checkpoint.failed,
+        failed=checkpoint.failed,
+        records=checkpoint.records,
+        batches=checkpoint.batches,
+        fetch_complete=checkpoint.complete,
     )
-    run.save(update_fields=["pages", "fetched", "failed", "batches"])
+
+
+def note_page_retry(run_id: int, message: str) -> None:
+    """A page failed for now and is tried again in place: counted and shown on the run."""
+    SyncRun.objects.filter(pk=run_id, status=SyncRun.Status.RUNNING).update(
+        page_retries=F("page_retries") + 1, error=message[:MAX_ERROR_LENGTH]
+    )
 
 
 def finish_run(run_id: int, results: Sequence[Mapping[str, int]], failed_before: int = 0) -> bool:

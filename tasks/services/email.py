@@ -111,22 +111,54 @@ def build_message(to: str, template: str, context: dict[str, Any], key: str) -> 
 # --- errors -----------------------------------------------------------------------
 
 
+# A 4xx reply that says when to come back (greylisting: Postgrey's "Greylisted for 300 seconds",
+# "try again in 5 minutes", "retry after 60s", "come back in 00:05:00"). The first of these in the
+# reply sets the retry's least wait (bounded by the family's cap: tasks.retries).
+_WAIT_IN_UNITS = re.compile(
+    r"\b(?:in|after|for)\s+(\d{1,6})\s*(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)\b", re.IGNORECASE
+)
+_WAIT_AS_CLOCK = re.compile(r"\b(?:in|after|for)\s+(\d{1,2}):(\d{2})(?::(\d{2}))?\b", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def retry_after_from_reply(text: str) -> float | None:
+    """Seconds an SMTP reply asks the sender to wait before trying again, or None if it does not say."""
+    clock = _WAIT_AS_CLOCK.search(text)
+    units = _WAIT_IN_UNITS.search(text)
+    if clock and (not units or clock.start() < units.start()):
+        first, second, third = clock.groups()
+        if third is None:  # mm:ss
+            return float(int(first) * 60 + int(second))
+        return float(int(first) * 3600 + int(second) * 60 + int(third))
+    if units:
+        unit = units.group(2).lower()
+        return float(int(units.group(1)) * _UNIT_SECONDS["h" if unit.startswith("h") else unit[0]])
+    return None
+
+
+def _reply_text(reply: bytes | str) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+
+
 def classify_smtp_error(exc: BaseException) -> Exception:
-    """TransientJobError for what may work later (connection trouble, 4xx), else PermanentJobError."""
+    """TransientJobError for what may work later (connection trouble, 4xx), else PermanentJobError.
+
+    A 4xx reply that says when to try again ("try again in 300 seconds") sets the error's
+    `retry_after`: the retry waits at least that long."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [code for code, _ in exc.recipients.values()]
         reply = "; ".join(f"{code} {msg!r}" for code, msg in exc.recipients.values())
         text = mask_addresses(f"recipient refused: {reply}")
         if codes and all(400 <= code < 500 for code in codes):
-            return TransientJobError(text)
+            waits = [retry_after_from_reply(_reply_text(msg)) for _, msg in exc.recipients.values()]
+            asked = [wait for wait in waits if wait is not None]
+            return TransientJobError(text, retry_after=max(asked) if asked else None)
         return PermanentJobError(text)
     if isinstance(exc, smtplib.SMTPResponseException):
-        detail = (
-            exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
-        )
+        detail = _reply_text(exc.smtp_error)
         text = mask_addresses(f"SMTP {exc.smtp_code}: {detail}")
         if 400 <= exc.smtp_code < 500:
-            return TransientJobError(text)
+            return TransientJobError(text, retry_after=retry_after_from_reply(detail))
         return PermanentJobError(text)
     if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError | OSError | TimeoutError):
         return TransientJobError(f"SMTP connection failed: {type(exc).__name__}: {mask_addresses(str(exc))}")

@@ -31,18 +31,22 @@ metadata service handing out credentials. `Fetcher.get` therefore:
   DATA_SYNC_MAX_RESPONSE_BYTES (decompressed bytes, so a gzip bomb stops too).
 
 Errors are `TransientFetchError` (network, timeouts, 408, 429, 5xx: worth
-retrying) or `PermanentFetchError` (refused address or scheme, other 4xx,
+retrying; a 429 or 503 with `Retry-After` carries the seconds asked for in
+`retry_after`) or `PermanentFetchError` (refused address or scheme, other 4xx,
 too large: retrying cannot help). URLs in messages have their query string and
 credentials removed, since tokens often travel there.
 """
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpcore
@@ -68,6 +72,9 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# A `Retry-After` asking for longer than this is taken as this: a typo or a hostile server cannot
+# park a sync for days (the retry policy caps what it waits anyway).
+RETRY_AFTER_MAX_SECONDS = 3600.0
 
 
 class FetchError(Exception):
@@ -427,11 +434,38 @@ class Fetcher:
         return bytes(body)
 
 
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks for: delta-seconds ("120") or an HTTP-date
+    ("Wed, 21 Oct 2026 07:28:00 GMT"); None when absent or unreadable. A date in the past is 0;
+    anything over RETRY_AFTER_MAX_SECONDS is capped there."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        seconds = float(int(text[:12]))  # a thousand-digit number is still just "very long"
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000" or no zone: HTTP-dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_SECONDS)
+
+
 def _raise_for_status(response: httpx.Response, url: httpx.URL) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
     described = f"GET {redact_url(url)} answered {status} {response.reason_phrase}".rstrip()
+    if status in (429, 503):
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if retry_after is not None:
+            described += f" (Retry-After: {retry_after:g} s)"
+            raise TransientFetchError(described, retry_after=retry_after)
     if status in (408, 429) or status >= 500:
         raise TransientFetchError(described)
     raise PermanentFetchError(described)

@@ -116,6 +116,11 @@ def test_every_variable_is_read_when_set() -> None:
         ("CELERY_BROKER_VISIBILITY_TIMEOUT", "60", "CELERY_BROKER_VISIBILITY_TIMEOUT=60 is too small"),
         # A lapse shorter than two missed heartbeats would take a busy worker for a dead one.
         ("DELIVERY_HEARTBEAT_LAPSE", "10", "DELIVERY_HEARTBEAT_LAPSE=10 is too small"),
+        ("JOBS_RETRY_EMAIL", "13,10", "JOBS_RETRY_EMAIL='13,10' is not a retry policy"),
+        ("JOBS_RETRY_IMAGES", "0,1,2", "JOBS_RETRY_IMAGES='0,1,2': attempts must be 1-100"),
+        ("JOBS_RETRY_DATA_SYNC", "5,60,10", "base and cap are seconds with 0.01 <= base <= cap"),
+        # Replaced by the policies: refused rather than silently ignored.
+        ("JOBS_MAX_ATTEMPTS", "5", "JOBS_MAX_ATTEMPTS is no longer read: set JOBS_RETRY_DEFAULT"),
     ],
 )
 def test_a_bad_value_fails_at_start_up_naming_the_variable(variable: str, value: str, message: str) -> None:

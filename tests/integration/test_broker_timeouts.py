@@ -111,7 +111,10 @@ def test_beat_reports_a_frozen_broker_within_seconds_and_sends_when_it_thaws(
 ) -> None:
     add_interval("every minute", 60)
     scheduler = Scheduler(app=celery_app, max_interval=3600)
-    start = timezone.now()
+    # Five seconds past a minute: start + 61, + 122 and + 130 s then fall in the next minute, the
+    # one after and the same one again, whatever second the test starts at (from 50 s past a
+    # minute on, + 130 s used to reach a third minute and a third occurrence).
+    start = timezone.now().replace(second=5, microsecond=0)
     with Clock(start + timedelta(seconds=61)) as clock:
         scheduler.tick()  # takes the lease
         scheduler.tick()

@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 from django.utils import timezone
 
 from config.celery_app import app
-from jobs import publish, ratelimit, services
+from jobs import publish, ratelimit, reconcile, services, tracking
 from jobs.models import Job
 from tasks.models import DeadLetter, EmailLog
 from tests.jobs.conftest import ApiClient
@@ -719,6 +719,45 @@ def test_it_never_releases_a_cancelled_held_job(api_client: ApiClient, staff_cli
     assert services.release_due() == 0
     job = Job.objects.get(pk=job_id)
     assert (job.status, job.published_at, job.started_at) == ("cancelled", None, None)
+
+
+def test_it_cancels_a_retry_held_in_the_database_and_never_releases_it(
+    staff_client: ApiClient, settings
+) -> None:
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    job = job_row(Job.Status.RUNNING, attempts=1, published_at=timezone.now(), started_at=timezone.now())
+    # What a worker does for a retry that waits longer than JOBS_BROKER_MAX_DELAY_SECONDS.
+    assert tracking.hold_retry(str(job.pk), job.task_id, 3600, {"x_first_failure_at": "t"}, OSError("away"))
+    job.refresh_from_db()
+    assert (job.status, job.published_at, job.error_type) == ("retrying", None, "OSError")
+    assert staff_client.get(f"/api/jobs/{job.pk}").json()["run_at"] is not None
+    assert reconcile.resend_lost() == 0  # held, not lost: nothing is sent
+
+    assert staff_client.delete(f"/api/jobs/{job.pk}").status_code == 200
+    make_due(str(job.pk))
+
+    assert services.release_due() == 0
+    assert status_of(str(job.pk)) == "cancelled"
+
+
+def test_a_retry_sent_from_its_row_is_the_next_attempt_with_the_headers_it_carried() -> None:
+    def row(status: str, attempts: int) -> Job:
+        return Job(
+            type="default.ping",
+            queue="default",
+            task_id=uuid(),
+            status=status,
+            attempts=attempts,
+            held_headers={"x_first_failure_at": "2026-11-29T05:00:00+00:00"},
+        )
+
+    # Released by release_jobs, or sent again by the reconciler: attempt 3 after 2 failed ones.
+    retry = publish.message_options(row("retrying", 2))
+    assert retry["retries"] == 2
+    assert retry["headers"]["x_first_failure_at"] == "2026-11-29T05:00:00+00:00"
+    # A running job's lost message is the same attempt again; a new job's, the first.
+    assert publish.message_options(row("running", 3))["retries"] == 2
+    assert "retries" not in publish.message_options(row("queued", 0))
 
 
 def test_it_runs_a_cancelled_job_again_when_it_is_retried(

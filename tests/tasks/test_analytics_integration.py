@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -10,6 +11,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from jobs.models import Job
+from tasks import retries
 from tasks.analytics import aggregate_daily, backfill, daily_report, ingest
 from tasks.models import DailyMetric, DeadLetter, EmailLog, Event
 from tasks.services import analytics as service
@@ -143,6 +145,31 @@ def test_a_busy_smtp_server_is_retried_until_the_report_gets_through(
     assert len(smtp_server.refused) == 2
     assert smtp_server.wait_for_messages(1)[0].envelope_to == ["ops@example.com"]
     assert EmailLog.objects.get(template="analytics/daily_report").attempts == 3
+    assert not DeadLetter.objects.exists()
+
+
+def test_the_report_rides_out_a_twenty_minute_smtp_outage(
+    celery_worker: object, smtp_server: SmtpServer, settings
+) -> None:
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    # Waits at 0.2% of their length: analytics' least window (30 min 37 s) is 3.7 s, the outage 2.4 s.
+    settings.JOBS_RETRY_DELAY_SCALE = 0.002
+    outage = 20 * 60 * settings.JOBS_RETRY_DELAY_SCALE
+    assert retries.configured("analytics").window()[0] > 30 * 60
+    smtp_server.set_failure(rcpt=(421, "4.3.2 service not available"), times=None)
+    recovery = threading.Timer(outage, lambda: smtp_server.set_failure(rcpt=None))
+    recovery.start()
+    try:
+        sent = daily_report.delay(day="2026-05-04")
+        assert sent.get(timeout=120)["sent"] == 1
+    finally:
+        recovery.cancel()
+
+    refused = len(smtp_server.refused)
+    assert refused >= 5  # the old policy's attempts in all
+    assert smtp_server.wait_for_messages(1)[0].envelope_to == ["ops@example.com"]
+    assert EmailLog.objects.get(template="analytics/daily_report").attempts == refused + 1
+    assert Job.objects.get(task_id=sent.id).attempts == refused + 1
     assert not DeadLetter.objects.exists()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs import tree
+from jobs.models import Job
+from tasks import data_sync
 from tasks.admin.data_sync import DataSourceForm
 from tasks.models import DataSource, SyncedRecord, SyncExport, SyncRun
 from tasks.services import data_sync as service
@@ -30,9 +33,11 @@ from tasks.services.fetch import (
     TransientFetchError,
     check_url,
     parse_allowed_hosts,
+    parse_retry_after,
     refusal_reason,
 )
 from tests.tasks.upstream import Upstream, make_records
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -275,6 +280,42 @@ def test_server_errors_and_throttling_are_transient_other_4xx_permanent(
         assert not isinstance(raised.value, TransientFetchError)
 
 
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("120", 120.0), ("0", 0.0), ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0), ("99999999", 3600.0)],
+)
+def test_retry_after_of_429_and_503_is_carried_by_the_transient_error(
+    upstream: Upstream, status: int, header: str, seconds: float
+) -> None:
+    upstream.fail("/records?page=1", status, headers={"Retry-After": header})
+    with pytest.raises(TransientFetchError, match=f"answered {status}") as raised:
+        get(upstream.url("/records?page=1"), allowing(upstream.host))
+    assert raised.value.retry_after == seconds
+
+
+@pytest.mark.parametrize(("status", "header"), [(503, None), (503, "soon"), (500, "30"), (408, "30")])
+def test_no_retry_after_without_a_readable_header_on_429_or_503(
+    upstream: Upstream, status: int, header: str | None
+) -> None:
+    upstream.fail("/records?page=1", status, headers={"Retry-After": header} if header else None)
+    with pytest.raises(TransientFetchError) as raised:
+        get(upstream.url("/records?page=1"), allowing(upstream.host))
+    assert raised.value.retry_after is None
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_bounds_them() -> None:
+    now = datetime(2026, 11, 29, 6, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("30", now) == 30.0
+    assert parse_retry_after(" 7 ", now) == 7.0
+    assert parse_retry_after("Sun, 29 Nov 2026 06:01:30 GMT", now) == 90.0
+    assert parse_retry_after("Sun, 29 Nov 2026 05:00:00 GMT", now) == 0.0  # past: now
+    assert parse_retry_after("Sun, 06 Dec 2026 06:00:00 GMT", now) == 3600.0  # a week: capped
+    assert parse_retry_after("9" * 400, now) == 3600.0
+    for unreadable in (None, "", "-5", "1.5", "soon", "Sun, 99 Nov 2026 06:01:30 GMT"):
+        assert parse_retry_after(unreadable, now) is None
+
+
 def test_error_messages_leave_out_query_strings_and_credentials(upstream: Upstream) -> None:
     with pytest.raises(PermanentFetchError) as raised:
         get(f"http://user:hunter2@{upstream.host}/missing?token=s3cret", allowing(upstream.host))
@@ -369,13 +410,123 @@ def test_collect_follows_next_links_through_every_page(upstream: Upstream) -> No
 
 @pytest.mark.django_db
 @pytest.mark.usefixtures("allow_upstream")
-def test_collect_counts_records_without_an_id_and_repeats_as_failed(upstream: Upstream) -> None:
-    upstream.records = [{"id": 1, "v": "old"}, {"name": "no id"}, {"id": ""}, {"id": 1, "v": "new"}, "x"]
+def test_collect_counts_records_without_an_id_and_later_copies_of_an_id_as_failed(upstream: Upstream) -> None:
+    # The first copy of an id wins: a sync stores records page by page, before it sees later copies.
+    upstream.records = [{"id": 1, "v": "first"}, {"name": "no id"}, {"id": ""}, {"id": 1, "v": "again"}, "x"]
 
     collected = service.collect(make_source(upstream))
 
-    assert collected.records == [{"id": 1, "v": "new"}]
+    assert collected.records == [{"id": 1, "v": "first"}]
     assert (collected.fetched, collected.failed) == (5, 4)
+
+
+def test_a_page_is_retried_in_place_waiting_what_retry_after_asks(upstream: Upstream) -> None:
+    upstream.fail("/records?page=1", 503, 429, headers={"Retry-After": "2"})
+    waits: list[float] = []
+
+    with Fetcher(allowing(upstream.host)) as fetcher:
+        fetched = service.fetch_page(
+            fetcher, upstream.url("/records?page=1"), service.PageRetry(3, 0.01, 5.0), sleep=waits.append
+        )
+
+    assert fetched.status == 200 and waits == [2.0, 2.0]
+    assert upstream.hits("/records?page=1") == 3
+
+
+def test_a_page_gives_up_after_its_budget_with_the_last_error(upstream: Upstream) -> None:
+    upstream.fail("/records?page=1", 500, 502, 503, headers={"Retry-After": "1"})
+    waits: list[float] = []
+
+    with Fetcher(allowing(upstream.host)) as fetcher, pytest.raises(TransientFetchError) as raised:
+        service.fetch_page(
+            fetcher, upstream.url("/records?page=1"), service.PageRetry(3, 0.01, 5.0), sleep=waits.append
+        )
+
+    assert "answered 503" in str(raised.value) and raised.value.retry_after == 1.0
+    assert len(waits) == 2 and all(0.005 <= wait <= 0.02 for wait in waits)  # backoff: 0.01, then 0.02
+    assert upstream.hits("/records?page=1") == 3
+
+
+def test_a_retry_after_longer_than_the_bound_is_left_to_the_task_retry(upstream: Upstream) -> None:
+    upstream.fail("/records?page=1", 429, headers={"Retry-After": "600"})
+    waits: list[float] = []
+
+    with Fetcher(allowing(upstream.host)) as fetcher, pytest.raises(TransientFetchError) as raised:
+        service.fetch_page(
+            fetcher, upstream.url("/records?page=1"), service.PageRetry(3, 0.01, 30.0), sleep=waits.append
+        )
+
+    assert raised.value.retry_after == 600.0 and waits == []  # no worker waits ten minutes
+    assert upstream.hits("/records?page=1") == 1
+
+
+def test_page_retry_waits_grow_and_stop_at_the_bound() -> None:
+    retry = service.PageRetry(attempts=6, base=1.0, maximum=3.0)
+    error = TransientFetchError("boom")
+    assert [retry.delay(n, error) is not None for n in range(1, 7)] == [True] * 5 + [False]
+    assert all(0.5 <= (retry.delay(1, error) or 0) <= 1.0 for _ in range(20))
+    assert all(1.5 <= (retry.delay(5, error) or 0) <= 3.0 for _ in range(20))
+    assert retry.delay(1, TransientFetchError("slow down", retry_after=2.5)) == 2.5
+    assert retry.delay(1, TransientFetchError("slow down", retry_after=3.5)) is None
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_a_feed_cuts_batches_across_pages_and_checkpoints_when_none_is_half_full(upstream: Upstream) -> None:
+    source = make_source(upstream)  # 7 records in pages of 3; batches of 4
+    feed = service.Feed(source, service.Checkpoint(), set(), size=4)
+    seen: list[tuple[list[tuple[int, list[int]]], service.Checkpoint | None]] = []
+
+    with Fetcher() as fetcher:
+        for page in service.iter_pages(source, fetcher):
+            batches = [(position, [r["id"] for r in records]) for position, records in feed.add(page)]
+            seen.append((batches, feed.checkpoint()))
+    last = feed.flush()
+
+    assert [batches for batches, _ in seen] == [[], [(0, [1, 2, 3, 4])], []]
+    assert [checkpoint for _, checkpoint in seen] == [None, None, None]  # a batch was always half full
+    assert last is not None and (last[0], [r["id"] for r in last[1]]) == (1, [5, 6, 7])
+    done = feed.checkpoint()
+    assert done == service.Checkpoint("", pages=3, fetched=7, records=7, batches=2, complete=True)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("allow_upstream")
+def test_a_run_resumes_at_its_checkpoint_with_exact_counts(upstream: Upstream) -> None:
+    """Stopped after page 2, resumed from the checkpoint saved in the run: page 3 on only, the
+    counts go on, and an id the first pages took counts as failed when it comes again."""
+    again = [{"id": 2, "name": "again"}, {"name": "no id"}]
+    upstream.records = [*make_records(6), *again, *make_records(1, start=9)]
+    source = make_source(upstream, batch_size=4)
+    run = service.start_run(source, "resumed")
+    first = service.Feed(source, service.Checkpoint.of(run), set(), size=4)
+    spawned: list[tuple[int, list[Any]] | None] = []
+    with Fetcher() as fetcher:
+        for page in service.iter_pages(source, fetcher):
+            spawned += first.add(page)
+            if page.number == 2:
+                break
+    spawned += [first.flush()]  # what the sync does when it gives up: the pages so far are batched
+    stopped = first.checkpoint()
+    assert stopped is not None
+    service.save_checkpoint(run.pk, stopped)
+
+    run.refresh_from_db()
+    start = service.Checkpoint.of(run)
+    assert (start.next_url, start.pages, start.batches) == (upstream.url("/records?page=3"), 2, 2)
+    upstream.requests.clear()
+    seen = {str(record["id"]) for batch in spawned if batch for record in batch[1]}
+    second = service.Feed(source, start, seen, size=4)
+    with Fetcher() as fetcher:
+        for page in service.iter_pages(source, fetcher, start_url=start.next_url, pages_before=start.pages):
+            assert page.number == 3
+            second.add(page)
+    last = second.flush()
+    done = second.checkpoint()
+
+    assert upstream.paths() == ["/records?page=3"]
+    assert last is not None and last[0] == 2 and [r["id"] for r in last[1]] == [9]
+    assert done == service.Checkpoint("", pages=3, fetched=9, failed=2, records=7, batches=3, complete=True)
 
 
 @pytest.mark.django_db
@@ -581,6 +732,23 @@ def test_a_run_is_found_again_by_its_task_id_and_finishes_with_the_summed_counts
     assert not service.fail_run(run.pk, "too late")
 
 
+@pytest.mark.django_db
+def test_a_sync_spawning_its_batches_again_in_other_groups_gets_each_batch_once() -> None:
+    """A resumed sync whose pages now cut its batches otherwise: a call that finds some of its
+    batches recorded records the others (it used to look at the first only)."""
+    later = 10**7  # past the broker's horizon: recorded, not sent (no worker needs to see them)
+
+    def batch(number: int) -> tree.ChildSpec:
+        return tree.ChildSpec("data_sync.upsert_batch", {"run_id": number, "records": []}, later)
+
+    tree.spawn(None, "sync-task", [batch(0)])
+    tree.spawn(None, "sync-task", [batch(0), batch(1)])
+    tree.spawn(None, "sync-task", [batch(2)], first_index=2)
+
+    rows = dict(Job.objects.filter(type="data_sync.upsert_batch").values_list("pk", "payload"))
+    assert rows == {tree.child_id("sync-task", n): {"run_id": n, "records": []} for n in range(3)}
+
+
 def test_the_first_error_of_a_failed_run_is_kept(source: DataSource) -> None:
     run = service.start_run(source, "task-2")
     service.note_retry(run.pk, "attempt 1 failed, retrying")
@@ -647,3 +815,26 @@ def test_an_export_of_all_sources_keeps_its_own_watermark(source: DataSource, tm
 
     assert everything.records == 3
     assert Path(everything.path).name.startswith("all-")
+
+
+# --- resuming through a worker (this module runs on SQLite in CI as well) ---------
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_sync_past_a_pages_budget_resumes_at_that_page_through_the_worker(
+    celery_worker: object, upstream: Upstream, settings: Any
+) -> None:
+    settings.DATA_SYNC_ALLOWED_HOSTS = [upstream.host]
+    upstream.fail("/records?page=2", 503, 503, 503, 503)  # 3 tries a page: the retry's first try fails too
+    source = make_source(upstream)
+
+    result = data_sync.sync.delay(source_id=source.pk)
+    job = wait_for(lambda: Job.objects.filter(task_id=result.id, status__in=Job.FINAL).first(), timeout=60)
+
+    run = SyncRun.objects.get(task_id=result.id)
+    assert (job.status, job.attempts) == (Job.Status.SUCCEEDED, 2)
+    assert upstream.paths() == ["/records?page=1"] + ["/records?page=2"] * 5 + ["/records?page=3"]
+    assert (run.status, run.created, run.failed, run.fetched, run.page_retries) == ("succeeded", 7, 0, 7, 3)
+    assert Job.objects.filter(parent=job).count() == run.batches == 2  # 1-3 at the give-up, then 4-7
+    assert SyncedRecord.objects.filter(source=source).count() == 7

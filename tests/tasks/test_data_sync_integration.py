@@ -116,8 +116,10 @@ def test_a_page_that_answers_503_once_is_retried_and_the_sync_completes(
     assert not DeadLetter.objects.exists()
 
 
-def test_a_page_that_answers_404_fails_the_sync_at_once(celery_worker: object, upstream: Upstream) -> None:
-    upstream.fail("/records?page=3", 404)
+def test_a_first_page_that_answers_404_fails_the_sync_at_once(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    upstream.fail("/records?page=1", 404)
     source = make_source(upstream)
 
     result = data_sync.sync.delay(source_id=source.pk)
@@ -126,11 +128,36 @@ def test_a_page_that_answers_404_fails_the_sync_at_once(celery_worker: object, u
         result.get(timeout=30)
     run = finished(SyncRun.objects.get(task_id=result.id).pk)
     assert run.status == SyncRun.Status.FAILED
-    assert "data_sync.sync failed" in run.error and "answered 404" in run.error
+    assert "data_sync.sync failed: page 1" in run.error and "answered 404" in run.error
     letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
     assert (letter.task_name, letter.attempts, letter.queue) == ("data_sync.sync", 1, "data_sync")
-    assert upstream.hits("/records?page=3") == 1
-    assert not SyncedRecord.objects.exists()  # nothing is written before every page is fetched
+    assert upstream.hits("/records?page=1") == 1
+    assert not SyncedRecord.objects.exists()
+
+
+def test_a_later_page_that_answers_404_stops_the_sync_at_once_with_the_earlier_pages_stored(
+    celery_worker: object, upstream: Upstream
+) -> None:
+    upstream.fail("/records?page=3", 404)
+    source = make_source(upstream)  # pages of 3, batches of 4: pages 1-2 are batches 1-4 and 5-6
+
+    result = data_sync.sync.delay(source_id=source.pk)
+
+    assert result.get(timeout=30)["incomplete"].startswith("page 3 (")
+    run = finished(SyncRun.objects.get(task_id=result.id).pk)
+    assert run.status == SyncRun.Status.FAILED
+    assert "stopped before the source's last page: page 3" in run.error and "answered 404" in run.error
+    assert (run.pages, run.fetched, run.batches, run.created, run.failed) == (2, 6, 2, 6, 0)
+    assert upstream.hits("/records?page=3") == 1  # permanent: not fetched again
+    assert SyncedRecord.objects.count() == 6
+    job = wait_for(lambda: Job.objects.filter(task_id=result.id, status__in=Job.FINAL).first())
+    assert job.status == Job.Status.PARTIALLY_FAILED and "answered 404" in job.error_message
+    assert (job.result or {})["created"] == 6
+    # What stopped it is a dead letter of the sync, with its arguments: replaying it syncs again.
+    letter = DeadLetter.objects.get(task_id=result.id)
+    assert letter.kwargs == {"source_id": source.pk} and letter.job_id == job.pk
+    assert "page 3" in letter.exception_message and "answered 404" in letter.exception_message
+    assert "PermanentFetchError" in letter.traceback
 
 
 def test_a_page_nested_too_deep_fails_the_sync_at_once_with_a_clear_error(

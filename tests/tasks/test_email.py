@@ -64,6 +64,37 @@ def test_error_texts_do_not_carry_the_recipient_address() -> None:
     assert mask_email("alice@example.com") in str(error)
 
 
+@pytest.mark.parametrize(
+    ("reply", "seconds"),
+    [
+        ("4.7.1 Greylisted, try again in 300 seconds", 300),
+        ("4.2.0 Greylisted for 60 seconds (see http://postgrey.schweikert.ch/)", 60),
+        ("4.7.1 Please retry in 5 minutes", 300),
+        ("4.7.1 TRY AGAIN IN 2 MIN", 120),
+        ("4.3.2 retry after 90s", 90),
+        ("4.7.0 come back in 00:05:00", 300),
+        ("4.7.0 come back in 04:30", 270),
+        ("4.7.1 deferred, try again in 1 hour", 3600),
+        ("4.3.2 try again later", None),
+        ("4.4.5 Insufficient system storage", None),
+    ],
+)
+def test_a_4xx_reply_that_says_when_sets_the_retrys_least_wait(reply: str, seconds: float | None) -> None:
+    rcpt = smtplib.SMTPRecipientsRefused({"a@example.com": (451, reply.encode())})
+    data = smtplib.SMTPDataError(451, reply.encode())
+
+    for error in (rcpt, data):
+        translated = service.classify_smtp_error(error)
+        assert isinstance(translated, TransientJobError)
+        assert translated.retry_after == seconds
+
+
+def test_a_5xx_reply_is_permanent_whatever_it_says_about_time() -> None:
+    error = smtplib.SMTPDataError(554, b"5.7.1 rejected; do not try again in 5 minutes")
+
+    assert isinstance(service.classify_smtp_error(error), PermanentJobError)
+
+
 def test_mask_email_keeps_only_first_letters() -> None:
     assert mask_email("alice@example.com") == "a***@e***.com"
     assert mask_email("not-an-address") == "***"

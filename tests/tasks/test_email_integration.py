@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -10,6 +11,8 @@ import pytest
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
+from jobs.models import Job
+from tasks import retries
 from tasks.email import newsletter, send, weekly_newsletter
 from tasks.models import DeadLetter, EmailLog
 from tests.smtp import SmtpServer
@@ -53,6 +56,56 @@ def test_a_busy_server_is_retried_with_backoff_until_it_accepts(
     log = EmailLog.objects.get(recipient="bob@example.com")
     assert (log.status, log.attempts) == ("sent", 3)
     assert not DeadLetter.objects.exists()
+
+
+def test_a_relay_outage_longer_than_the_old_budget_is_ridden_out(
+    celery_worker: object, smtp_server: SmtpServer, settings
+) -> None:
+    # 40 minutes of 451s (scaled by JOBS_RETRY_DELAY_SCALE, like every wait): the old policy (5
+    # attempts, 2 s base) dead-lettered the message after about 11 s of them.
+    outage = 40 * 60 * settings.JOBS_RETRY_DELAY_SCALE
+    assert retries.configured("email").window()[0] > 40 * 60  # the least the policy waits in all
+    smtp_server.set_failure(rcpt=(451, "4.3.0 mail relay unavailable"), times=None)
+    recovery = threading.Timer(outage, lambda: smtp_server.set_failure(rcpt=None))
+    recovery.start()
+    try:
+        result = send.delay(to="cy@example.com", template="welcome", context={"name": "Cy"})
+        assert result.get(timeout=120)["outcome"] == "sent"
+    finally:
+        recovery.cancel()
+
+    refused = len(smtp_server.refused)
+    assert refused >= 5  # more than the old policy's attempts in all
+    assert len(smtp_server.wait_for_messages(1)) == 1
+    log = EmailLog.objects.get(recipient="cy@example.com")
+    assert (log.status, log.attempts) == ("sent", refused + 1)
+    job = Job.objects.get(task_id=result.id)
+    assert (job.status, job.attempts) == ("succeeded", refused + 1)
+    assert not DeadLetter.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("reply", "seconds"),
+    [
+        ("4.7.1 Greylisted, try again in 300 seconds", 300),
+        ("4.7.1 greylisting in action, please RETRY IN 5 MINUTES", 300),
+        ("4.7.0 Come back in 00:05:00", 300),
+    ],
+)
+def test_a_greylisting_server_gets_the_wait_it_asked_for(
+    celery_worker: object, smtp_server: SmtpServer, settings, reply: str, seconds: int
+) -> None:
+    smtp_server.set_failure(rcpt=(451, reply), times=1)
+
+    result = send.delay(to="di@example.com", template="welcome", context={"name": "Di"})
+
+    assert result.get(timeout=30)["outcome"] == "sent"
+    smtp_server.wait_for_messages(1)
+    # The first retry's own backoff is 5-10 s (scaled); the server asked for 300 s, and got them.
+    assert retries.configured("email").ceiling(0) < seconds
+    waited = smtp_server.received_at[0] - smtp_server.refused_at[0]
+    assert waited >= seconds * settings.JOBS_RETRY_DELAY_SCALE
+    assert EmailLog.objects.get(recipient="di@example.com").attempts == 2
 
 
 def test_a_refused_recipient_goes_to_the_dead_letters_at_once(

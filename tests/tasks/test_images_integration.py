@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 from django_celery_results.models import TaskResult
 from PIL import Image
 
+from jobs.models import Job
+from tasks import retries
 from tasks.images import process
 from tasks.models import DeadLetter, ImageOutput
 from tests.tasks import images as make
@@ -79,3 +84,50 @@ def test_a_missing_asset_is_a_permanent_error(celery_worker: object) -> None:
     with pytest.raises(Exception, match="image asset 987654 does not exist"):
         result.get(timeout=30)
     assert wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first()).attempts == 1
+
+
+def _storage_away(media_root: Path) -> Path:
+    """The outputs' folder replaced by a plain file: every write under it fails with a real OSError
+    (as a storage mount gone away does), whoever the tests run as."""
+    blocker = media_root / "images" / "outputs"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    return blocker
+
+
+def test_the_storage_away_for_half_a_minute_is_ridden_out(
+    celery_worker: object, media_root: Path, settings
+) -> None:
+    # Waits at 2% of their length: images' least window (75 s) is 1.5 s here, the outage 0.6 s.
+    settings.JOBS_RETRY_DELAY_SCALE = 0.02
+    outage = 30 * settings.JOBS_RETRY_DELAY_SCALE
+    assert retries.configured("images").window()[0] > 30
+    asset = make.asset(make.encoded(make.picture((300, 200)), "PNG"), "logo.png")
+    blocker = _storage_away(media_root)
+    back = threading.Timer(outage, blocker.unlink)
+    back.start()
+    try:
+        result = process.delay(asset_id=asset.pk, operations=[{"op": "thumbnail", "width": 64, "height": 64}])
+        outcome = result.get(timeout=60)
+    finally:
+        back.cancel()
+
+    assert [(o["width"], o["height"]) for o in outcome["outputs"]] == [(64, 43)]
+    job = Job.objects.get(task_id=result.id)
+    assert job.status == "succeeded" and 2 <= job.attempts <= retries.configured("images").attempts
+    assert not DeadLetter.objects.exists()
+
+
+def test_the_storage_away_for_good_is_a_dead_letter_after_a_few_attempts(
+    celery_worker: object, media_root: Path
+) -> None:
+    asset = make.asset(make.encoded(make.picture((300, 200)), "PNG"), "logo.png")
+    _storage_away(media_root)
+
+    result = process.delay(asset_id=asset.pk, operations=[{"op": "grayscale"}])
+
+    with pytest.raises(Exception, match="the output cannot be stored"):
+        result.get(timeout=60)
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert letter.attempts == retries.configured("images").attempts == 5
+    assert letter.exception_type == "tasks.errors.TransientJobError"

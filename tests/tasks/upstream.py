@@ -2,8 +2,9 @@
 
 `/records?page=N` serves `records` as JSON pages (`{"results": [...], "next": ...}`),
 `/records.csv` serves them as CSV. `fail(path, 503, 503)` makes the next
-requests for a path answer those statuses first; `route(path, handler)`
-adds any other behaviour (redirects, slow or endless bodies).
+requests for a path answer those statuses first (with `headers=`, e.g. a
+Retry-After); `route(path, handler)` adds any other behaviour (redirects, slow
+or endless bodies). `requests` logs every request, in order.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Upstream:
         self.records: list[Any] = list(records or [])  # anything JSON: tests serve broken records too
         self.page_size = page_size
         self.requests: list[tuple[str, str]] = []  # (path with query, Host header)
-        self._failures: dict[str, list[int]] = {}
+        self._failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self._routes: dict[str, Handler] = {}
         self._lock = threading.Lock()
         self.released = threading.Event()  # slow handlers stop waiting when the server stops
@@ -58,15 +59,19 @@ class Upstream:
         self.server.shutdown()
         self.server.server_close()
 
-    def fail(self, path: str, *statuses: int) -> None:
+    def fail(self, path: str, *statuses: int, headers: dict[str, str] | None = None) -> None:
         with self._lock:
-            self._failures.setdefault(path, []).extend(statuses)
+            self._failures.setdefault(path, []).extend((status, headers or {}) for status in statuses)
 
     def route(self, path: str, handler: Handler) -> None:
         self._routes[path] = handler
 
     def hits(self, path: str) -> int:
         return sum(1 for requested, _ in self.requests if requested == path)
+
+    def paths(self) -> list[str]:
+        """The paths (with query) requested, in order."""
+        return [requested for requested, _ in self.requests]
 
     # --- what it serves ---------------------------------------------------------
 
@@ -98,9 +103,9 @@ class Upstream:
                 upstream.requests.append((self.path, self.headers.get("Host", "")))
                 with upstream._lock:
                     pending = upstream._failures.get(self.path)
-                    status = pending.pop(0) if pending else None
-                if status is not None:
-                    self.answer(status, b'{"error": "scripted failure"}')
+                    failure = pending.pop(0) if pending else None
+                if failure is not None:
+                    self.answer(failure[0], b'{"error": "scripted failure"}', headers=failure[1])
                     return
                 parts = urlsplit(self.path)
                 if parts.path in upstream._routes:
