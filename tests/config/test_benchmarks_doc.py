@@ -25,6 +25,7 @@ ANCHORS = (
     "readiness",
     "stack",
     "delivery",
+    "brokers",
     "tests",
 )
 
