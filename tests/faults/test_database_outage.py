@@ -187,7 +187,7 @@ def test_a_worker_whose_rabbitmq_connection_is_closed_during_an_outage_consumes_
         assert rabbitmq.close_connections(rabbitmq.vhost_of(settings.CELERY_BROKER_URL)) > 0
         wait_for(lambda: "Connection to broker lost" in worker.log.read_text(), timeout=30, what="reconnect")
         time.sleep(3)
-    harness._reset_app_connections(celery_app)  # this process's connections were closed too
+    harness.forget_broker_connections(celery_app)  # this process's connections were closed too
     directory = tmp_path / "effects"
     directory.mkdir()
     result = probes.probe_effect.apply_async(kwargs={"directory": str(directory), "key": "after"})

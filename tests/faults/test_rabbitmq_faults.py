@@ -55,7 +55,7 @@ def test_jobs_survive_rabbitmq_closing_the_worker_connections_during_long_tasks(
 
     time.sleep(0.5)
     closed = rabbitmq.close_connections(vhost)
-    harness._reset_app_connections(celery_app)  # this process's were closed too
+    harness.forget_broker_connections(celery_app)  # this process's were closed too
     recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids, per_job=2))
 
     log = worker.log.read_text()
@@ -82,7 +82,7 @@ def test_jobs_survive_rabbitmq_closing_the_worker_connections_again_and_again(
     rounds = closed = 0
     while rounds < 3 and oracle.final_count(job_ids) < len(job_ids):
         closed += rabbitmq.close_connections(vhost)
-        harness._reset_app_connections(celery_app)
+        harness.forget_broker_connections(celery_app)
         rounds += 1
         time.sleep(3)
     recovery = harness.wait_after_fault(job_ids, timeout=harness.patience(job_ids))
@@ -107,7 +107,7 @@ def test_jobs_survive_a_rabbitmq_restart(
     wait_for(lambda: _executions(effects) >= 10, what="ten executions")
 
     rabbitmq.restart_app(down_seconds=3)
-    harness._reset_app_connections(celery_app)
+    harness.forget_broker_connections(celery_app)
     recovery = harness.wait_after_fault(job_ids, harness.patience(job_ids))
 
     log = worker.log.read_text()
