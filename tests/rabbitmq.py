@@ -90,3 +90,10 @@ def skip_unless_rabbitmqctl() -> None:
 
     if not _ctl_answers():
         pytest.skip("rabbitmqctl is missing or cannot reach the local RabbitMQ node (its Erlang cookie)")
+
+
+def unacknowledged(vhost: str, queue: str) -> int:
+    """Messages of `queue` delivered and not acknowledged yet (AMQP itself does not say; rabbitmqctl does)."""
+    rows = _ctl("list_queues", "--no-table-headers", "-p", vhost, "name", "messages_unacknowledged")
+    counts = {row.split("\t")[0]: int(row.split("\t")[1]) for row in rows.splitlines() if "\t" in row}
+    return counts.get(queue, 0)
