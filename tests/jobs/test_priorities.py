@@ -75,9 +75,9 @@ def _waiting_on_rabbitmq(connection: Any, queue: str) -> list[tuple[str, int]]:
     channel = connection.channel()
     try:
         bound = app.amqp.queues[queue](channel)
-        found = []
+        found: list[tuple[str, int]] = []
         while (message := bound.get(no_ack=False)) is not None:
-            found.append((message.headers["id"], message.properties["priority"]))
+            found.append((str(message.headers["id"]), int(message.properties["priority"])))
         return found
     finally:
         channel.close()  # unacknowledged: every message goes back to the queue
