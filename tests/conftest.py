@@ -20,6 +20,38 @@ from tests.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+BROKER_MARKERS = {
+    "requires_redis_broker": (
+        "about the Redis broker itself (delivery/redis.py, Redis lists, AOF, CLIENT KILL, a private "
+        "Valkey): it ran in the Redis pass, and has an AMQP counterpart where the behaviour matters"
+    ),
+    "requires_amqp_broker": "about RabbitMQ (connections closed by rabbitmqctl): runs in the AMQP pass",
+}
+
+
+def broker_is_amqp() -> bool:
+    """The suite's broker (CELERY_BROKER_URL, set by tests/services.py before settings load) is RabbitMQ."""
+    return os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in BROKER_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked for the other broker skips, saying why: `.ci/run` runs the suites on both."""
+    amqp = broker_is_amqp()
+    for item in items:
+        if amqp and item.get_closest_marker("requires_redis_broker"):
+            item.add_marker(
+                pytest.mark.skip(reason="Redis broker only: " + BROKER_MARKERS["requires_redis_broker"])
+            )
+        if not amqp and item.get_closest_marker("requires_amqp_broker"):
+            item.add_marker(
+                pytest.mark.skip(reason="RabbitMQ broker only: runs when CELERY_BROKER_URL is amqp://")
+            )
+
 
 @pytest.fixture(scope="session")
 def celery_app() -> Celery:

@@ -190,3 +190,18 @@ def probe_delivery(self: Any, path: str, seconds: float) -> int:
     if not record["redelivered"]:
         time.sleep(seconds)
     return len(Path(path).read_text().splitlines())
+
+
+class CrashSchema(BaseModel):
+    path: str
+
+
+@app.task(bind=True, base=JobTask, name="default.probe_crash", schema=CrashSchema, idempotency="no effects")
+def probe_crash(self: JobTask, path: str) -> None:
+    """Logs its run, then SIGKILLs the pool process running it: a message that kills every worker."""
+    import os
+    import signal
+
+    with open(path, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -28,3 +28,13 @@ def length(client: Any, queue: str) -> int:
 def messages(client: Any, queue: str) -> list[bytes]:
     """The raw messages waiting in `queue`, in the order a worker takes them."""
     return [raw for key in keys(queue) for raw in reversed(client.lrange(key, 0, -1))]
+
+
+def depth(app: Any, queue: str) -> int:
+    """How many messages wait in `queue` (not counting those delivered and not acknowledged yet),
+    on either broker: Redis lists, or RabbitMQ's count from a passive declaration."""
+    with app.connection_for_read() as connection:
+        if connection.transport.driver_type == "redis":
+            return length(connection.default_channel.client, queue)
+        declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+        return int(declared.message_count)

@@ -30,6 +30,8 @@ from tests import probes
 from tests.processes import descendants
 from tests.waiting import wait_for
 
+pytestmark = pytest.mark.requires_redis_broker  # the Redis transport itself
+
 
 def channel_of(connection: Connection) -> Any:
     """The transport's channel (typed Any: kombu's stubs know only the generic channel)."""

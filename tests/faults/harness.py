@@ -65,6 +65,15 @@ def _reset_app_connections(app: Celery) -> None:
         publish._connection = None
 
 
+def forget_broker_connections(app: Celery) -> None:
+    """After the broker closed this process's connections (the same URL as before): every kombu
+    pool of the process is closed and emptied, so the next publish or purge opens a new one."""
+    import kombu.pools
+
+    kombu.pools.reset()
+    _reset_app_connections(app)
+
+
 @contextlib.contextmanager
 def private_broker(app: Celery, directory: Path, *, persist: bool) -> Iterator[Any]:
     """A Valkey of the test's own, which this process's app publishes to until the block ends."""

@@ -26,6 +26,13 @@ from jobs.publish import publish
 from tests import probes  # noqa: F401  (registers default.probe_effect here too)
 
 
+def broker() -> str:
+    """The broker the suite runs on, as the table's `broker` column names it."""
+    from django.conf import settings
+
+    return "RabbitMQ" if settings.CELERY_BROKER_URL.startswith(("amqp", "pyamqp")) else "Redis"
+
+
 def size(default: int, most: int | None = None) -> int:
     """FAULTS_JOBS, or `default`; at most `most` (scenarios of long tasks stay minutes long)."""
     count = int(os.environ.get("FAULTS_JOBS", default))
@@ -83,7 +90,7 @@ class Report:
         if target:
             with open(target, "a") as report_file:
                 report_file.write(
-                    f"| {self.scenario} | {self.accepted} | {self.completed} | {self.not_final} "
+                    f"| {broker()} | {self.scenario} | {self.accepted} | {self.completed} | {self.not_final} "
                     f"| {self.duplicate_executions} | {self.duplicate_effects} "
                     f"| {self.missing_effects} | {self.recovery_seconds:.1f} | {note} |\n"
                 )

@@ -21,7 +21,12 @@ from celery import Celery
 from tests.faults import harness, oracle
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+# RabbitMQ's counterparts: tests/faults/test_rabbitmq_faults.py.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.requires_redis_broker,
+]
 
 
 def _executions(effects: Path) -> int:

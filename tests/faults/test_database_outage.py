@@ -97,9 +97,7 @@ def test_a_worker_whose_database_is_unreachable_takes_nothing(
     time.sleep(3)
     assert "database unreachable" in worker.log.read_text()
 
-    with celery_app.connection_for_read() as conn:
-        depth = queues.length(conn.default_channel.client, "default")
-    assert depth == len(job_ids)
+    assert queues.depth(celery_app, "default") == len(job_ids)
     assert Job.objects.filter(pk__in=job_ids, status=Job.Status.QUEUED).count() == len(job_ids)
     assert not (tmp_path / "effects" / "executions.log").exists()
 
@@ -135,6 +133,7 @@ def test_beat_outlives_a_database_outage_and_sends_again_once_it_is_back(tmp_pat
     assert "the database answers again" in log
 
 
+@pytest.mark.requires_redis_broker  # on RabbitMQ: the test after this one
 def test_a_worker_that_reconnects_to_the_broker_during_an_outage_consumes_again_after_it(
     celery_app, worker_process, tmp_path: Path
 ) -> None:
@@ -169,3 +168,31 @@ def test_a_worker_that_reconnects_to_the_broker_during_an_outage_consumes_again_
         )
     finally:
         broker.stop()
+
+
+@pytest.mark.requires_amqp_broker
+def test_a_worker_whose_rabbitmq_connection_is_closed_during_an_outage_consumes_again_after_it(
+    celery_app, empty_queues: None, worker_process, tmp_path: Path
+) -> None:
+    """The test above on RabbitMQ: the vhost's connections closed by rabbitmqctl, not CLIENT KILL."""
+    from django.conf import settings
+
+    from tests import probes, rabbitmq
+    from tests.faults import harness
+
+    rabbitmq.skip_unless_rabbitmqctl()
+    worker = worker_process("reconnects", "-Q", "default", "-I", "tests.probes", "--concurrency=1")
+    with database_unreachable():
+        wait_for(lambda: "database unreachable" in worker.log.read_text(), timeout=30, what="gate closed")
+        assert rabbitmq.close_connections(rabbitmq.vhost_of(settings.CELERY_BROKER_URL)) > 0
+        wait_for(lambda: "Connection to broker lost" in worker.log.read_text(), timeout=30, what="reconnect")
+        time.sleep(3)
+    harness.forget_broker_connections(celery_app)  # this process's connections were closed too
+    directory = tmp_path / "effects"
+    directory.mkdir()
+    result = probes.probe_effect.apply_async(kwargs={"directory": str(directory), "key": "after"})
+    wait_for(
+        lambda: Job.objects.filter(task_id=result.id, status=Job.Status.SUCCEEDED).exists(),
+        timeout=60,
+        what="a job taken after the outage",
+    )

@@ -53,3 +53,35 @@ def test_a_message_delivered_too_often_fails_for_good_with_a_dead_letter_and_the
     assert letter.kwargs["key"] == "poison"  # kept for a replay once the cause is fixed
     executed = (tmp_path / "effects" / "executions.log").read_text().split()
     assert "poison" not in executed and "last" in executed
+
+
+def test_a_message_that_kills_every_worker_running_it_stops_at_the_delivery_limit(
+    celery_app, empty_queues: None, worker_process, tmp_path: Path, settings
+) -> None:
+    """No header stamped by hand: the broker's own count (delivery/redis.py on Redis, a quorum
+    queue's x-delivery-count on RabbitMQ) must end a message whose every run SIGKILLs its process."""
+    from django.conf import settings as django_settings
+
+    queue = celery_app.amqp.queues["default"]
+    if (
+        django_settings.CELERY_BROKER_URL.startswith(("amqp", "pyamqp"))
+        and (queue.queue_arguments or {}).get("x-queue-type") != "quorum"
+    ):
+        pytest.skip(
+            "RabbitMQ classic queues count no deliveries: a message that kills its worker is "
+            "delivered for ever there (quorum queues count them)"
+        )
+    worker_process("crashes", "-Q", "default", "-I", "tests.probes", "--concurrency=1")
+    runs = tmp_path / "runs.log"
+    job = Job.objects.create(
+        type="default.probe_crash", queue="default", payload={"path": str(runs)}, task_id=uuid()
+    )
+    probes.probe_crash.apply_async(kwargs=job.payload, **message_options(job))
+
+    wait_for(
+        lambda: Job.objects.filter(pk=job.pk, status=Job.Status.FAILED).exists(), timeout=120, what="failed"
+    )
+    job.refresh_from_db()
+    assert job.error_type == "DeliveryLimitExceeded"
+    assert len(runs.read_text().splitlines()) == settings.JOBS_MAX_DELIVERIES
+    assert DeadLetter.objects.filter(task_id=job.task_id).exists()

@@ -30,6 +30,12 @@ def _delete_every_message(celery_app: Celery) -> int:
     return lost
 
 
+# RabbitMQ keeps durable queues and persistent messages on disk, and the reconciler does nothing there
+# (jobs/reconcile.py): losing messages is a Redis failure.
+redis_only = pytest.mark.requires_redis_broker
+
+
+@redis_only
 def test_jobs_whose_messages_the_broker_lost_are_sent_again_and_run_once(
     celery_app: Celery, empty_queues: None, worker_process, tmp_path: Path, settings
 ) -> None:
@@ -100,6 +106,7 @@ def test_a_running_job_whose_result_was_stored_is_finished_from_it(settings) -> 
     assert still.status == Job.Status.RUNNING
 
 
+@redis_only
 def test_a_running_job_whose_message_the_broker_lost_is_sent_again_without_waiting_for_the_time_limit(
     celery_app: Celery, empty_queues: None, tmp_path: Path, settings
 ) -> None:

@@ -23,7 +23,12 @@ from celery.utils import uuid
 from tests.faults import harness, oracle
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+# RabbitMQ's counterpart: tests/faults/test_rabbitmq_faults.py.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.requires_redis_broker,
+]
 
 
 def _envelope(body: bytes | str, headers: dict, content_type: str = "application/json") -> str:

@@ -10,7 +10,8 @@ import redis
 from localdev import stack
 from localdev.embedded_broker import EmbeddedBroker, free_port
 
-pytestmark = pytest.mark.integration
+# The stack's own Valkey (localdev.embedded_broker), whatever broker the suite runs on.
+pytestmark = [pytest.mark.integration, pytest.mark.requires_redis_broker]
 
 
 def test_the_stacks_broker_keeps_queued_messages_across_a_kill_and_a_restart(tmp_path: Path) -> None:

@@ -33,7 +33,12 @@ from tests import queues
 from tests.jobs.test_api_unavailable import reset_broker_connections
 from tests.scheduling.beatdriver import Clock, add_interval
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+# A private Valkey frozen with SIGSTOP: the machine's RabbitMQ may be shared, and is not frozen.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.requires_redis_broker,
+]
 
 HANG = 60  # seconds: anything longer is a hang, whatever the machine's load
 

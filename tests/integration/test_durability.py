@@ -39,6 +39,7 @@ def test_a_task_whose_worker_process_is_killed_runs_again(
     assert int(marker.read_text().splitlines()[1]) != first_pid
 
 
+@pytest.mark.requires_redis_broker  # RabbitMQ restarts: tests/faults/test_rabbitmq_faults.py
 def test_a_job_accepted_before_a_broker_restart_runs_after_it(
     celery_app: Celery, worker_process, tmp_path: Path
 ) -> None:

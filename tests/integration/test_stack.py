@@ -36,6 +36,7 @@ from tests.project_copy import copy_project
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.requires_redis_broker,  # `bin/run` starts its own Valkey, whatever the suite uses
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc"),
 ]
 

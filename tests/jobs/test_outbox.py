@@ -23,8 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def depth(celery_app: Celery, queue: str = "default") -> int:
-    with celery_app.connection_for_read() as connection:
-        return queues.length(connection.default_channel.client, queue)  # type: ignore[attr-defined]
+    return queues.depth(celery_app, queue)
 
 
 def effect(directory: Path, key: str) -> dict[str, Any]:

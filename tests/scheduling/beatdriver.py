@@ -83,7 +83,9 @@ def drain(app: Celery, queue: str = "default") -> list[dict[str, Any]]:
     """Takes every message off a queue of the real broker: what beat really sent."""
     messages = []
     with app.connection_for_read() as connection:
-        simple = connection.SimpleQueue(queue, no_ack=True)
+        # The queue as the app declares it (its arguments, e.g. x-max-priority): RabbitMQ refuses
+        # a second declaration of the same queue with other arguments.
+        simple = connection.SimpleQueue(app.amqp.queues[queue], no_ack=True)  # type: ignore[arg-type]
         try:
             while True:
                 try:
