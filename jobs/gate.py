@@ -56,6 +56,9 @@ class _Gate:
         self.cancelled: list[str] = []
         # Hooks that may keep a queue closed when the gate opens (jobs.worker: paused queues).
         self.keep_closed: list[Callable[[set[str]], set[str]]] = []
+        # Called with the consumer when it starts, after its task consumer exists and before the
+        # event loop's basic.consume (jobs.worker: queues paused before this worker started).
+        self.before_consuming: list[Callable[[Any], None]] = []
         self._reachable = True
         self._stop = threading.Event()
 
@@ -124,6 +127,11 @@ class DatabaseGate(bootsteps.StartStopStep):
         # are deselected, so the new consumer takes nothing) and opens them when the database answers.
         gate._reachable = database_reachable(timeout=settings.JOBS_DATABASE_PROBE_TIMEOUT_SECONDS)
         gate.apply(consumer)
+        for hook in gate.before_consuming:
+            try:
+                hook(consumer)
+            except Exception:
+                logger.exception("a before-consuming hook failed")
         if self._thread is None:
             self._thread = threading.Thread(
                 target=gate.probe_forever,

@@ -65,6 +65,20 @@ def _drop_paused_queues_before_consuming(sender: str, instance: Any, **kwargs: A
         logger.warning("every queue of this worker is paused (%s)", ", ".join(sorted(paused)))
 
 
+def _cancel_paused_before_consuming(consumer: Any) -> None:
+    """Every queue of this worker paused: Celery would not start without one, so they stay
+    selected until here, where they are cancelled before the event loop consumes. (Cancelled only
+    once ready, RabbitMQ pushed a waiting message in between, and the worker ran it.)"""
+    paused = paused_queues() & configured_queues
+    consuming = {queue.name for queue in consumer.task_consumer.queues} if consumer.task_consumer else set()
+    for queue in sorted(paused & consuming):
+        consumer.cancel_task_queue(queue)
+        logger.warning("queue %s is paused: not consuming from it", queue)
+
+
+gate.before_consuming.append(_cancel_paused_before_consuming)
+
+
 @worker_ready.connect
 def _cancel_queues_paused_while_starting(sender: Any, **kwargs: Any) -> None:
     try:

@@ -290,11 +290,6 @@ def test_a_job_claimed_after_the_cancel_request_read_it_is_still_terminated(
 EMAIL = {"to": "alice@example.com", "template": "welcome", "context": {"name": "Alice"}}
 
 
-@pytest.mark.xfail(
-    broker_is_amqp(),
-    reason="RabbitMQ: a worker whose every queue is paused consumes them until worker_ready cancels "
-    "them (jobs/worker.py), and runs the messages RabbitMQ pushed meanwhile",
-)
 def test_a_worker_started_while_its_queue_is_paused_takes_nothing_until_resumed(
     workers: StartWorker, api_client: ApiClient, staff_client: ApiClient
 ) -> None:
