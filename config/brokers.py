@@ -18,6 +18,7 @@ RabbitMQ, RABBITMQ_QUEUE_TYPE=classic: classic queues on the direct exchange `de
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -31,6 +32,16 @@ QUORUM_EXCHANGE = "jobs"
 DEAD_LETTER_EXCHANGE = "jobs.dead"
 DEAD_LETTER_QUEUE = "jobs.dead_letters"
 MAX_PRIORITY = 9
+
+
+# Celery's native delayed delivery (quorum queues) routes a countdown through celery_delayed_*
+# with 28 binary digits before the queue's routing key: "0.0.….1.default".
+_DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
+
+
+def queue_of(routing_key: Any) -> str:
+    """The queue a message's routing key names, without a delayed-delivery prefix ("" for None)."""
+    return _DELAY_PREFIX.sub("", str(routing_key or ""))
 
 
 def is_amqp(broker_url: str) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging.config
+import math
 import os
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -35,6 +37,29 @@ class JobsCelery(Celery):
 
             django.setup()
         return super()._get_backend()  # type: ignore[misc]
+
+    def send_task(  # type: ignore[override]
+        self, name: str, args: Any = None, kwargs: Any = None, countdown: Any = None, **options: Any
+    ) -> Any:
+        """On quorum queues a countdown or ETA goes through Celery's native delayed delivery, which
+        takes whole seconds: `int(countdown)`, and a ValueError for anything under one second (a
+        retry's short wait, `countdown=0.5`), which failed the task. The delay is rounded *up* to
+        whole seconds there, so a message never runs before the time it was given."""
+        eta = options.get("eta")
+        if (countdown or eta) and _quorum_queues():
+            if eta is not None:
+                if isinstance(eta, str):
+                    eta = datetime.fromisoformat(eta)
+                countdown = (eta - self.now()).total_seconds()
+                options["eta"] = None
+            countdown = math.ceil(countdown) if countdown > 0 else None
+        return super().send_task(name, args, kwargs, countdown=countdown, **options)
+
+
+def _quorum_queues() -> bool:
+    from django.conf import settings
+
+    return bool(getattr(settings, "RABBITMQ_QUORUM_QUEUES", False))
 
 
 app = JobsCelery("config")

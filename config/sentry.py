@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
 
+from config import brokers
+
 if TYPE_CHECKING:
     from sentry_sdk._types import Event  # a TypedDict, for type checking only
 
@@ -118,7 +120,7 @@ def task_tags() -> dict[str, str]:
     delivery = request.delivery_info or {}
     return {
         "celery_task": str(current_task.name),
-        "celery_queue": str(delivery.get("routing_key") or delivery.get("queue") or "unknown"),
+        "celery_queue": brokers.queue_of(delivery.get("routing_key") or delivery.get("queue") or "unknown"),
         # As tasks.base.JobTask counts them: the first run is attempt 1.
         "celery_attempt": str((request.retries or 0) + 1),
     }

@@ -29,6 +29,7 @@ from celery import Celery
 from django.conf import settings
 from kombu import Connection
 
+from config import brokers
 from config.celery_app import app as project_app
 
 logger = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _worker_view(
                 # `scheduled` wraps each request in {"eta", "priority", "request"}.
                 request = entry.get("request", entry) if kind == "scheduled" else entry
                 info = request.get("delivery_info") if isinstance(request, dict) else None
-                routing_key = str((info or {}).get("routing_key") or "")
+                routing_key = brokers.queue_of((info or {}).get("routing_key"))
                 counter[queue_for.get(routing_key, routing_key)] += 1
 
     every_queue = list(dict.fromkeys([*consumers, *(q for c in held.values() for q in c)]))

@@ -27,6 +27,7 @@ from typing import Any
 from celery import signals
 from django.conf import settings
 
+from config import brokers
 from monitoring import metrics
 from tasks import quarantine
 
@@ -137,7 +138,7 @@ def buffer() -> Buffer | None:
 
 def _queue_of(delivery_info: dict[str, Any] | None) -> str:
     info = delivery_info or {}
-    return str(info.get("routing_key") or info.get("exchange") or "default")
+    return brokers.queue_of(info.get("routing_key") or info.get("exchange") or "default")
 
 
 def _eta_epoch(eta: Any) -> float | None:
@@ -159,7 +160,7 @@ def on_publish(sender: str | None = None, headers: dict[str, Any] | None = None,
             headers[PUBLISHED_HEADER] = now
         task = sender or (headers or {}).get("task") or "unknown"
         assert _buffer is not None
-        _buffer.add(now, task, str(kwargs.get("routing_key") or "default"), "sent")
+        _buffer.add(now, task, brokers.queue_of(kwargs.get("routing_key") or "default"), "sent")
     except Exception:
         logger.exception("metrics: publish handler failed")
 

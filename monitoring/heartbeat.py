@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models.functions import Now
 
+from config import brokers
 from jobs.gate import gate
 from monitoring.models import WorkerPresence
 
@@ -45,7 +46,7 @@ def snapshot(consumer: Any) -> dict[str, Any]:
     held: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     def count(request: Request, kind: str) -> None:
-        routing_key = str((request.delivery_info or {}).get("routing_key") or "")
+        routing_key = brokers.queue_of((request.delivery_info or {}).get("routing_key"))
         held[queue_for.get(routing_key, routing_key)][kind] += 1
 
     active = list(worker_state.active_requests)

@@ -35,6 +35,7 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import BaseModel, Field, ValidationError
 
+from config import brokers
 from jobs.protocol import (
     BROKER_ERRORS,
     DEFERRED_HEADER,
@@ -388,7 +389,7 @@ class JobTask(Task):
                 job_id = tracking.record_and_claim(
                     self.name,
                     task_id,
-                    delivery.get("routing_key") or "",
+                    brokers.queue_of(delivery.get("routing_key")),
                     arguments,
                     attempt,
                     redelivered,

@@ -13,6 +13,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from config import brokers
 from jobs.models import Job
 from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER, effective_priority
 from tasks.errors import PermanentJobError
@@ -73,7 +74,7 @@ def record_failure(
         task_id=task_id,
         defaults={
             "task_name": task.name,
-            "queue": delivery.get("routing_key") or "",
+            "queue": brokers.queue_of(delivery.get("routing_key")),
             "priority": effective_priority(delivery.get("priority")),
             "args": list(args or []),
             "kwargs": dict(kwargs or {}),

@@ -28,6 +28,7 @@ from celery.exceptions import NotRegistered
 from celery.utils.collections import AttributeDict
 from kombu.exceptions import ContentDisallowed
 
+from config import brokers
 from tasks import quarantine
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ Kind = quarantine.Kind
 
 def _queue_of(message: Any) -> str:
     info = getattr(message, "delivery_info", None) or {}
-    return str(info.get("routing_key") or info.get("exchange") or "")
+    return brokers.queue_of(info.get("routing_key") or info.get("exchange"))
 
 
 def _raw_text(payload: Any) -> str:

@@ -26,6 +26,11 @@ BROKER_MARKERS = {
         "Valkey): it ran in the Redis pass, and has an AMQP counterpart where the behaviour matters"
     ),
     "requires_amqp_broker": "about RabbitMQ (connections closed by rabbitmqctl): runs in the AMQP pass",
+    "requires_ordered_priorities": (
+        "about priority ordering or the queues declared for it: RabbitMQ's quorum queues (the AMQP "
+        "default) have no priorities; tests/jobs/test_priorities.py's RabbitMQ backlog runs on "
+        "classic queues and tests/jobs/test_rabbitmq.py covers quorum queues"
+    ),
 }
 
 
@@ -46,6 +51,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if amqp and item.get_closest_marker("requires_redis_broker"):
             item.add_marker(
                 pytest.mark.skip(reason="Redis broker only: " + BROKER_MARKERS["requires_redis_broker"])
+            )
+        quorum = amqp and os.environ.get("RABBITMQ_QUEUE_TYPE", "quorum") != "classic"
+        if quorum and item.get_closest_marker("requires_ordered_priorities"):
+            item.add_marker(
+                pytest.mark.skip(reason="quorum queues: " + BROKER_MARKERS["requires_ordered_priorities"])
             )
         if not amqp and item.get_closest_marker("requires_amqp_broker"):
             item.add_marker(

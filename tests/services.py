@@ -51,6 +51,8 @@ def own_broker_url(url: str, index: int | None = None) -> str:
         ctl = shutil.which("rabbitmqctl")
         if ctl is None:
             raise pytest.UsageError(f"running in parallel on {url} needs rabbitmqctl to add vhost {own}")
+        # The vhost is this test process's alone: what an earlier run left in it goes.
+        subprocess.run([ctl, "-q", "delete_vhost", own], capture_output=True, check=False)
         subprocess.run([ctl, "-q", "add_vhost", own], capture_output=True, check=False)
         subprocess.run(
             [ctl, "-q", "set_permissions", "-p", own, parts.username or "guest", ".*", ".*", ".*"],

@@ -139,3 +139,14 @@ def test_no_message_is_published_with_rabbitmqs_dead_lettering_history(empty_que
     (headers,) = published
     assert not [name for name in headers if name.startswith("x-")]
     assert headers["x_job_id"] == "1"  # our own headers travel on
+
+
+def test_the_queue_of_a_delayed_message_is_its_routing_key_without_the_delay_prefix() -> None:
+    from kombu.transport.native_delayed_delivery import calculate_routing_key
+
+    from config.brokers import queue_of
+
+    assert queue_of(calculate_routing_key(5, "default")) == "default"
+    assert queue_of(calculate_routing_key(3600, "data_sync")) == "data_sync"
+    assert queue_of("email") == "email" and queue_of(None) == ""
+    assert queue_of("0.1.email") == "0.1.email"  # not 28 digits: a queue's own name

@@ -156,6 +156,7 @@ def test_a_message_sent_with_a_priority_keeps_it(sender: str, priority: int, emp
     assert waiting() == [(task_id, priority)]
 
 
+@pytest.mark.requires_ordered_priorities
 def test_a_worker_takes_9_first_then_the_unprioritised_with_5_then_lower(empty_queues: None) -> None:
     sent = [(SENDERS["API"](p), p) for p in (None, 0, 9, 5)]
     sent.append((probes.probe_effect.apply_async(kwargs=effect("x")).id, None))
@@ -311,12 +312,14 @@ def test_a_priority_out_of_range_is_recorded_as_the_broker_applies_it() -> None:
 # --- the settings that make it so ------------------------------------------------------
 
 
+@pytest.mark.requires_ordered_priorities
 def test_every_queue_is_declared_with_priorities_for_rabbitmq() -> None:
     arguments = {name: queue.queue_arguments for name, queue in app.amqp.queues.items()}
 
     assert arguments == {name: {"x-max-priority": 9} for name in settings.TASK_QUEUES}
 
 
+@pytest.mark.requires_ordered_priorities
 def test_rabbitmq_priority_queues_can_be_turned_off_for_queues_declared_without_them() -> None:
     probe = (
         "import json, django; django.setup(); from config.celery_app import app; "
