@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -61,6 +62,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(
                 pytest.mark.skip(reason="RabbitMQ broker only: runs when CELERY_BROKER_URL is amqp://")
             )
+
+
+@pytest.fixture(autouse=True)
+def _no_closed_broker_pools() -> None:
+    """kombu keeps one pool per broker URL for the whole process: a test that closed them (an
+    outage test resetting kombu.pools) leaves the project app holding closed ones, and the next
+    test's publish or control broadcast in the same process raises "Acquire on closed pool" (seen
+    when test modules run two processes at a time, in another order). Closed pools are dropped
+    before each test; the next use opens new ones."""
+    app: Any = project_app
+    for holder, name in ((app, "_pool"), (app.amqp, "_producer_pool")):
+        pool = getattr(holder, name, None)
+        if pool is None:
+            continue
+        connections = getattr(pool, "connections", None)
+        if getattr(pool, "_closed", False) or getattr(connections, "_closed", False):
+            setattr(holder, name, None)
 
 
 @pytest.fixture(scope="session")
