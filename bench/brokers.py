@@ -10,7 +10,8 @@ neither), in a process of its own with the production settings (config.settings.
 broker — on RabbitMQ its queues as the project declares them (quorum queues, publisher confirms):
 
 1. a worker as the Procfile's general worker runs it (`celery -A config worker -Q default`, the
-   default concurrency, prefork, events on), its consumer then cancelled;
+   default concurrency, prefork, events on), its consumer then cancelled; metrics and the
+   shared rate limits in the Redis named by --redis-url on both (as a RabbitMQ deployment has);
 2. enqueue: N `default.ping` jobs sent with `apply_async` from one client, one after another
    (each publish waits for the broker: on RabbitMQ, for its confirm);
 3. drain: the consumer added back; the time until every job's row (jobs.Job) is `succeeded`;
@@ -84,6 +85,9 @@ def run_child(broker_url: str, args: argparse.Namespace) -> dict[str, Any]:
             *("--jobs", str(args.jobs), "--database-url", args.database_url),
         ],
         cwd=ROOT,
+        # Metrics and the shared rate limits live in Redis on either broker, as a RabbitMQ
+        # deployment needs (docs/brokers.md).
+        env={**os.environ, "METRICS_REDIS_URL": args.redis_url},
         capture_output=True,
         text=True,
         check=False,
@@ -122,7 +126,8 @@ def main() -> None:
 
     ensure_database(args.database_url)
     vhost = args.rabbitmq_url.rsplit("/", 1)[-1]
-    if vhost:
+    if vhost:  # the bench's own: queues an earlier run (or version) declared go with it
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
         subprocess.run(
             ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
