@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from celery.utils import uuid
 from django.db import connection
@@ -104,10 +106,13 @@ def final_count(job_ids: list[str]) -> int:
     return Job.objects.filter(pk__in=job_ids, status__in=Job.FINAL).count()
 
 
-def wait_until_final(job_ids: list[str], timeout: float) -> float:
-    """Seconds until every job is final (or `timeout`, whichever comes first)."""
+def wait_until_final(job_ids: list[str], timeout: float, workers: Sequence[Any] = ()) -> float:
+    """Seconds until every job is final (or `timeout`, or every one of `workers` has exited:
+    nothing is left to take them, whichever comes first)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
+        if workers and all(worker.process.poll() is not None for worker in workers):
+            break
         try:
             if final_count(job_ids) == len(job_ids):
                 break

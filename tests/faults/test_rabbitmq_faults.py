@@ -165,14 +165,7 @@ def test_workers_outlive_poison_messages_on_rabbitmq_and_every_good_job_complete
                 declare=[queue],
             )
     job_ids += oracle.accept_jobs(half, effects, seconds=0.05, first=half)  # more good ones behind them
-    started = time.monotonic()
-    while oracle.final_count(job_ids) < len(job_ids) and time.monotonic() - started < harness.patience(
-        job_ids
-    ):
-        if all(worker.process.poll() is not None for worker in workers):
-            break  # nothing left to take them
-        time.sleep(0.2)
-    recovered = time.monotonic() - started
+    recovered = oracle.wait_until_final(job_ids, harness.patience(job_ids), workers)
 
     alive = [worker.process.poll() is None for worker in workers]
     logs = harness.tail(*workers)
