@@ -231,6 +231,15 @@ class QoS(kombu_redis.QoS):
         self._settle(delivery_tag, requeue=requeue)
 
     def _settle(self, delivery_tag: str, *, requeue: bool) -> None:
+        if self.channel.closed or self.channel.connection is None or self.channel.connection.client is None:
+            # The channel closed first (a lost connection: Celery's hub runs the acks still queued
+            # when it closes). Closing gave this channel's unacked messages back, or, if Redis was
+            # gone, left them in its in-flight set for the reaper: the message is delivered again
+            # and the job's claim keeps it from running twice. kombu's ack would raise
+            # AttributeError here and kill the worker.
+            logger.debug("consumer %s: an ack after its channel closed is dropped", self.channel.consumer_id)
+            virtual.QoS.ack(self, delivery_tag)
+            return
         try:
             self.settle_in_redis(delivery_tag, requeue=requeue)
         except self.channel.connection_errors as exc:

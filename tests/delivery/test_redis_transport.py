@@ -270,6 +270,31 @@ def test_closing_the_channel_returns_its_unacked_messages_and_signs_the_consumer
     assert broker.redis.zscore(channel.registry_key, channel.consumer_id) is None
 
 
+def test_an_ack_after_the_connection_was_torn_down_is_dropped_not_raised(broker: Broker) -> None:
+    """With the broker gone, closing a lost connection can stop half way: the transport has lost its
+    client, the channel its pool, and Celery's hub then runs the acks still queued. kombu's ack raised
+    AttributeError there and the worker exited (CI, a broker restarted without persistence)."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    channel = channel_of(connection)
+    channel.basic_qos(0, 1, False)
+    inbox = Inbox(connection, [queue])
+    message = inbox.next()
+    transport = channel.connection
+
+    channel._disconnect_pools()
+    transport.client = None  # what kombu's Connection._do_close_transport leaves
+    try:
+        message.ack()  # no exception reaches the caller
+    finally:
+        transport.client = connection
+
+    # Redis was not touched: the message is still in flight, for the reaper to give back.
+    assert message.delivery_tag.encode() in broker.redis.smembers(channel.inflight_key)
+    assert channel.qos.can_consume()  # its prefetch slot is free
+
+
 def test_a_no_ack_consumer_leaves_nothing_in_flight_and_starts_no_heartbeat_thread(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})
