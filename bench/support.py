@@ -195,8 +195,10 @@ def service_versions(database_url: str | None = None, redis_url: str | None = No
 
 
 def command_line() -> str:
-    """How this benchmark was started, as `python -m bench.<name> ...` (passwords in URLs hidden)."""
-    module = f"bench.{Path(sys.argv[0]).stem}"
+    """How this benchmark was started, as `python -m bench.<name> ...` or `python -m bench ...` (passwords
+    in URLs hidden)."""
+    stem = Path(sys.argv[0]).stem
+    module = "bench" if stem == "__main__" else f"bench.{stem}"
     return _redacted(shlex.join(["python", "-m", module, *sys.argv[1:]]))
 
 

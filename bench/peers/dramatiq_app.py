@@ -1,0 +1,92 @@
+"""Dramatiq on Redis, as its CLI starts it by default: processes = the cores, 8 threads each.
+
+    dramatiq bench.peers.dramatiq_app --processes N --threads 8
+
+Dramatiq's default middleware (age and time limits, retries, callbacks, pipelines), no results.
+Runs in the peers' virtualenv (bench/requirements.txt). Enqueue one at a time: `noop.send(...)`.
+Batch: `dramatiq.group(...).run()`, the one way Dramatiq sends many messages at once; on Redis it
+is still one enqueue (one Lua script call, one round trip) per message: there is no pipelined send.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from bench.peers.driver import BROKER_VARIABLE
+from bench.peers.harness import PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
+from bench.peers.record import DIRECTORY_VARIABLE, Records, record
+
+THREADS = 8  # Dramatiq's default
+CHUNK = 1000
+
+broker = RedisBroker(url=os.environ[BROKER_VARIABLE])
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(queue_name="default")
+def noop(phase: int, sent: float) -> None:
+    record(phase, sent)
+
+
+class DramatiqSystem(System):
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.name = config["label"]
+        self.config = config
+        self.records = Records(Path(config["record_dir"]))
+
+    def reset(self) -> None:
+        broker.client.flushdb()
+        self.records.clear()
+
+    def purge(self) -> None:
+        broker.flush_all()
+
+    def send(self, phase: int, sent: float) -> str:
+        noop.send(phase, sent)
+        return str(sent)
+
+    def _group(self, count: int, deadline: float, phase: int = PHASE_NONE) -> int:
+        sent = 0
+        while sent < count and (not sent or time.monotonic() < deadline):
+            size = min(CHUNK, count - sent)
+            dramatiq.group(noop.message(phase, time.time()) for _ in range(size)).run()
+            sent += size
+        return sent
+
+    def enqueue_paths(self) -> dict[str, EnqueuePath]:
+        return {"batch": self._group}
+
+    def backlog(self, count: int, phase: int) -> None:
+        self._group(count, time.monotonic() + 3600, phase)
+
+    def worker(self, processes: int) -> tuple[list[str], dict[str, str]]:
+        command = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_app"]
+        return [*command, "--processes", str(processes), "--threads", str(THREADS)], {
+            **self.config["env"],
+            BROKER_VARIABLE: self.config["broker_url"],
+            DIRECTORY_VARIABLE: self.config["record_dir"],
+        }
+
+    def progress(self, phase: int, keys: Collection[str] | None = None) -> Progress:
+        return recorded_progress(self.records, phase)
+
+    def waits(self, phase: int, sent: dict[str, float]) -> list[float]:
+        return [started - sent_at for sent_at, started in self.records.of(phase)]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "worker": (
+                f"dramatiq bench.peers.dramatiq_app --processes {self.config['processes']} "
+                f"--threads {THREADS}"
+            ),
+            "dramatiq": dramatiq.__version__,
+            "middleware": [type(item).__name__ for item in broker.middleware],
+        }
