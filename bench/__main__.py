@@ -33,11 +33,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,12 +54,12 @@ STARTED = time.monotonic()
 
 # name -> (label, kind, broker, monitoring, index into --redis-dbs, scaling measured)
 SYSTEMS: dict[str, tuple[str, str, str, bool, int, bool]] = {
-    "project": ("this project, Procfile worker, default.ping", "project", "redis", True, 0, True),
-    "project_monitoring_off": ("  the same, monitoring off", "project", "redis", False, 0, False),
-    "celery": ("stock Celery, defaults, no-op", "celery", "redis", True, 1, True),
-    "dramatiq": ("Dramatiq, no-op", "dramatiq", "redis", True, 2, True),
-    "huey": ("Huey, no-op", "huey", "redis", True, 3, True),
-    "project_rabbitmq": ("this project on RabbitMQ (quorum)", "project", "rabbitmq", True, 0, False),
+    "project": ("this project (Procfile worker, default.ping)", "project", "redis", True, 0, True),
+    "project_monitoring_off": ("this project, monitoring off", "project", "redis", False, 0, False),
+    "celery": ("stock Celery (defaults, no-op)", "celery", "redis", True, 1, True),
+    "dramatiq": ("Dramatiq (no-op)", "dramatiq", "redis", True, 2, True),
+    "huey": ("Huey (no-op)", "huey", "redis", True, 3, True),
+    "project_rabbitmq": ("this project on RabbitMQ (quorum queues)", "project", "rabbitmq", True, 0, False),
 }
 PEER_VENV_KINDS = ("dramatiq", "huey")
 # Variables a peer must not see: Celery's Django fixup starts when DJANGO_SETTINGS_MODULE is set,
@@ -104,6 +106,7 @@ class Runner:
         self.args = args
         self.run_dir = run_dir
         self.peer_python: str | None = None
+        self.scaling_on = True  # off once the time budget says so
 
     def config(self, name: str, repetition: int) -> tuple[str, dict[str, Any]]:
         _label, kind, broker, monitoring, db_index, scaling = SYSTEMS[name]
@@ -118,6 +121,7 @@ class Runner:
             "broker_url": args.rabbitmq_url if broker == "rabbitmq" else redis,
             "database_url": args.database_url,
             "monitoring": monitoring,
+            "all_paths": name == "project",
             "processes": args.processes,
             "record_dir": str(run_dir / "records"),
             "env": peer_environment(),
@@ -126,8 +130,9 @@ class Runner:
                 "enqueue_seconds": args.enqueue_seconds,
                 "drain_seconds": args.drain_seconds,
                 "paced_seconds": args.paced_seconds,
+                "scaling_seconds": args.scaling_seconds,
                 "processes": args.processes,
-                "scaling": args.scaling if scaling else [],
+                "scaling": args.scaling if scaling and self.scaling_on else [],
                 "run_dir": str(run_dir),
             },
         }
@@ -168,7 +173,10 @@ class Runner:
                         print(line.rstrip(), flush=True)
                 driver.wait()
             except BaseException:
-                # Ctrl-C reached the driver too (same process group): it stops its workers; wait for it.
+                # Ctrl-C reaches the driver too (same process group); a SIGTERM to this process does not:
+                # tell it, then wait while it stops its workers and empties its broker.
+                with contextlib.suppress(ProcessLookupError):
+                    driver.send_signal(signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     driver.wait(timeout=60)
                 driver.kill()
@@ -190,6 +198,36 @@ def clean_up_workers(run_dir: Path) -> None:
             kill_group(int(line))
 
 
+def over_budget(
+    runs: dict[str, list[dict[str, Any]]], remaining: list[tuple[int, str]], budget: float
+) -> bool:
+    """Whether the runs still to do, each taking as long as that system's last run, end past `budget`."""
+    if not budget:
+        return False
+    estimate = 0.0
+    for _, name in remaining:
+        done = [run for run in runs[name] if "seconds" in run]
+        estimate += done[-1]["seconds"] if done else 0.0
+    return time.monotonic() - STARTED + estimate > budget
+
+
+def assemble(runs: dict[str, list[dict[str, Any]]], elapsed: float) -> dict[str, Any]:
+    """What docs/results/bench.json holds under "figures": per system its runs, medians and ranges."""
+    systems = {name: report.summary(items) for name, items in runs.items()}
+    return {
+        "systems": systems,
+        "ratios": report.ratios(systems),
+        "labels": {name: SYSTEMS[name][0] for name in runs},
+        "order": list(runs),
+        "elapsed_s": elapsed,
+    }
+
+
+def results_params(args: argparse.Namespace) -> dict[str, Any]:
+    """How the run was asked for, as the results file keeps it."""
+    return {key: value for key, value in vars(args).items() if key not in ("results_dir", "no_results")}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,17 +236,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS)
     )
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=3000, help="backlog, and jobs per enqueue measurement")
+    parser.add_argument("--jobs", type=int, default=10_000, help="backlog, and jobs per enqueue measurement")
     parser.add_argument(
-        "--enqueue-seconds", type=float, default=3.0, help="time box of each enqueue measurement"
+        "--enqueue-seconds", type=float, default=1.5, help="time box of each enqueue measurement"
     )
-    parser.add_argument("--drain-seconds", type=float, default=8.0, help="time box of each drain")
-    parser.add_argument("--paced-seconds", type=float, default=5.0, help="duration of the paced load")
+    parser.add_argument("--drain-seconds", type=float, default=5.0, help="time box of each drain")
+    parser.add_argument("--paced-seconds", type=float, default=4.0, help="duration of the paced load")
+    parser.add_argument(
+        "--scaling-seconds", type=float, default=2.5, help="time box of each drain with 1 and 4 processes"
+    )
     parser.add_argument(
         "--processes", type=int, default=os.cpu_count() or 1, help="worker processes (the cores)"
     )
     parser.add_argument(
         "--scaling", default="1,2,4", help="worker process counts for the drain ('' for none)"
+    )
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=570.0,
+        help="when the rest would end past this (each run as long as its system's last), "
+        "no more scaling drains (0: no budget)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of about a minute: small, once, no scaling"
@@ -241,8 +289,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     from bench.support import RESULTS_DIR, ensure_database, service_versions, write_results
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -267,47 +320,45 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    plan = [
+        (repetition, name)
+        for repetition in range(1, args.repetitions + 1)
+        for name in systems[(repetition - 1) % len(systems) :] + systems[: (repetition - 1) % len(systems)]
+    ]
     try:
-        for repetition in range(1, args.repetitions + 1):
-            shift = (repetition - 1) % len(systems)
-            order = systems[shift:] + systems[:shift]
-            print(f"repetition {repetition}/{args.repetitions}: {', '.join(order)}", flush=True)
-            for name in order:
-                started = time.monotonic()
-                run = runner.run(name, repetition)
-                run["seconds"] = time.monotonic() - started
-                run["repetition"] = repetition
-                runs[name].append(run)
+        for index, (repetition, name) in enumerate(plan):
+            if index == 0 or plan[index - 1][0] != repetition:
+                order = [item for number, item in plan if number == repetition]
+                print(f"repetition {repetition}/{args.repetitions}: {', '.join(order)}", flush=True)
+            if runner.scaling_on and over_budget(runs, plan[index:], args.budget_seconds):
+                runner.scaling_on = False
+                print(
+                    f"    (the run would take more than --budget-seconds {args.budget_seconds:g}: "
+                    "no more scaling drains from here)",
+                    flush=True,
+                )
+            started = time.monotonic()
+            run = runner.run(name, repetition)
+            run["seconds"] = time.monotonic() - started
+            run["repetition"] = repetition
+            runs[name].append(run)
     except KeyboardInterrupt:
         print("interrupted: every worker was stopped; nothing written", file=sys.stderr)
         return 130
 
-    figures: dict[str, Any] = {name: report.summary(items) for name, items in runs.items()}
-    found = report.ratios(figures)
     elapsed = time.monotonic() - STARTED
-    labels = {name: SYSTEMS[name][0] for name in systems}
+    figures = assemble(runs, elapsed)
     print()
-    print(report.table(figures, labels))
-    for line in report.notes(figures, found):
+    print(report.table(figures["systems"], figures["labels"]))
+    for line in report.notes(figures["systems"], figures["ratios"]):
         print(line)
     print(f"elapsed {elapsed:.0f} s ({elapsed / 60:.1f} min)")
     if args.no_results:
         return 0
-    figures = {
-        "systems": figures,
-        "ratios": found,
-        "labels": labels,
-        "order": systems,
-        "elapsed_s": elapsed,
-    }
     services = service_versions(args.database_url, redis_url(args.redis_url, args.redis_dbs[0]))
     if any(SYSTEMS[name][2] == "rabbitmq" for name in systems):
         services["rabbitmq"] = rabbitmq_version()
-    params = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("results_dir", "no_results") and value is not None
-    }
+    params = results_params(args)
     write_results("bench", figures, params, services=services, directory=args.results_dir or RESULTS_DIR)
     return 0
 

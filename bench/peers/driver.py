@@ -69,6 +69,9 @@ def main(argv: list[str]) -> int:
         figures = measure(system, plan, workers, ROOT, say)
         figures["settings"] = system.describe()
     finally:
+        # A second Ctrl-C (or the parent's SIGTERM after the terminal's SIGINT) must not cut this short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         workers.stop_all()
         with contextlib.suppress(Exception):
             system.reset()

@@ -49,6 +49,7 @@ class Plan:
     enqueue_seconds: float
     drain_seconds: float
     paced_seconds: float
+    scaling_seconds: float
     processes: int
     scaling: list[int]
     run_dir: str
@@ -127,6 +128,7 @@ class Workers:
     run_dir: Path
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started: int = 0
+    stop_seconds: float = 0.0
 
     def start(self, command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
         self.started += 1
@@ -141,9 +143,12 @@ class Workers:
         process.log = log  # type: ignore[attr-defined]
         return process
 
-    def stop(self, process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    def stop(self, process: subprocess.Popen[bytes], grace: float = 2.0) -> None:
+        """SIGTERM, then after `grace` seconds SIGKILL to the whole group: its measurements are done,
+        and the system is emptied next (a warm shutdown takes 3-8 s here, the time budget cannot)."""
+        began = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)  # a warm shutdown: the main process stops its children
+            process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
         kill_group(process.pid)
@@ -151,10 +156,11 @@ class Workers:
             process.wait(timeout=10)
         if process in self.running:
             self.running.remove(process)
+        self.stop_seconds += time.monotonic() - began
 
     def stop_all(self) -> None:
         for process in list(self.running):
-            self.stop(process, grace=5.0)
+            self.stop(process)
 
 
 def kill_group(pgid: int) -> None:
@@ -291,47 +297,68 @@ def running_worker(system: System, workers: Workers, processes: int, cwd: Path) 
         workers.stop(worker)
 
 
+class Clock:
+    """Seconds spent in each phase of a run (the results file keeps them: where the time budget goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - started
+
+
 def measure(
     system: System, plan: Plan, workers: Workers, cwd: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
     from bench.support import TreeSampler
 
     out: dict[str, Any] = {}
-    system.reset()
-    # Warm-up (connections, pools, imports on first use), not measured.
-    for path in system.enqueue_paths().values():
-        path(min(50, plan.jobs), time.monotonic())
-    one_at_a_time(system, PHASE_NONE, min(50, plan.jobs), 0.0)
-    system.reset()
-    for name, path in system.enqueue_paths().items():
-        figure = timed(path, plan.jobs, plan.enqueue_seconds)
-        out[f"{name}_per_s"] = figure["per_s"]
-        out[f"{name}_jobs"] = figure["jobs"]
+    clock = Clock()
+    with clock("enqueue"):
         system.reset()
-    sent, seconds = one_at_a_time(system, PHASE_BACKLOG, plan.jobs, plan.enqueue_seconds)
-    out["enqueue_per_s"] = sent / seconds
-    out["enqueue_jobs"] = sent
+        # Warm-up (connections, pools, imports on first use), not measured.
+        for path in system.enqueue_paths().values():
+            path(min(50, plan.jobs), time.monotonic() + 5)
+        one_at_a_time(system, PHASE_NONE, min(50, plan.jobs), 5.0)
+        system.reset()
+        for name, path in system.enqueue_paths().items():
+            figure = timed(path, plan.jobs, plan.enqueue_seconds)
+            out[f"{name}_per_s"] = figure["per_s"]
+            out[f"{name}_jobs"] = figure["jobs"]
+            system.reset()
+        sent, seconds = one_at_a_time(system, PHASE_BACKLOG, plan.jobs, plan.enqueue_seconds)
+        out["enqueue_per_s"] = sent / seconds
+        out["enqueue_jobs"] = sent
     say(
         f"enqueue: one at a time {out['enqueue_per_s']:,.0f}/s, batch {out.get('batch_per_s', 0):,.0f}/s; "
         f"draining {sent:,} with {plan.processes} processes"
     )
 
-    with running_worker(system, workers, plan.processes, cwd) as worker:
+    with clock("worker"), running_worker(system, workers, plan.processes, cwd) as worker:
         sampler = TreeSampler(worker.pid)
         try:
-            result = drain(system, worker, PHASE_BACKLOG, sent, plan.drain_seconds, plan.start_timeout)
+            with clock("drain"):
+                result = drain(system, worker, PHASE_BACKLOG, sent, plan.drain_seconds, plan.start_timeout)
             out["drain_jobs_per_s"] = result["jobs_per_s"]
             out["drain"] = result
-            if not result["complete"]:
-                system.purge()
-                settle(system, PHASE_BACKLOG)
             say(f"drain {result['jobs_per_s']:,.0f} jobs/s ({result['done']:,} in {result['seconds']:.1f} s)")
-            load = paced(system, worker, PHASE_PACED, max(1.0, result["jobs_per_s"] / 2), plan.paced_seconds)
+            with clock("purge"):
+                if not result["complete"]:
+                    system.purge()
+                    settle(system, PHASE_BACKLOG)
+            with clock("paced"):
+                rate = max(1.0, result["jobs_per_s"] / 2)
+                load = paced(system, worker, PHASE_PACED, rate, plan.paced_seconds)
             out["paced"] = load
             if "wait_p99_ms" in load:
                 say(
                     f"paced {load['rate_sent']:,.0f}/s: wait p50 {load['wait_p50_ms']:.1f} ms, "
-                    f"p99 {load['wait_p99_ms']:.1f} ms, {load['started']}/{load['jobs']} started"
+                    f"p99 {load['wait_p99_ms']:.1f} ms, {load['started']:,}/{load['jobs']:,} started"
                 )
         finally:
             out["worker_rss_mib"] = sampler.stop() / 2**20
@@ -341,15 +368,17 @@ def measure(
         if processes == plan.processes:
             scaling[str(processes)] = out["drain_jobs_per_s"]
             continue
-        system.reset()
-        # Enough for the time box even if this count is twice as fast: the drain is time-boxed anyway.
-        count = min(plan.jobs, max(200, int(2 * out["drain_jobs_per_s"] * plan.drain_seconds)))
-        system.backlog(count, PHASE_SCALING)
-        with running_worker(system, workers, processes, cwd) as worker:
-            result = drain(system, worker, PHASE_SCALING, count, plan.drain_seconds, plan.start_timeout)
+        with clock("scaling"):
+            system.reset()
+            # Enough for the time box even if this count is twice as fast (the drain stops at the box).
+            count = min(plan.jobs, max(200, int(2 * out["drain_jobs_per_s"] * plan.scaling_seconds)))
+            system.backlog(count, PHASE_SCALING)
+            with running_worker(system, workers, processes, cwd) as worker:
+                result = drain(system, worker, PHASE_SCALING, count, plan.scaling_seconds, plan.start_timeout)
         scaling[str(processes)] = result["jobs_per_s"]
         say(f"{processes} processes: drain {result['jobs_per_s']:,.0f} jobs/s ({result['done']:,} jobs)")
     if scaling:
         out["scaling_jobs_per_s"] = scaling
     system.reset()
+    out["phase_seconds"] = {**clock.seconds, "stopping_workers": workers.stop_seconds}
     return out

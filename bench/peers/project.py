@@ -148,11 +148,10 @@ class ProjectSystem(System):
         return sent
 
     def enqueue_paths(self) -> dict[str, EnqueuePath]:
-        return {
-            "batch": self._api_batch,
-            "apply_async_batch": self._apply_async_batch,
-            "durable": self._durable,
-        }
+        paths: dict[str, EnqueuePath] = {"batch": self._api_batch}
+        if self.config.get("all_paths"):  # once is enough: the variants of the project share them
+            paths.update(apply_async_batch=self._apply_async_batch, durable=self._durable)
+        return paths
 
     def backlog(self, count: int, phase: int) -> None:
         self._apply_async_batch(count, time.monotonic() + 3600)
