@@ -62,9 +62,10 @@ SYSTEMS: dict[str, tuple[str, str, str, bool, int, bool]] = {
     "project_rabbitmq": ("this project on RabbitMQ (quorum queues)", "project", "rabbitmq", True, 0, False),
 }
 PEER_VENV_KINDS = ("dramatiq", "huey")
-# Variables a peer must not see: Celery's Django fixup starts when DJANGO_SETTINGS_MODULE is set,
-# and Celery reads CELERY_BROKER_URL and friends from the environment.
-NOT_FOR_PEERS = ("DJANGO_", "CELERY_", "DATABASE_URL", "METRICS_", "RATE_LIMIT_")
+# What no system inherits from this shell: a peer's Celery starts its Django fixup when
+# DJANGO_SETTINGS_MODULE is set and reads CELERY_BROKER_URL and friends; the project's settings
+# are the bench's own (bench/peers/project.py), production's defaults otherwise.
+NOT_INHERITED = ("DJANGO_", "CELERY_", "DATABASE_URL", "METRICS_", "RATE_LIMIT_")
 
 QUICK = {"jobs": 300, "repetitions": 1, "enqueue_seconds": 1.0, "drain_seconds": 3.0, "paced_seconds": 2.0}
 
@@ -73,8 +74,8 @@ def redis_url(base: str, db: int) -> str:
     return urlunsplit(urlsplit(base)._replace(path=f"/{db}"))
 
 
-def peer_environment() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(NOT_FOR_PEERS)}
+def clean_environment() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(NOT_INHERITED)}
     return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
@@ -124,7 +125,7 @@ class Runner:
             "all_paths": name == "project",
             "processes": args.processes,
             "record_dir": str(run_dir / "records"),
-            "env": peer_environment(),
+            "env": clean_environment(),
             "plan": {
                 "jobs": args.jobs,
                 "enqueue_seconds": args.enqueue_seconds,
@@ -151,7 +152,11 @@ class Runner:
         python, config = self.config(name, repetition)
         if prepare:
             config.update(prepare_only=True, migrate=True)
-        env = config["env"] if config["kind"] != "project" else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The project's settings come from the bench (bench/peers/project.py), not from this shell:
+        # a METRICS_REDIS_URL or CELERY_* exported for something else would change what is measured.
+        env = config["env"]
+        if config["kind"] == "project" and os.environ.get("DJANGO_SECRET_KEY"):
+            env = {**env, "DJANGO_SECRET_KEY": os.environ["DJANGO_SECRET_KEY"]}
         run_dir = Path(config["plan"]["run_dir"])
         stderr_path = run_dir / "driver.stderr"
         result: dict[str, Any] | None = None

@@ -20,11 +20,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "RESULT "
-BROKER_VARIABLE = "BENCH_BROKER_URL"
 
 
 def make(config: dict[str, Any]) -> Any:
     kind = config["kind"]
+    from bench.peers.harness import BROKER_VARIABLE
+
     # A peer's app module reads its broker from here when imported (its workers get it the same way).
     os.environ[BROKER_VARIABLE] = config["broker_url"]
     if kind == "project":

@@ -41,6 +41,8 @@ from bench.peers.record import Records
 # the scaling backlogs.
 PHASE_NONE, PHASE_BACKLOG, PHASE_PACED, PHASE_SCALING = 0, 1, 2, 3
 POLL_SECONDS = 0.02
+# The broker URL a peer's app module (bench/peers/*_app.py, celery_stock.py) reads when imported.
+BROKER_VARIABLE = "BENCH_BROKER_URL"
 
 
 @dataclass

@@ -20,8 +20,7 @@ from typing import Any
 import huey as huey_package
 from huey import RedisHuey
 
-from bench.peers.driver import BROKER_VARIABLE
-from bench.peers.harness import PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
+from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
 from bench.peers.record import DIRECTORY_VARIABLE, Records, record
 
 CHUNK = 1000
