@@ -73,6 +73,9 @@ class System:
     """What a system under test provides; see the module docstring."""
 
     name = ""
+    # How often the client looks at its progress: reading the records is cheap; the project's is a
+    # query on the database its worker writes to, so it is asked less often.
+    poll_seconds = POLL_SECONDS
 
     def reset(self) -> None:
         """Broker and records emptied; no worker runs."""
@@ -112,11 +115,7 @@ class System:
 
 def recorded_progress(records: Records, phase: int) -> Progress:
     """A peer's progress from what its tasks recorded (bench.peers.record): a no-op ends as it starts."""
-    found = records.of(phase)
-    if not found:
-        return Progress(0, None, None)
-    starts = [started for _, started in found]
-    return Progress(len(found), min(starts), max(starts))
+    return Progress(*records.summary(phase))
 
 
 class WorkerFailed(Exception):
@@ -221,11 +220,11 @@ def drain(
             raise WorkerFailed(
                 f"{system.name}: no job started within {start_timeout:.0f} s of starting the worker"
             )
-        time.sleep(POLL_SECONDS)
+        time.sleep(system.poll_seconds)
         progress = system.progress(phase)
     while progress.done < total and time.time() - progress.first_start < cap:
         _alive(system, worker)
-        time.sleep(POLL_SECONDS)
+        time.sleep(system.poll_seconds)
         progress = system.progress(phase)
     assert progress.first_start is not None
     seconds = (progress.last_end or progress.first_start) - progress.first_start
@@ -244,7 +243,7 @@ def settle(system: System, phase: int, quiet: float = 0.5, limit: float = 30.0) 
     changed = time.monotonic()
     ends = changed + limit
     while time.monotonic() - changed < quiet and time.monotonic() < ends:
-        time.sleep(0.05)
+        time.sleep(max(0.05, system.poll_seconds))
         done = system.progress(phase).done
         if done != last:
             last, changed = done, time.monotonic()
@@ -269,7 +268,7 @@ def paced(
     keys = list(sent)
     while system.progress(phase, keys).done < count and time.monotonic() < ends:
         _alive(system, worker)
-        time.sleep(0.05)
+        time.sleep(max(0.05, system.poll_seconds))
     waits = system.waits(phase, sent)
     figures: dict[str, Any] = {
         "rate_asked": rate,

@@ -65,6 +65,8 @@ def environment(config: dict[str, Any]) -> dict[str, str]:
 
 
 class ProjectSystem(System):
+    poll_seconds = 0.2
+
     def __init__(self, config: dict[str, Any]) -> None:
         self.name = config["label"]
         self.config = config

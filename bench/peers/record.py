@@ -41,6 +41,7 @@ class Records:
     directory: Path
     _offsets: dict[Path, int] = field(default_factory=dict)
     _by_phase: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    _span: dict[int, tuple[float, float]] = field(default_factory=dict)  # first and last start
 
     def clear(self) -> None:
         """Forget everything (only with no worker running: their files are removed)."""
@@ -48,6 +49,7 @@ class Records:
             path.unlink()
         self._offsets.clear()
         self._by_phase.clear()
+        self._span.clear()
 
     def read(self) -> None:
         for path in sorted(self.directory.glob("*.rec")):
@@ -57,10 +59,19 @@ class Records:
                 data = file.read()
             end = data.rfind(b"\n") + 1  # a line being written is read next time
             for line in data[:end].decode().splitlines():
-                phase, sent, started = line.split()
-                self._by_phase.setdefault(int(phase), []).append((float(sent), float(started)))
+                phase_text, sent, started_text = line.split()
+                phase, started = int(phase_text), float(started_text)
+                self._by_phase.setdefault(phase, []).append((float(sent), started))
+                first, last = self._span.get(phase, (started, started))
+                self._span[phase] = (min(first, started), max(last, started))
             self._offsets[path] = offset + end
 
     def of(self, phase: int) -> list[tuple[float, float]]:
         self.read()
         return self._by_phase.get(phase, [])
+
+    def summary(self, phase: int) -> tuple[int, float | None, float | None]:
+        """How many jobs of `phase` started, the first start and the last (kept as lines are read)."""
+        self.read()
+        first, last = self._span.get(phase, (None, None))
+        return len(self._by_phase.get(phase, [])), first, last
