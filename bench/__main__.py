@@ -107,7 +107,7 @@ class Runner:
         self.args = args
         self.run_dir = run_dir
         self.peer_python: str | None = None
-        self.scaling_on = True  # off once the time budget says so
+        self.scaling_on = True  # off for a run the time budget has no room for
 
     def config(self, name: str, repetition: int) -> tuple[str, dict[str, Any]]:
         _label, kind, broker, monitoring, db_index, scaling = SYSTEMS[name]
@@ -203,17 +203,30 @@ def clean_up_workers(run_dir: Path) -> None:
             kill_group(int(line))
 
 
-def over_budget(
+def estimate(runs: list[dict[str, Any]], scaling: bool) -> float:
+    """Seconds the next run of a system takes: as long as its last one, with or without its scaling drains."""
+    done = [run for run in runs if "seconds" in run]
+    if not done:
+        return 0.0
+    last = done[-1]
+    without = last["seconds"] - last.get("phase_seconds", {}).get("scaling", 0.0)
+    if scaling and "scaling_jobs_per_s" not in last:
+        with_scaling = [run for run in done if "scaling_jobs_per_s" in run]
+        return with_scaling[-1]["seconds"] if with_scaling else without
+    return last["seconds"] if scaling else without
+
+
+def scaling_fits(
     runs: dict[str, list[dict[str, Any]]], remaining: list[tuple[int, str]], budget: float
 ) -> bool:
-    """Whether the runs still to do, each taking as long as that system's last run, end past `budget`."""
+    """Whether the next run can have its scaling drains and the rest (without theirs) end by `budget`."""
     if not budget:
-        return False
-    estimate = 0.0
-    for _, name in remaining:
-        done = [run for run in runs[name] if "seconds" in run]
-        estimate += done[-1]["seconds"] if done else 0.0
-    return time.monotonic() - STARTED + estimate > budget
+        return True
+    (_, name), rest = remaining[0], remaining[1:]
+    needed = estimate(runs[name], scaling=True) + sum(
+        estimate(runs[other], scaling=False) for _, other in rest
+    )
+    return time.monotonic() - STARTED + needed <= budget
 
 
 def assemble(runs: dict[str, list[dict[str, Any]]], elapsed: float) -> dict[str, Any]:
@@ -260,8 +273,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--budget-seconds",
         type=float,
         default=570.0,
-        help="when the rest would end past this (each run as long as its system's last), "
-        "no more scaling drains (0: no budget)",
+        help="a run skips its scaling drains when with them the whole run would end past this, each "
+        "run taking as long as its system's last (0: no budget)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of about a minute: small, once, no scaling"
@@ -335,13 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             if index == 0 or plan[index - 1][0] != repetition:
                 order = [item for number, item in plan if number == repetition]
                 print(f"repetition {repetition}/{args.repetitions}: {', '.join(order)}", flush=True)
-            if runner.scaling_on and over_budget(runs, plan[index:], args.budget_seconds):
-                runner.scaling_on = False
-                print(
-                    f"    (the run would take more than --budget-seconds {args.budget_seconds:g}: "
-                    "no more scaling drains from here)",
-                    flush=True,
-                )
+            runner.scaling_on = scaling_fits(runs, plan[index:], args.budget_seconds)
+            if not runner.scaling_on and SYSTEMS[name][5] and args.scaling:
+                print(f"    {name}: no scaling drains in this run (--budget-seconds {args.budget_seconds:g})")
             started = time.monotonic()
             run = runner.run(name, repetition)
             run["seconds"] = time.monotonic() - started

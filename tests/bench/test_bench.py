@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 from django.conf import settings
 
+from bench import __main__ as bench_main
 from bench import publish
 from bench.__main__ import SYSTEMS, assemble, parse, results_params
 from bench.peers import report
@@ -125,6 +127,21 @@ def test_the_benchmarks_page_renders_a_results_file_as_python_m_bench_writes_it(
     assert "*Measured " in section
     assert "([`docs/results/bench.json`](results/bench.json))" in section
     assert "Not measured yet" not in section
+
+
+def test_a_run_skips_its_scaling_drains_when_the_rest_would_not_fit_the_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench_main, "STARTED", time.monotonic())
+    runs = {
+        name: [a_run(100.0, seconds=100.0, phase_seconds={"scaling": 40.0})] for name in ("project", "celery")
+    }
+    remaining = [(2, "project"), (2, "celery"), (3, "project")]
+
+    # This run with its scaling drains (100 s), the two after it without theirs (60 s each).
+    assert bench_main.scaling_fits(runs, remaining, budget=230.0)
+    assert not bench_main.scaling_fits(runs, remaining, budget=210.0)
+    assert bench_main.scaling_fits(runs, remaining, budget=0)  # no budget
 
 
 def bench_database_url() -> str:
