@@ -10,8 +10,9 @@ The flow (tasks/data_sync.py runs it):
    batches as the pages come, so a sync holds one batch of records, not all;
    its `Checkpoint` (saved in the SyncRun) is where a retry resumes;
 2. each batch is upserted by
-   `upsert_records(...)`: one SELECT of the existing checksums, then
-   bulk_create for new ids and bulk_update for changed ones. A record whose
+   `upsert_records(...)`: on PostgreSQL one INSERT ... ON CONFLICT DO UPDATE
+   for the whole batch (elsewhere one SELECT of the existing checksums, then
+   bulk_create for new ids and bulk_update for changed ones). A record whose
    checksum (sha256 of its canonical JSON) is unchanged is not written, so
    `changed_at` moves only when the data does;
 3. `finish_run(...)` adds up the batch counts; `fail_run(...)` records why a
@@ -119,6 +120,12 @@ def prepare(record: Any, id_field: str) -> tuple[str, str] | None:
     UTF-8) or a NUL character (PostgreSQL's jsonb refuses it): any of them would
     fail the whole batch.
     """
+    prepared = _prepare(record, id_field)
+    return None if prepared is None else prepared[:2]
+
+
+def _prepare(record: Any, id_field: str) -> tuple[str, str, str] | None:
+    """(external id, checksum, canonical JSON) of a storable record, else None (see `prepare`)."""
     external_id = external_id_of(record, id_field)
     if external_id is None:
         return None
@@ -129,7 +136,7 @@ def prepare(record: Any, id_field: str) -> tuple[str, str] | None:
         return None
     if "\\u0000" in canonical and _contains_nul(record):
         return None
-    return external_id, checksum
+    return external_id, checksum, canonical
 
 
 # --- fetching pages -------------------------------------------------------------
@@ -430,23 +437,31 @@ class BatchCounts:
 def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime | None = None) -> BatchCounts:
     """Creates new records, updates changed ones, leaves unchanged ones alone; returns the counts.
 
-    One SELECT of the existing (id, checksum) pairs for the whole batch, then one
-    bulk INSERT and one bulk UPDATE, in one transaction. Raises
-    ConcurrentUpsertError when another sync inserted one of the ids meanwhile.
+    On PostgreSQL one statement for the whole batch: INSERT ... ON CONFLICT DO UPDATE, the
+    update only where the checksum differs, RETURNING which rows were inserted (the counts
+    are exact: a row neither inserted nor updated was unchanged). Elsewhere (SQLite in
+    development) one SELECT of the existing checksums, then one bulk INSERT and one bulk
+    UPDATE, in one transaction; that path raises ConcurrentUpsertError when another sync
+    inserted one of the ids meanwhile (on PostgreSQL the conflict clause takes it in).
     """
     counts = BatchCounts()
-    prepared: dict[str, tuple[Any, str]] = {}
+    prepared: dict[str, tuple[Any, str, str]] = {}
     for record in records:
-        key = prepare(record, source.id_field)
+        key = _prepare(record, source.id_field)
         if key is None:
             counts.failed += 1
             continue
         if key[0] in prepared:  # the earlier copy is dropped
             counts.failed += 1
-        prepared[key[0]] = (record, key[1])
+        prepared[key[0]] = (record, key[1], key[2])
     if not prepared:
         return counts
     now = now or timezone.now()
+    if connection.vendor == "postgresql":
+        created, updated = _upsert_on_conflict(source, prepared, now)
+        counts.created, counts.updated = created, updated
+        counts.unchanged = len(prepared) - created - updated
+        return counts
     try:
         with transaction.atomic():
             existing = {
@@ -457,7 +472,7 @@ def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime 
             }
             new_rows: list[SyncedRecord] = []
             changed_rows: list[SyncedRecord] = []
-            for external_id, (record, checksum) in prepared.items():
+            for external_id, (record, checksum, _) in prepared.items():
                 found = existing.get(external_id)
                 if found is None:
                     new_rows.append(
@@ -476,7 +491,10 @@ def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime 
                 else:
                     counts.unchanged += 1
             SyncedRecord.objects.bulk_create(new_rows, batch_size=1000)
-            _update_changed(changed_rows, now)
+            if changed_rows:
+                SyncedRecord.objects.bulk_update(
+                    changed_rows, ["data", "checksum", "changed_at"], batch_size=500
+                )
     except IntegrityError as exc:
         raise ConcurrentUpsertError(
             f"source '{source.name}': another sync stored some of these records at the same time ({exc})"
@@ -485,37 +503,46 @@ def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime 
     return counts
 
 
-def _update_changed(rows: list[SyncedRecord], now: datetime) -> None:
-    """One UPDATE for the whole batch.
+def _upsert_on_conflict(
+    source: DataSource, prepared: Mapping[str, tuple[Any, str, str]], now: datetime
+) -> tuple[int, int]:
+    """(created, updated) by one INSERT ... ON CONFLICT DO UPDATE ... WHERE the checksum differs.
 
-    On PostgreSQL an UPDATE ... FROM unnest(arrays): Django's bulk_update builds
-    a CASE WHEN per row and field, which measured 10x slower (160 ms against
-    17 ms for 500 rows). Elsewhere (SQLite in development), bulk_update.
+    Not bulk_create(update_conflicts=True): it cannot leave unchanged rows alone (their
+    `changed_at` must not move) nor say which rows it inserted. The rows come in as arrays
+    (unnest), so the statement is the same text for every batch size; `xmax = 0` in RETURNING
+    marks a row this statement inserted (an updated row carries the updating transaction's id).
     """
-    if not rows:
-        return
-    if connection.vendor != "postgresql":
-        SyncedRecord.objects.bulk_update(rows, ["data", "checksum", "changed_at"], batch_size=500)
-        return
     quote = connection.ops.quote_name
     meta = SyncedRecord._meta
     column = {field.name: quote(str(field.column)) for field in meta.concrete_fields}
     statement = (  # names come from the model, values are parameters
-        f"UPDATE {quote(meta.db_table)} AS r SET {column['data']} = v.data, "  # noqa: S608
-        f"{column['checksum']} = v.checksum, {column['changed_at']} = %s "
-        "FROM unnest(%s::bigint[], %s::jsonb[], %s::varchar[]) AS v(id, data, checksum) "
-        f"WHERE r.{column['id']} = v.id"
+        f"INSERT INTO {quote(meta.db_table)} AS r ({column['source']}, {column['external_id']}, "  # noqa: S608
+        f"{column['data']}, {column['checksum']}, {column['created_at']}, {column['changed_at']}) "
+        "SELECT %s, v.external_id, v.data, v.checksum, %s, %s "
+        "FROM unnest(%s::varchar[], %s::jsonb[], %s::varchar[]) AS v(external_id, data, checksum) "
+        f"ON CONFLICT ({column['external_id']}, {column['source']}) DO UPDATE SET "
+        f"{column['data']} = EXCLUDED.{column['data']}, "
+        f"{column['checksum']} = EXCLUDED.{column['checksum']}, "
+        f"{column['changed_at']} = EXCLUDED.{column['changed_at']} "
+        f"WHERE r.{column['checksum']} IS DISTINCT FROM EXCLUDED.{column['checksum']} "
+        "RETURNING (xmax = 0)"
     )
     with connection.cursor() as cursor:
         cursor.execute(
             statement,
             [
+                source.pk,
                 now,
-                [row.pk for row in rows],
-                [canonical_json(row.data) for row in rows],
-                [row.checksum for row in rows],
+                now,
+                list(prepared),
+                [canonical for _, _, canonical in prepared.values()],
+                [checksum for _, checksum, _ in prepared.values()],
             ],
         )
+        inserted = [row[0] for row in cursor.fetchall()]
+    created = sum(inserted)
+    return created, len(inserted) - created
 
 
 # --- runs -----------------------------------------------------------------------

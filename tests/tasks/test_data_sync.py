@@ -691,12 +691,15 @@ def test_ids_are_text_and_a_repeated_id_keeps_the_last_copy(source: DataSource) 
     assert SyncedRecord.objects.get(external_id="7").data == {"id": "7", "v": 2}
 
 
-def test_a_batch_costs_one_select_of_checksums_and_no_writes_when_nothing_changed(source: DataSource) -> None:
+def test_a_batch_is_one_statement_on_postgresql_and_writes_nothing_when_nothing_changed(
+    source: DataSource,
+) -> None:
     records = make_records(300)
     with CaptureQueriesContext(connection) as creating:
-        service.upsert_records(source, records)
+        first = service.upsert_records(source, records)
+    stamps = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
     with CaptureQueriesContext(connection) as rerun:
-        service.upsert_records(source, records)
+        second = service.upsert_records(source, records)
 
     def statements(context: CaptureQueriesContext, verb: str) -> int:
         return sum(
@@ -705,10 +708,34 @@ def test_a_batch_costs_one_select_of_checksums_and_no_writes_when_nothing_change
             if query["sql"].startswith(verb) and "tasks_syncedrecord" in query["sql"]
         )
 
-    assert statements(creating, "SELECT") == 1
-    assert statements(creating, "INSERT") >= 1
-    assert statements(rerun, "SELECT") == 1
-    assert statements(rerun, "INSERT") == statements(rerun, "UPDATE") == 0
+    assert (first.created, second.unchanged) == (300, 300)
+    assert dict(SyncedRecord.objects.values_list("external_id", "changed_at")) == stamps
+    if connection.vendor == "postgresql":  # INSERT ... ON CONFLICT DO UPDATE ... WHERE changed
+        assert [statements(creating, verb) for verb in ("SELECT", "INSERT", "UPDATE")] == [0, 1, 0]
+        assert [statements(rerun, verb) for verb in ("SELECT", "INSERT", "UPDATE")] == [0, 1, 0]
+    else:  # one SELECT of the checksums, then a bulk INSERT and a bulk UPDATE as needed
+        assert statements(creating, "SELECT") == 1
+        assert statements(creating, "INSERT") >= 1
+        assert statements(rerun, "SELECT") == 1
+        assert statements(rerun, "INSERT") == statements(rerun, "UPDATE") == 0
+
+
+def test_one_batch_of_new_changed_and_unchanged_records_is_counted_exactly(source: DataSource) -> None:
+    service.upsert_records(source, make_records(10))
+    before = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+    later = timezone.now() + timedelta(minutes=1)
+    batch = make_records(10) + make_records(15)[10:]
+    batch[0] = {**batch[0], "price": -1}
+    batch[1] = {**batch[1], "price": -2}
+
+    counts = service.upsert_records(source, batch, now=later)
+
+    assert counts.as_dict() == {"created": 5, "updated": 2, "unchanged": 8, "failed": 0}
+    after = dict(SyncedRecord.objects.values_list("external_id", "changed_at"))
+    moved = sorted(key for key in before if after[key] != before[key])
+    assert moved == sorted([str(batch[0]["id"]), str(batch[1]["id"])])
+    assert SyncedRecord.objects.get(external_id=str(batch[0]["id"])).data["price"] == -1
+    assert SyncedRecord.objects.count() == 15
 
 
 # --- runs -----------------------------------------------------------------------
