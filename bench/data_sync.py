@@ -11,7 +11,9 @@ advance, so the server is not what is measured), starts
 (everything created), a no-op re-sync (everything unchanged), then re-syncs
 with 1% and with 99% of the records changed; before them, the same rows loaded
 with one plain PostgreSQL COPY into a scratch table shaped like SyncedRecord's
-(the ceiling; each run's `of_copy` is its records/s over COPY's rows/s). Prints
+(the ceiling; each run's `of_copy` is its records/s over COPY's rows/s), and
+`upsert_records` alone over the same rows in this process (batches of
+`--batch-size`; every record created, then every one unchanged). Prints
 records/second for each, how long fetching took (the sync task: pages, parsing,
 sending the batches) against upserting (the child batches, from the sync task's
 end to the run's end), and peak RSS: of the largest worker process (getrusage of
@@ -135,6 +137,33 @@ def copy_baseline(records: int, page_size: int, repetitions: int = 3) -> dict[st
     return {"rows": len(rows), "seconds": median, "rows_per_s": len(rows) / median}
 
 
+def upsert_in_process(records: int, page_size: int, batch_size: int) -> dict[str, Any]:
+    """`upsert_records` alone over the same rows, in batches of `batch_size`, in this process (no worker,
+    broker or job rows): a first pass creating every record, a second finding every one unchanged."""
+    from tasks.models import DataSource
+    from tasks.services.data_sync import batches, upsert_records
+
+    rows = [
+        record for body in make_pages(records, page_size).values() for record in json.loads(body)["results"]
+    ]
+    DataSource.objects.filter(name="bench-in-process").delete()
+    source = DataSource.objects.create(name="bench-in-process", url="http://127.0.0.1/unused")
+    figures: dict[str, Any] = {"batch_size": batch_size}
+    try:
+        for key, expected in (("created", "created"), ("unchanged", "unchanged")):
+            started = time.perf_counter()
+            totals = {"created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+            for batch in batches(rows, batch_size):
+                for name, count in upsert_records(source, batch).as_dict().items():
+                    totals[name] += count
+            elapsed = time.perf_counter() - started
+            assert totals[expected] == len(rows), totals
+            figures[key] = {"records_per_s": len(rows) / elapsed, "seconds": elapsed}
+    finally:
+        DataSource.objects.filter(name="bench-in-process").delete()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
@@ -221,6 +250,14 @@ def main() -> None:
             f"{'plain COPY, same rows':<22} {baseline['rows_per_s']:>9,.0f} rows/s     "
             f"{baseline['seconds']:6.2f} s (median of 3, into a scratch table shaped like SyncedRecord's)"
         )
+        alone = upsert_in_process(options.records, options.page_size, options.batch_size)
+        for key in ("created", "unchanged"):
+            alone[key]["of_copy"] = alone[key]["records_per_s"] / baseline["rows_per_s"]
+            print(
+                f"{'upsert_records, ' + key:<22} {alone[key]['records_per_s']:>9,.0f} records/s  "
+                f"{alone[key]['seconds']:6.2f} s (in this process, batches of {options.batch_size}; "
+                f"{alone[key]['of_copy']:.2f} of COPY)"
+            )
         run("first sync", "first_sync")
         run("no-op re-sync", "noop_resync")
         run("re-sync, 1% changed", "resync_1pct_changed", changed_every=100)
@@ -242,6 +279,7 @@ def main() -> None:
     )
     figures = {
         "copy_baseline": baseline,
+        "upsert_in_process": alone,
         **runs,
         "largest_worker_process_peak_rss_mib": largest / 1024,
         "worker_process_tree_peak_rss_mib": tree_peak / 2**20,
