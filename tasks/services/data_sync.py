@@ -10,9 +10,9 @@ The flow (tasks/data_sync.py runs it):
    batches as the pages come, so a sync holds one batch of records, not all;
    its `Checkpoint` (saved in the SyncRun) is where a retry resumes;
 2. each batch is upserted by
-   `upsert_records(...)`: on PostgreSQL one INSERT ... ON CONFLICT DO UPDATE
-   for the whole batch (elsewhere one SELECT of the existing checksums, then
-   bulk_create for new ids and bulk_update for changed ones). A record whose
+   `upsert_records(...)`: one SELECT of the existing checksums, then for the
+   new and changed records one INSERT ... ON CONFLICT DO UPDATE on PostgreSQL
+   (elsewhere bulk_create for new ids and bulk_update for changed ones). A record whose
    checksum (sha256 of its canonical JSON) is unchanged is not written, so
    `changed_at` moves only when the data does;
 3. `finish_run(...)` adds up the batch counts; `fail_run(...)` records why a
@@ -437,12 +437,12 @@ class BatchCounts:
 def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime | None = None) -> BatchCounts:
     """Creates new records, updates changed ones, leaves unchanged ones alone; returns the counts.
 
-    On PostgreSQL one statement for the whole batch: INSERT ... ON CONFLICT DO UPDATE, the
-    update only where the checksum differs, RETURNING which rows were inserted (the counts
-    are exact: a row neither inserted nor updated was unchanged). Elsewhere (SQLite in
-    development) one SELECT of the existing checksums, then one bulk INSERT and one bulk
-    UPDATE, in one transaction; that path raises ConcurrentUpsertError when another sync
-    inserted one of the ids meanwhile (on PostgreSQL the conflict clause takes it in).
+    One SELECT of the existing (id, checksum) pairs for the whole batch; then, for the new and
+    changed records only, on PostgreSQL one INSERT ... ON CONFLICT DO UPDATE (exact counts from
+    its RETURNING, and another sync storing the same ids meanwhile is taken in), elsewhere
+    (SQLite in development) one bulk INSERT and one bulk UPDATE, which raise
+    ConcurrentUpsertError in that case. An unchanged batch writes nothing (and locks nothing:
+    ON CONFLICT would lock every row it finds, which made a no-op re-sync twice as slow).
     """
     counts = BatchCounts()
     prepared: dict[str, tuple[Any, str, str]] = {}
@@ -457,11 +457,6 @@ def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime 
     if not prepared:
         return counts
     now = now or timezone.now()
-    if connection.vendor == "postgresql":
-        created, updated = _upsert_on_conflict(source, prepared, now)
-        counts.created, counts.updated = created, updated
-        counts.unchanged = len(prepared) - created - updated
-        return counts
     try:
         with transaction.atomic():
             existing = {
@@ -470,37 +465,46 @@ def upsert_records(source: DataSource, records: Sequence[Any], *, now: datetime 
                     source=source, external_id__in=list(prepared)
                 ).values_list("external_id", "pk", "checksum")
             }
-            new_rows: list[SyncedRecord] = []
-            changed_rows: list[SyncedRecord] = []
-            for external_id, (record, checksum, _) in prepared.items():
-                found = existing.get(external_id)
-                if found is None:
-                    new_rows.append(
-                        SyncedRecord(
-                            source=source,
-                            external_id=external_id,
-                            data=record,
-                            checksum=checksum,
-                            changed_at=now,
-                        )
-                    )
-                elif found[1] != checksum:
-                    changed_rows.append(
-                        SyncedRecord(pk=found[0], data=record, checksum=checksum, changed_at=now)
-                    )
-                else:
-                    counts.unchanged += 1
-            SyncedRecord.objects.bulk_create(new_rows, batch_size=1000)
-            if changed_rows:
-                SyncedRecord.objects.bulk_update(
-                    changed_rows, ["data", "checksum", "changed_at"], batch_size=500
-                )
+            to_write = {
+                external_id: values
+                for external_id, values in prepared.items()
+                if existing.get(external_id, (None, None))[1] != values[1]
+            }
+            if connection.vendor == "postgresql":
+                counts.created, counts.updated = _upsert_on_conflict(source, to_write, now)
+            else:
+                counts.created, counts.updated = _insert_and_update(source, to_write, existing, now)
     except IntegrityError as exc:
         raise ConcurrentUpsertError(
             f"source '{source.name}': another sync stored some of these records at the same time ({exc})"
         ) from exc
-    counts.created, counts.updated = len(new_rows), len(changed_rows)
+    counts.unchanged = len(prepared) - counts.created - counts.updated
     return counts
+
+
+def _insert_and_update(
+    source: DataSource,
+    rows: Mapping[str, tuple[Any, str, str]],
+    existing: Mapping[str, tuple[int, str]],
+    now: datetime,
+) -> tuple[int, int]:
+    """(created, updated) by one bulk INSERT of the new rows and one bulk UPDATE of the changed."""
+    new_rows: list[SyncedRecord] = []
+    changed_rows: list[SyncedRecord] = []
+    for external_id, (record, checksum, _) in rows.items():
+        found = existing.get(external_id)
+        if found is None:
+            new_rows.append(
+                SyncedRecord(
+                    source=source, external_id=external_id, data=record, checksum=checksum, changed_at=now
+                )
+            )
+        else:
+            changed_rows.append(SyncedRecord(pk=found[0], data=record, checksum=checksum, changed_at=now))
+    SyncedRecord.objects.bulk_create(new_rows, batch_size=1000)
+    if changed_rows:
+        SyncedRecord.objects.bulk_update(changed_rows, ["data", "checksum", "changed_at"], batch_size=500)
+    return len(new_rows), len(changed_rows)
 
 
 def _upsert_on_conflict(
@@ -513,6 +517,8 @@ def _upsert_on_conflict(
     (unnest), so the statement is the same text for every batch size; `xmax = 0` in RETURNING
     marks a row this statement inserted (an updated row carries the updating transaction's id).
     """
+    if not prepared:
+        return 0, 0
     quote = connection.ops.quote_name
     meta = SyncedRecord._meta
     column = {field.name: quote(str(field.column)) for field in meta.concrete_fields}
