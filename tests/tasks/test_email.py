@@ -300,3 +300,28 @@ def test_a_template_naming_the_recipient_is_rendered_for_each(settings: Any, tmp
     )
     assert [message.subject for message in mail.outbox] == ["For ann@example.com", "For bob@example.com"]
     assert EmailLog.objects.get(recipient="bob@example.com").subject == "For bob@example.com"
+
+
+@pytest.mark.django_db
+def test_a_batch_takes_its_send_slots_in_groups_and_no_more_than_it_sends() -> None:
+    limiter = service.SendRateLimiter("100/minute", "memory://", f"test-{uuid.uuid4()}")
+    hits: list[int] = []
+    hit = limiter.limiter.hit
+
+    def counted(item: Any, *identifiers: str, cost: int = 1) -> bool:
+        hits.append(cost)
+        return hit(item, *identifiers, cost=cost)
+
+    limiter.limiter.hit = counted  # type: ignore[method-assign]  # a spy: the window itself is real
+
+    service.send_batch(
+        campaign="c3",
+        template="newsletter",
+        recipients=[f"reader{i}@example.com" for i in range(25)],
+        context={},
+        limiter=limiter,
+    )
+
+    assert hits == [10, 10, 5]  # a tenth of the window's budget at a time
+    assert limiter.limiter.get_window_stats(limiter.item, limiter.name).remaining == 75
+    assert len(mail.outbox) == 25
