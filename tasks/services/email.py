@@ -456,7 +456,7 @@ def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOu
                 outcome.unknown += 1
                 logger.warning(
                     "email %s to %s: an earlier attempt was cut off while sending, so it may have been "
-                    "delivered; not sending again (replay the dead letter of a single send to force it)",
+                    "delivered; not sending again (its log row says unknown)",
                     mask_addresses(item.key),
                     mask_email(item.address),
                 )
