@@ -9,11 +9,16 @@ advance, so the server is not what is measured), starts
 `celery -A config worker -Q data_sync` as a process, and times from sending
 `data_sync.sync` until its SyncRun is finished, four times: the first sync
 (everything created), a no-op re-sync (everything unchanged), then re-syncs
-with 1% and with 99% of the records changed. Prints records/second for each, how long fetching
-took (the sync task: pages, parsing, sending the batches) against upserting
-(the child batches, from the sync task's end to the run's end), and peak RSS: of the
-largest worker process (getrusage of the waited-for children) and of the whole
-worker process tree (sampled every 50 ms). Writes the figures to docs/results/data_sync.json.
+with 1% and with 99% of the records changed; before them, the same rows loaded
+with one plain PostgreSQL COPY into a scratch table shaped like SyncedRecord's
+(the ceiling; each run's `of_copy` is its records/s over COPY's rows/s), and
+`upsert_records` alone over the same rows in this process (batches of
+`--batch-size`; every record created, then every one unchanged). Prints
+records/second for each, how long fetching took (the sync task: pages, parsing,
+sending the batches) against upserting (the child batches, from the sync task's
+end to the run's end), and peak RSS: of the largest worker process (getrusage of
+the waited-for children) and of the whole worker process tree (sampled every
+50 ms). Writes the figures to docs/results/data_sync.json.
 
 The database given is created if missing (PostgreSQL) and migrated; the
 benchmark's source is deleted first, so runs start from empty.
@@ -88,6 +93,75 @@ class PageServer:
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def copy_baseline(records: int, page_size: int, repetitions: int = 3) -> dict[str, float]:
+    """The same rows as the first sync stores, loaded with one plain COPY into a scratch table shaped like
+    SyncedRecord's (same columns, indexes and constraints), median of `repetitions`: the ceiling."""
+    import statistics
+
+    from django.db import connection
+    from django.utils import timezone
+
+    from tasks.models import SyncedRecord
+    from tasks.services.data_sync import canonical_json, checksum_of
+
+    table = connection.ops.quote_name(SyncedRecord._meta.db_table)
+    now = timezone.now()
+    rows = []
+    for body in make_pages(records, page_size).values():
+        for record in json.loads(body)["results"]:
+            text = canonical_json(record)
+            rows.append((0, str(record["id"]), text, checksum_of(text), now, now))
+    seconds = []
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS bench_copy_baseline")
+        cursor.execute(f"CREATE TABLE bench_copy_baseline (LIKE {table} INCLUDING ALL)")
+        try:
+            for _ in range(repetitions):
+                cursor.execute("TRUNCATE bench_copy_baseline")
+                started = time.perf_counter()
+                with (
+                    connection.cursor() as copying,
+                    copying.cursor.copy(
+                        "COPY bench_copy_baseline (source_id, external_id, data, checksum, created_at, "
+                        "changed_at) FROM STDIN"
+                    ) as copy,
+                ):
+                    for row in rows:
+                        copy.write_row(row)
+                seconds.append(time.perf_counter() - started)
+        finally:
+            cursor.execute("DROP TABLE IF EXISTS bench_copy_baseline")
+    median = statistics.median(seconds)
+    return {"rows": len(rows), "seconds": median, "rows_per_s": len(rows) / median}
+
+
+def upsert_in_process(records: int, page_size: int, batch_size: int) -> dict[str, Any]:
+    """`upsert_records` alone over the same rows, in batches of `batch_size`, in this process (no worker,
+    broker or job rows): a first pass creating every record, a second finding every one unchanged."""
+    from tasks.models import DataSource
+    from tasks.services.data_sync import batches, upsert_records
+
+    rows = [
+        record for body in make_pages(records, page_size).values() for record in json.loads(body)["results"]
+    ]
+    DataSource.objects.filter(name="bench-in-process").delete()
+    source = DataSource.objects.create(name="bench-in-process", url="http://127.0.0.1/unused")
+    figures: dict[str, Any] = {"batch_size": batch_size}
+    try:
+        for key, expected in (("created", "created"), ("unchanged", "unchanged")):
+            started = time.perf_counter()
+            totals = {"created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+            for batch in batches(rows, batch_size):
+                for name, count in upsert_records(source, batch).as_dict().items():
+                    totals[name] += count
+            elapsed = time.perf_counter() - started
+            assert totals[expected] == len(rows), totals
+            figures[key] = {"records_per_s": len(rows) / elapsed, "seconds": elapsed}
+    finally:
+        DataSource.objects.filter(name="bench-in-process").delete()
+    return figures
 
 
 def main() -> None:
@@ -171,6 +245,19 @@ def main() -> None:
                 f"failed {sync_run.failed}"
             )
 
+        baseline = copy_baseline(options.records, options.page_size)
+        print(
+            f"{'plain COPY, same rows':<22} {baseline['rows_per_s']:>9,.0f} rows/s     "
+            f"{baseline['seconds']:6.2f} s (median of 3, into a scratch table shaped like SyncedRecord's)"
+        )
+        alone = upsert_in_process(options.records, options.page_size, options.batch_size)
+        for key in ("created", "unchanged"):
+            alone[key]["of_copy"] = alone[key]["records_per_s"] / baseline["rows_per_s"]
+            print(
+                f"{'upsert_records, ' + key:<22} {alone[key]['records_per_s']:>9,.0f} records/s  "
+                f"{alone[key]['seconds']:6.2f} s (in this process, batches of {options.batch_size}; "
+                f"{alone[key]['of_copy']:.2f} of COPY)"
+            )
         run("first sync", "first_sync")
         run("no-op re-sync", "noop_resync")
         run("re-sync, 1% changed", "resync_1pct_changed", changed_every=100)
@@ -183,7 +270,16 @@ def main() -> None:
         f"worker process tree {tree_peak / 2**20:.0f} MiB (sampled); "
         f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
+    for figures_of_run in runs.values():
+        figures_of_run["of_copy"] = figures_of_run["records_per_s"] / baseline["rows_per_s"]
+    print(
+        "sync / COPY: "
+        + ", ".join(f"{key} {figures_of_run['of_copy']:.2f}" for key, figures_of_run in runs.items())
+        + " (goal: the first sync at least 0.25)"
+    )
     figures = {
+        "copy_baseline": baseline,
+        "upsert_in_process": alone,
         **runs,
         "largest_worker_process_peak_rss_mib": largest / 1024,
         "worker_process_tree_peak_rss_mib": tree_peak / 2**20,

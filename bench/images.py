@@ -3,14 +3,16 @@
     .venv/bin/python -m bench.images [--images 40] [--concurrency 2] [--database-url postgres://...]
         [--broker-url redis://...]
 
-Makes a 4000x3000 JPEG with photo-like detail (about 4 MB at quality 90), then:
+Makes a 4000x3000 JPEG with photo-like detail (about 5.6 MiB at quality 90), then:
 (1) in this process, `tasks.services.images.process` with
-`[auto_orient, thumbnail 256x256, strip_metadata]` on it, N times, next to
-plain Pillow decoding the whole image before thumbnailing (what the draft-mode
-shortcut saves); (2) N `images.process` tasks, one asset each, through
+`[auto_orient, thumbnail 256x256, strip_metadata]` on it, N times, interleaved
+with two plain Pillow loops on the same bytes, N times each: decoding the whole image
+before thumbnailing (the baseline of the goal: ours at least 3x), and Pillow's
+own `Image.open().thumbnail()` (which drafts by itself: no storage, encoding or
+row, the floor); (2) N `images.process` tasks, one asset each, through
 `celery -A config worker -Q images -c C`, timed from sending to the last result.
-Prints images/s, latency percentiles and peak RSS (this process; the worker's
-process tree, sampled), and writes them to docs/results/images.json.
+Prints images/s, latency percentiles, our rate over each plain loop's, and peak
+RSS (this process; the worker's process tree, sampled), and writes them to docs/results/images.json.
 """
 
 from __future__ import annotations
@@ -102,12 +104,35 @@ def main() -> None:
     asset = ImageAsset.objects.create(file=ContentFile(data, name="bench.jpg"), original_name="bench.jpg")
     operations = service.operations_adapter.validate_python(OPERATIONS)
     service.process(asset, operations)  # warm-up
-    timings = []
+
+    def full_decode() -> None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decoded at full size, no draft
+            image.thumbnail((256, 256), Image.Resampling.LANCZOS)
+
+    def pillow_thumbnail() -> None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.thumbnail((256, 256), Image.Resampling.LANCZOS)  # Pillow drafts, reducing_gap 2
+
+    # Ours and the plain loops on the same bytes, interleaved (one of each in turn, so a busy
+    # machine slows all three alike): Pillow decoding the whole image then thumbnailing (what the
+    # issue's goal is measured against: ours at least 3x), and Pillow's own
+    # `Image.open().thumbnail()`, which drafts by itself (the floor: no storage, encoding or row).
+    timings: list[float] = []
+    full: list[float] = []
+    pillow: list[float] = []
     for _ in range(options.images):
-        started = time.perf_counter()
-        service.process(asset, operations)
-        timings.append(time.perf_counter() - started)
+        for samples, work in (
+            (timings, lambda: service.process(asset, operations)),
+            (full, full_decode),
+            (pillow, pillow_thumbnail),
+        ):
+            started = time.perf_counter()
+            work()
+            samples.append(time.perf_counter() - started)
     print(f"service, in-process        {len(timings) / sum(timings):6.1f} images/s  {percentiles(timings)}")
+    print(f"plain Pillow, full decode  {len(full) / sum(full):6.1f} images/s  {percentiles(full)}")
+    print(f"Pillow's thumbnail() alone {len(pillow) / sum(pillow):6.1f} images/s  {percentiles(pillow)}")
     figures: dict[str, Any] = {
         "source_mib": len(data) / 2**20,
         "in_process": {
@@ -116,20 +141,25 @@ def main() -> None:
             **latency(timings),
         },
     }
-    full = []
-    for _ in range(min(options.images, 10)):
-        started = time.perf_counter()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decoded at full size, no draft
-            image.thumbnail((256, 256), Image.Resampling.LANCZOS)
-        full.append(time.perf_counter() - started)
-    print(f"plain Pillow, full decode  {len(full) / sum(full):6.1f} images/s  {percentiles(full)}")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    ours = figures["in_process"]["images_per_s"]
     figures["plain_pillow_full_decode"] = {
         "images": len(full),
         "images_per_s": len(full) / sum(full),
         **latency(full),
     }
+    figures["pillow_thumbnail_alone"] = {
+        "images": len(pillow),
+        "images_per_s": len(pillow) / sum(pillow),
+        **latency(pillow),
+    }
+    figures["in_process_over_full_decode"] = ours / figures["plain_pillow_full_decode"]["images_per_s"]
+    figures["in_process_over_pillow_thumbnail"] = ours / figures["pillow_thumbnail_alone"]["images_per_s"]
+    print(
+        f"ours in-process / full decode loop: {figures['in_process_over_full_decode']:.2f}x "
+        f"(goal: at least 3x); over Pillow's thumbnail() alone: "
+        f"{figures['in_process_over_pillow_thumbnail']:.2f}x"
+    )
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     figures["in_process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # (2) Through a real worker on the images queue.

@@ -37,6 +37,7 @@ from jobs.models import Job
 from jobs.tree import Child, Outcome, children_path
 from tasks.base import JOB_HEADER, InvalidArguments, JobTask, PermanentJobError, RowId, TransientJobError
 from tasks.models import DataSource, SyncRun
+from tasks.progress import throttled
 from tasks.services import data_sync as service
 from tasks.services.fetch import Fetcher, PermanentFetchError, TransientFetchError, redact_url
 
@@ -193,6 +194,8 @@ def sync(self: RunTask, source_id: int) -> dict[str, Any]:
         if groups:
             _spawn_batches(self, task_id, run.pk, groups)
 
+    report = throttled(self.report_progress)
+
     def on_retry(exc: TransientFetchError, wait: float) -> None:
         service.note_page_retry(run.pk, f"page {feed.now.pages + 1}: {exc}; trying again in {wait:.3g} s")
 
@@ -211,7 +214,7 @@ def sync(self: RunTask, source_id: int) -> dict[str, Any]:
                 checkpoint = feed.checkpoint()
                 if checkpoint is not None:
                     service.save_checkpoint(run.pk, checkpoint)
-                self.report_progress(0, f"fetched page {page.number} ({feed.now.fetched} records)")
+                report(0, f"fetched page {page.number} ({feed.now.fetched} records)")
     except (TransientFetchError, PermanentFetchError) as exc:
         # The pages fetched so far go to their batches; the checkpoint names the page that failed.
         last = feed.flush()

@@ -21,6 +21,7 @@ from config.celery_app import app
 from jobs.models import Job
 from jobs.tree import Child, Outcome, children_path
 from tasks.base import REPLAY_HEADER, JobTask
+from tasks.progress import throttled
 from tasks.services import email as service
 
 MAX_NEWSLETTER_RECIPIENTS = 100_000
@@ -245,7 +246,7 @@ def send_batch(
         template=template,
         recipients=recipients,
         context=context or {},
-        on_progress=self.report_progress,
+        on_progress=throttled(self.report_progress),
     )
     return {"campaign": campaign, **outcome.as_dict()}
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from config.celery_app import app
 from tasks.base import JobTask, PermanentJobError, RowId, TransientJobError
 from tasks.models import ImageAsset
+from tasks.progress import throttled
 from tasks.services import images as service
 
 
@@ -42,7 +43,7 @@ def process(self: JobTask, asset_id: int, operations: list[Any]) -> dict[str, An
     if asset is None:
         raise PermanentJobError(f"image asset {asset_id} does not exist")
     try:
-        return service.process(asset, operations, on_progress=self.report_progress)
+        return service.process(asset, operations, on_progress=throttled(self.report_progress))
     except service.ImageError as exc:
         raise PermanentJobError(f"image asset {asset_id}: {exc}") from None
     except service.StorageError as exc:

@@ -23,6 +23,7 @@ from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.utils import DNS_NAME
 from django.db import transaction
+from django.db.models import F
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template, render_to_string
 from django.utils import timezone
@@ -243,13 +244,20 @@ class SendRateLimiter:
         self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_url))
         self.name = name
 
-    def try_acquire(self) -> bool:
-        return bool(self.limiter.hit(self.item, self.name))
+    @property
+    def group(self) -> int:
+        """How many slots a batch may take in one go: a tenth of the window's budget (one at the
+        default 10/second), so a batch's sends bunch up by at most that much, and a fast rate
+        costs one Redis round trip per group of messages rather than per message."""
+        return max(1, int(self.item.amount) // 10)
 
-    def acquire(self, timeout: float = 60.0) -> None:
-        """Waits for a slot; TransientJobError if none comes within `timeout` seconds."""
+    def try_acquire(self, count: int = 1) -> bool:
+        return bool(self.limiter.hit(self.item, self.name, cost=count))
+
+    def acquire(self, timeout: float = 60.0, count: int = 1) -> None:
+        """Waits for `count` slots together; TransientJobError if they do not come within `timeout` s."""
         deadline = time.monotonic() + timeout
-        while not self.try_acquire():
+        while not self.try_acquire(count):
             reset_at = self.limiter.get_window_stats(self.item, self.name).reset_time
             wait = min(max(reset_at - time.time(), 0.01), 1.0)
             if time.monotonic() + wait > deadline:
@@ -295,9 +303,200 @@ class BatchOutcome:
     sent: int = 0
     already_sent: int = 0
     failed: list[str] = field(default_factory=list)
+    # Of `failed`: cut off while sending in an earlier attempt (log row `unknown`), not refused.
+    unknown: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sent": self.sent, "already_sent": self.already_sent, "failed": len(self.failed)}
+        return {
+            "sent": self.sent,
+            "already_sent": self.already_sent,
+            "failed": len(self.failed),
+            "unknown": self.unknown,
+        }
+
+
+# Messages of a batch whose log rows are written together: marked `sending` in one UPDATE before
+# the first of them is handed to SMTP, `sent` in one UPDATE after the last. A worker killed in
+# the middle leaves at most this many rows `sending` (their outcome `unknown` on the retry, never
+# sent twice) where writing each message twice would leave one; it is what buys the batch its
+# rate (two writes a message held it at a quarter of the SMTP backend's).
+LOG_CHUNK_SIZE = 50
+
+# Tags that read nothing from the context but what the template names: a template using only
+# these, and never naming `recipient`, renders the same for every recipient of a batch.
+_CONTEXT_FREE_TAGS = frozenset(
+    [
+        "if",
+        "elif",
+        "else",
+        "endif",
+        "for",
+        "empty",
+        "endfor",
+        "with",
+        "endwith",
+        "autoescape",
+        "endautoescape",
+        "spaceless",
+        "endspaceless",
+        "comment",
+        "endcomment",
+        "filter",
+        "endfilter",
+        "firstof",
+        "cycle",
+        "resetcycle",
+        "ifchanged",
+        "endifchanged",
+        "templatetag",
+        "verbatim",
+        "endverbatim",
+        "widthratio",
+        "now",
+        "lorem",
+    ]
+)
+_TAG = re.compile(r"\{%-?\s*(\w+)")
+
+
+def renders_alike_for_every_recipient(template: str) -> bool:
+    """True when none of the template's parts can tell one recipient from another.
+
+    Conservative: any part that names `recipient`, or uses a tag outside Django's plain ones
+    (`include`, `extends`, `load`, `debug`...: they may read the whole context), or is not a
+    Django template, is rendered per recipient.
+    """
+    for part in TEMPLATE_PARTS:
+        try:
+            source = get_template(f"email/{template}/{part}").template.source  # type: ignore[attr-defined]
+        except (TemplateDoesNotExist, AttributeError):
+            return False
+        if not isinstance(source, str) or "recipient" in source:
+            return False
+        if any(tag not in _CONTEXT_FREE_TAGS for tag in _TAG.findall(source)):
+            return False
+    return True
+
+
+@dataclass
+class _Pending:
+    """One message of a batch: its log key, address and the message to send."""
+
+    key: str
+    address: str
+    message: EmailMultiAlternatives
+
+
+def _messages(campaign: str, template: str, recipients: list[str], context: dict[str, Any]) -> list[_Pending]:
+    """The batch's messages, each keyed campaign:address (the first of duplicate addresses kept).
+
+    Rendered once for the batch when the template cannot tell recipients apart, else per recipient.
+    """
+    shared = (
+        render(template, {**context, "recipient": ""})
+        if renders_alike_for_every_recipient(template)
+        else None
+    )
+    pending: list[_Pending] = []
+    seen: set[str] = set()
+    for address in recipients:
+        key = f"{campaign}:{address.lower()}"
+        if key in seen:
+            continue
+        seen.add(key)
+        subject, text, html = shared or render(template, {**context, "recipient": address})
+        message = EmailMultiAlternatives(
+            subject=subject,
+            body=text,
+            from_email=settings.DEFAULT_FROM_EMAIL,
+            to=[address],
+            headers={"Message-ID": message_id_for(key)},
+        )
+        message.attach_alternative(html, "text/html")
+        pending.append(_Pending(key, address, message))
+    return pending
+
+
+def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOutcome) -> list[_Pending]:
+    """Marks the chunk's unsent messages `sending` (one transaction, a few statements for the whole
+    chunk) and returns them; counts those sent already, and those an earlier attempt was cut off
+    sending (`unknown`: may have been delivered, so not sent again)."""
+    now = timezone.now()
+    with transaction.atomic():
+        EmailLog.objects.bulk_create(
+            [
+                EmailLog(
+                    key=item.key,
+                    recipient=item.address,
+                    template=template,
+                    campaign=campaign,
+                    subject=str(item.message.subject)[:255],
+                    message_id=item.message.extra_headers["Message-ID"],
+                )
+                for item in chunk
+            ],
+            ignore_conflicts=True,
+        )
+        rows = {
+            key: (pk, status, subject)
+            for key, pk, status, subject in EmailLog.objects.select_for_update()
+            .filter(key__in=[item.key for item in chunk])
+            .values_list("key", "pk", "status", "subject")
+        }
+        cut_off: list[int] = []
+        claimed: list[_Pending] = []
+        resubjected: list[EmailLog] = []
+        for item in chunk:
+            pk, status, subject = rows[item.key]
+            if status == EmailLog.Status.SENT:
+                outcome.already_sent += 1
+            elif status in (EmailLog.Status.SENDING, EmailLog.Status.UNKNOWN):
+                cut_off.append(pk)
+                outcome.failed.append(item.address)
+                outcome.unknown += 1
+                logger.warning(
+                    "email %s to %s: an earlier attempt was cut off while sending, so it may have been "
+                    "delivered; not sending again (its log row says unknown)",
+                    mask_addresses(item.key),
+                    mask_email(item.address),
+                )
+            else:
+                claimed.append(item)
+                if subject != str(item.message.subject)[:255]:  # a retry with another context
+                    resubjected.append(EmailLog(pk=pk, subject=str(item.message.subject)[:255]))
+        if cut_off:
+            EmailLog.objects.filter(pk__in=cut_off).update(status=EmailLog.Status.UNKNOWN, updated_at=now)
+        if resubjected:
+            EmailLog.objects.bulk_update(resubjected, ["subject"])
+        if claimed:
+            EmailLog.objects.filter(key__in=[item.key for item in claimed]).update(
+                status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=now
+            )
+    return claimed
+
+
+def _record(
+    sent: list[_Pending],
+    refused: list[tuple[_Pending, str]],
+    untried: list[_Pending],
+    retry_later: tuple[_Pending, str] | None = None,
+) -> None:
+    """Writes what became of a chunk: one UPDATE for the sent, one for those never handed to SMTP
+    (pending again, for the retry), one per refused message and for a transient failure (each its
+    own error)."""
+    now = timezone.now()
+    if sent:
+        EmailLog.objects.filter(key__in=[item.key for item in sent]).update(
+            status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
+        )
+    if untried:
+        EmailLog.objects.filter(key__in=[item.key for item in untried]).update(
+            status=EmailLog.Status.PENDING, attempts=F("attempts") - 1, updated_at=now
+        )
+    for (item, error), status in [(failure, EmailLog.Status.FAILED) for failure in refused] + (
+        [(retry_later, EmailLog.Status.PENDING)] if retry_later else []
+    ):
+        EmailLog.objects.filter(key=item.key).update(status=status, last_error=error[:2000], updated_at=now)
 
 
 def send_batch(
@@ -311,38 +510,73 @@ def send_batch(
 ) -> BatchOutcome:
     """Sends one batch over a single SMTP connection, at the global rate.
 
-    A recipient refused for good (5xx) is logged as failed and the batch goes
-    on; anything transient stops the batch so the task is retried, and the
-    retry skips everyone already sent.
+    The email log is written per chunk of LOG_CHUNK_SIZE messages, not per message: the
+    chunk's rows are marked `sending` before any of them is sent and `sent` after, so a
+    crash never leads to a second send (a row left `sending` is `unknown` to the retry).
+    A recipient refused for good (5xx) is logged as failed and the batch goes on;
+    anything transient stops the batch so the task is retried, and the retry skips
+    everyone already sent.
     """
     limiter = limiter or send_rate_limiter()
     outcome = BatchOutcome()
+    pending = _messages(campaign, template, recipients, context)
     connection = get_connection(fail_silently=False)
     try:
         connection.open()
     except Exception as exc:
         raise classify_smtp_error(exc) from exc
+    done = reported = 0
     try:
-        for index, address in enumerate(recipients, start=1):
-            limiter.acquire()
+        for start in range(0, len(pending), LOG_CHUNK_SIZE):
+            chunk = pending[start : start + LOG_CHUNK_SIZE]
+            claimed = _claim(chunk, campaign, template, outcome)
+            done += len(chunk) - len(claimed)  # sent before, or cut off sending: nothing to do
+            sent: list[_Pending] = []
+            refused: list[tuple[_Pending, str]] = []
+            retry_later: tuple[_Pending, str] | None = None
+            tried = 0  # the first `tried` of `claimed` were handed to SMTP and have an outcome
+            in_flight: _Pending | None = None
+            slots = 0  # taken from the limiter and not used yet
             try:
-                result = send_logged(
-                    key=f"{campaign}:{address.lower()}",
-                    to=address,
-                    template=template,
-                    context={**context, "recipient": address},
-                    campaign=campaign,
-                    connection=connection,
-                )
-            except PermanentJobError:
-                outcome.failed.append(address)
-                continue
-            if result == "sent":
-                outcome.sent += 1
-            else:
-                outcome.already_sent += 1
-            if on_progress and (index % 10 == 0 or index == len(recipients)):
-                on_progress(100 * index / len(recipients), f"{index}/{len(recipients)} recipients")
+                for index, item in enumerate(claimed):
+                    if not slots:
+                        slots = min(limiter.group, len(claimed) - index)
+                        limiter.acquire(count=slots)
+                    slots -= 1
+                    in_flight = item
+                    try:
+                        connection.send_messages([item.message])
+                    except Exception as exc:
+                        in_flight = None
+                        tried += 1
+                        error = classify_smtp_error(exc)
+                        logger.warning(
+                            "email %s to %s not sent: %s",
+                            mask_addresses(item.key),
+                            mask_email(item.address),
+                            error,
+                        )
+                        if not isinstance(error, PermanentJobError):
+                            retry_later = (item, str(error))
+                            raise error from exc
+                        refused.append((item, str(error)))
+                        outcome.failed.append(item.address)
+                    else:
+                        in_flight = None
+                        tried += 1
+                        sent.append(item)
+                        outcome.sent += 1
+                    done += 1
+                    if on_progress and done - reported >= 10:
+                        reported = done
+                        on_progress(100 * done / len(pending), f"{done}/{len(pending)} recipients")
+            finally:
+                # Whatever stopped the chunk, what is known is written: the messages never handed
+                # to SMTP are pending again; one interrupted inside the SMTP conversation (the
+                # process stopping) stays `sending`, since it may have gone.
+                _record(sent, refused, claimed[tried + (in_flight is not None) :], retry_later)
+        if on_progress and reported < len(pending):
+            on_progress(100, f"{len(pending)}/{len(pending)} recipients")
     finally:
         connection.close()
     return outcome

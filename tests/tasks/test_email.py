@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import smtplib
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core import mail
 from django.core.mail import EmailMultiAlternatives
+from django.core.mail.backends import locmem
+from django.db import connection
+from django.db.models import Count
+from django.test.utils import CaptureQueriesContext
 
 from tasks.base import InvalidArguments, PermanentJobError, TransientJobError, mask_email
 from tasks.email import newsletter, send
@@ -163,3 +169,159 @@ def test_bad_arguments_are_refused_when_sent_naming_the_field() -> None:
         newsletter.delay(
             campaign="c1", template="newsletter", recipients=["a@example.com"], window_seconds=7000
         )
+
+
+class _KilledAfter(locmem.EmailBackend):
+    """An SMTP conversation the worker is killed in (BaseException: nothing catches it), after
+    `survivors` messages went through. Stands in for a process dying, which a test cannot do to itself."""
+
+    survivors = 3
+
+    def send_messages(self, messages: Any) -> int:
+        if len(mail.outbox) >= self.survivors:
+            raise KeyboardInterrupt("killed mid-conversation")
+        return super().send_messages(messages)
+
+
+class _BusyAfterTwo(locmem.EmailBackend):
+    """A server answering 451 (busy) from the third message on."""
+
+    def send_messages(self, messages: Any) -> int:
+        if len(mail.outbox) >= 2:
+            raise smtplib.SMTPResponseException(451, b"try again later")
+        return super().send_messages(messages)
+
+
+def _batch(recipients: list[str], **options: Any) -> service.BatchOutcome:
+    return service.send_batch(
+        campaign="c1",
+        template="newsletter",
+        recipients=recipients,
+        context={"title": "T", "body": "B"},
+        limiter=service.SendRateLimiter("1000000/second", "memory://"),
+        **options,
+    )
+
+
+@pytest.mark.django_db
+def test_a_batch_writes_its_email_log_per_chunk_not_per_message() -> None:
+    recipients = [f"reader{i}@example.com" for i in range(200)]
+
+    with CaptureQueriesContext(connection) as queries:
+        outcome = _batch(recipients)
+
+    assert outcome.as_dict() == {"sent": 200, "already_sent": 0, "failed": 0, "unknown": 0}
+    assert len(mail.outbox) == 200
+    chunks = 200 // service.LOG_CHUNK_SIZE
+    assert len(queries) <= 7 * chunks  # claim (insert, select, update, savepoint/commit) + sent update
+    assert EmailLog.objects.filter(campaign="c1", status="sent", attempts=1).count() == 200
+    assert EmailLog.objects.filter(sent_at__isnull=True).count() == 0
+
+
+@pytest.mark.django_db
+def test_a_batch_killed_mid_chunk_sends_nothing_twice_and_leaves_the_unsent_pending(settings: Any) -> None:
+    settings.EMAIL_BACKEND = f"{__name__}._KilledAfter"
+    recipients = [f"reader{i}@example.com" for i in range(10)]
+
+    with pytest.raises(KeyboardInterrupt):
+        _batch(recipients)
+
+    statuses = dict(EmailLog.objects.values_list("recipient", "status"))
+    assert [statuses[address] for address in recipients[:3]] == ["sent"] * 3
+    assert statuses[recipients[3]] == "sending"  # in the SMTP conversation when killed: may have gone
+    assert [statuses[address] for address in recipients[4:]] == ["pending"] * 6
+    assert EmailLog.objects.filter(status="pending", attempts=0).count() == 6
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    outcome = _batch(recipients)
+
+    assert outcome.as_dict() == {"sent": 6, "already_sent": 3, "failed": 1, "unknown": 1}
+    assert sorted(to for message in mail.outbox for to in message.to) == sorted(
+        recipients[:3] + recipients[4:]
+    )
+    assert EmailLog.objects.get(recipient=recipients[3]).status == "unknown"
+
+
+@pytest.mark.django_db
+def test_a_batch_whose_worker_died_without_cleaning_up_marks_the_chunk_unknown_and_sends_none_of_it() -> None:
+    # What a SIGKILL leaves: the chunk's rows marked sending, none marked sent.
+    recipients = [f"reader{i}@example.com" for i in range(5)]
+    for address in recipients:
+        EmailLog.objects.create(
+            key=f"c1:{address}", recipient=address, template="newsletter", status="sending"
+        )
+
+    outcome = _batch(recipients)
+
+    assert outcome.as_dict() == {"sent": 0, "already_sent": 0, "failed": 5, "unknown": 5}
+    assert mail.outbox == []
+    assert set(EmailLog.objects.values_list("status", flat=True)) == {"unknown"}
+
+
+@pytest.mark.django_db
+def test_a_transient_smtp_failure_stops_the_batch_and_the_retry_sends_only_the_rest(settings: Any) -> None:
+    settings.EMAIL_BACKEND = f"{__name__}._BusyAfterTwo"
+    recipients = [f"reader{i}@example.com" for i in range(6)]
+
+    with pytest.raises(TransientJobError):
+        _batch(recipients)
+
+    assert dict(EmailLog.objects.values_list("status").annotate(n=Count("id"))) == {"sent": 2, "pending": 4}
+    assert "451" in EmailLog.objects.get(recipient=recipients[2]).last_error
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    outcome = _batch(recipients)
+
+    assert outcome.as_dict() == {"sent": 4, "already_sent": 2, "failed": 0, "unknown": 0}
+    assert len(mail.outbox) == 6
+
+
+def test_a_template_that_cannot_tell_recipients_apart_is_rendered_once_per_batch() -> None:
+    assert service.renders_alike_for_every_recipient("newsletter")
+    assert service.renders_alike_for_every_recipient("welcome")
+
+
+@pytest.mark.django_db
+def test_a_template_naming_the_recipient_is_rendered_for_each(settings: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "email" / "personal"
+    folder.mkdir(parents=True)
+    (folder / "subject.txt").write_text("For {{ recipient }}")
+    (folder / "body.txt").write_text("Dear {{ recipient }}")
+    (folder / "body.html").write_text("<p>Dear {{ recipient }}</p>")
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [tmp_path]}]
+
+    assert not service.renders_alike_for_every_recipient("personal")
+    service.send_batch(
+        campaign="c2",
+        template="personal",
+        recipients=["ann@example.com", "bob@example.com"],
+        context={},
+        limiter=service.SendRateLimiter("1000000/second", "memory://"),
+    )
+    assert [message.subject for message in mail.outbox] == ["For ann@example.com", "For bob@example.com"]
+    assert EmailLog.objects.get(recipient="bob@example.com").subject == "For bob@example.com"
+
+
+@pytest.mark.django_db
+def test_a_batch_takes_its_send_slots_in_groups_and_no_more_than_it_sends() -> None:
+    limiter = service.SendRateLimiter("100/minute", "memory://", f"test-{uuid.uuid4()}")
+    hits: list[int] = []
+    hit = limiter.limiter.hit
+
+    def counted(item: Any, *identifiers: str, cost: int = 1) -> bool:
+        hits.append(cost)
+        return hit(item, *identifiers, cost=cost)
+
+    limiter.limiter.hit = counted  # type: ignore[method-assign]  # a spy: the window itself is real
+
+    service.send_batch(
+        campaign="c3",
+        template="newsletter",
+        recipients=[f"reader{i}@example.com" for i in range(25)],
+        context={},
+        limiter=limiter,
+    )
+
+    assert hits == [10, 10, 5]  # a tenth of the window's budget at a time
+    assert limiter.limiter.get_window_stats(limiter.item, limiter.name).remaining == 75
+    assert len(mail.outbox) == 25
