@@ -292,9 +292,13 @@ if brokers.is_amqp(CELERY_BROKER_URL):
         write_timeout=CELERY_BROKER_SOCKET_TIMEOUT,
     )
 
-# Events on: Flower and the monitoring app build on them.
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Task events only while someone watches (issue 18: they were 35% of a worker's main process, 2.6
+# PUBLISH per job, and the "sent" event cost apply_async 40%). Nothing of ours reads them: the metrics
+# page, Prometheus, alerts and the API count through signals (monitoring/collect.py). Flower turns a
+# worker's task events on with its `enable_events` broadcast, every 5 s while it runs
+# (config/flowerconfig.py); the client's "task-sent" stays off (Flower shows tasks from "received").
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+CELERY_TASK_SEND_SENT_EVENT = env.bool("CELERY_TASK_SEND_SENT_EVENT", default=False)
 # Report STARTED so the API can tell "queued" from "running".
 CELERY_TASK_TRACK_STARTED = True
 
@@ -530,6 +534,11 @@ METRICS_INSPECT_TIMEOUT = env.float("METRICS_INSPECT_TIMEOUT", default=1.0, min_
 # (monitoring.heartbeat); one not seen for three beats counts as gone.
 MONITORING_WORKER_HEARTBEAT_SECONDS = env.float(
     "MONITORING_WORKER_HEARTBEAT_SECONDS", default=5.0, min_value=0.2, max_value=300
+)
+# Task events that Flower turned on (its enable_events broadcast, every 5 s) go off again once none has
+# come for this long: nobody is watching (monitoring/watchers.py).
+MONITORING_TASK_EVENTS_LAPSE_SECONDS = env.float(
+    "MONITORING_TASK_EVENTS_LAPSE_SECONDS", default=60.0, min_value=1, max_value=3600
 )
 # Each web process refreshes /readyz's checks this often, in the background, while it is asked;
 # a request answers the last results at once.
