@@ -266,6 +266,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "priority_steps": list(range(10)),
     # What delivery/redis.py files a message without a priority under (kombu's own is 0).
     "default_priority": CELERY_TASK_DEFAULT_PRIORITY,
+    # A fetch takes as many messages as the worker has free prefetch slots (never more), in one round
+    # trip, and carries the acks of the last event-loop turn (delivery/redis.py; issue 18).
+    "fetch_batch_size": 64,
 }
 # RabbitMQ (config/brokers.py, docs/brokers.md): `quorum` (the default) declares every task queue
 # as a quorum queue: replicated, with a delivery limit and a dead-letter exchange; RabbitMQ 3.10
@@ -306,8 +309,12 @@ CELERY_TASK_TRACK_STARTED = True
 # reserves one message per process so a slow task never holds others hostage.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=1, min_value=1)
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=2, min_value=1)
-# Recycle pool processes to bound memory growth from Pillow and large payloads.
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1000, min_value=1)
+# Memory growth from Pillow and large payloads is bounded by max_memory_per_child (checked after every
+# task): a pool process past it is replaced. Recycling every N tasks as well cost a 120-360 ms stall
+# per recycle (issue 18) for no bound the memory limit does not give: off unless set (0 = off).
+CELERY_WORKER_MAX_TASKS_PER_CHILD = (
+    env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=0, min_value=0) or None
+)
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int(
     "CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=512_000, min_value=10_000
 )  # KiB
