@@ -311,9 +311,13 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=2, min_value=1)
 # Memory growth from Pillow and large payloads is bounded by max_memory_per_child (checked after every
 # task): a pool process past it is replaced. Recycling every N tasks as well cost a 120-360 ms stall
-# per recycle (issue 18) for no bound the memory limit does not give: off unless set (0 = off).
+# per recycle (issue 18) for no bound the memory limit does not give: off unless set. (Not "0 = off":
+# the celery CLI also reads CELERY_WORKER_MAX_TASKS_PER_CHILD as --max-tasks-per-child, and 0 crashes
+# the pool.)
 CELERY_WORKER_MAX_TASKS_PER_CHILD = (
-    env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=0, min_value=0) or None
+    env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1, min_value=1)
+    if os.environ.get("CELERY_WORKER_MAX_TASKS_PER_CHILD")
+    else None
 )
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int(
     "CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=512_000, min_value=10_000

@@ -44,6 +44,12 @@ def test_task_events_wait_for_flower_to_ask_for_them(celery_app: Celery) -> None
     assert re.search(r"^enable_events = True$", flower, re.MULTILINE)
 
 
+def test_pool_processes_are_replaced_by_their_memory_not_after_a_task_count(celery_app: Celery) -> None:
+    """Each replacement after N tasks stalled the worker 120-360 ms (issue 18); memory bounds them."""
+    assert celery_app.conf.worker_max_tasks_per_child is None
+    assert celery_app.conf.worker_max_memory_per_child > 0
+
+
 def test_results_are_stored_in_the_database_with_an_expiry(celery_app: Celery) -> None:
     from django_celery_results.backends.database import DatabaseBackend
 
