@@ -26,5 +26,9 @@ db = os.environ.get("FLOWER_DB", os.path.join(".run", "flower"))
 os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
 state_save_interval = 60_000
 max_tasks = int(os.environ.get("FLOWER_MAX_TASKS", "10000"))
+# Workers send task events only while asked (CELERY_WORKER_SEND_TASK_EVENTS is off by default):
+# Flower broadcasts `enable_events` every 5 s while it runs, and a worker that stops hearing it turns
+# them off again after a minute (monitoring/watchers.py). Flower's default, said here on purpose.
+enable_events = True
 # Forget workers that have been offline for a day.
 purge_offline_workers = 24 * 3600

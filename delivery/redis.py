@@ -18,6 +18,12 @@ publishing is kombu's otherwise.
   moment any client pushes to a queue key. No server configuration is needed.
   A fetch also runs every ``fetch_poll_interval`` seconds whatever happens, so a
   server without tracking still delivers (with that latency).
+- **Acks ride on the next fetch.** Under an event loop (a Celery worker), an ack (or a reject
+  without requeue) frees its prefetch slot at once and is sent to Redis with the next fetch, in
+  the same script call, or at the end of the event loop's turn, one pipeline for all the acks
+  of that turn (``ack_batching``). An ack not yet in Redis when the worker dies leaves its
+  message in the in-flight set: the reaper gives it back and the job's claim stops a second run.
+  Without an event loop (a plain kombu consumer, ``basic_get``) acks are sent at once.
 - **Heartbeat and reaper.** Each consuming channel has an id, a heartbeat key
   with a TTL (``consumer_heartbeat_lapse``) refreshed every
   ``consumer_heartbeat_interval`` seconds by a daemon thread (so a task that
@@ -44,6 +50,7 @@ publishing is kombu's otherwise.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import json
@@ -75,10 +82,13 @@ DELIVERY_COUNT_HEADER = "x_delivery_count"
 QUARANTINE_KEY = "jobs:quarantine:raw"
 QUARANTINE_MAX_ENTRIES = 10_000
 QUARANTINE_BODY_CHARS = 65_536
+#: Acks sent in one round trip at most (Lua's unpack has a limit of a few thousand values).
+ACKS_PER_ROUND_TRIP = 1000
 #: The channel Redis sends tracking invalidations to (RESP2 with REDIRECT).
 INVALIDATE_CHANNEL = "__redis__:invalidate"
 
-#: Pops up to ARGV[1] messages from the queue keys KEYS[7..] (first non-empty
+#: First settles the ARGV[5] acks ARGV[6..] (tags removed from KEYS[1], KEYS[2], KEYS[3]). Then
+#: pops up to ARGV[1] messages from the queue keys KEYS[7..] (first non-empty
 #: key first, as BRPOP would) and records each as in flight in the same step:
 #: kombu's unacked hash KEYS[1] (tag -> [message, exchange, routing_key]) and
 #: index KEYS[2] (tag -> ARGV[2], the time), this consumer's set KEYS[3]. A
@@ -87,6 +97,13 @@ INVALIDATE_CHANNEL = "__redis__:invalidate"
 #: (ARGV[4] ms) and the registry KEYS[6]: a consumer that fetches is alive.
 #: Returns {key, item, tag or hold field, reason or ""} per message.
 FETCH = """
+local acks = tonumber(ARGV[5] or '0')
+if acks > 0 then
+  local tags = {unpack(ARGV, 6, 5 + acks)}
+  redis.call('ZREM', KEYS[2], unpack(tags))
+  redis.call('HDEL', KEYS[1], unpack(tags))
+  redis.call('SREM', KEYS[3], unpack(tags))
+end
 local count = tonumber(ARGV[1])
 local out = {}
 local taken = 0
@@ -240,6 +257,11 @@ class QoS(kombu_redis.QoS):
             logger.debug("consumer %s: an ack after its channel closed is dropped", self.channel.consumer_id)
             virtual.QoS.ack(self, delivery_tag)
             return
+        if not requeue and self.channel.batching_acks():
+            # Sent with the next fetch or at the end of this turn of the event loop (Channel.flush_acks).
+            self.channel._acks.append(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            return
         try:
             self.settle_in_redis(delivery_tag, requeue=requeue)
         except self.channel.connection_errors as exc:
@@ -357,6 +379,8 @@ class Channel(kombu_redis.Channel):
     fetch_poll_interval: float = 1.0
     #: Messages taken per fetch at most (and never more than the prefetch limit allows).
     fetch_batch_size: int = 1
+    #: Under an event loop, acks go with the next fetch or at the end of the loop's turn (module doc).
+    ack_batching: bool = True
     #: Prefix of this transport's own keys: heartbeats, in-flight sets, registry, reaper lock.
     delivery_keyprefix: str = "delivery:"
     quarantine_key: str = QUARANTINE_KEY
@@ -370,6 +394,7 @@ class Channel(kombu_redis.Channel):
         "consumer_heartbeat_lapse",
         "fetch_poll_interval",
         "fetch_batch_size",
+        "ack_batching",
         "delivery_keyprefix",
         "quarantine_key",
     )
@@ -397,6 +422,10 @@ class Channel(kombu_redis.Channel):
         self._recorded: set[str] = set()
         # Delivery tag -> requeue, for acks and rejects the broker did not take (QoS._settle).
         self._pending_settles: dict[str, bool] = {}
+        # Acks not yet sent (QoS._settle, under an event loop), and those sent with the fetch whose
+        # reply is not read yet. A deque: a thread pool's acks may come from other threads.
+        self._acks: collections.deque[str] = collections.deque()
+        self._acks_in_fetch: list[str] = []
         self._pulse: _Pulse | None = None
         self._doorbell: _Doorbell | None = None
         self._doorbell_supported = True
@@ -488,10 +517,45 @@ class Channel(kombu_redis.Channel):
             del self._pending_settles[tag]
         return True
 
+    # --- acks in batches (under an event loop) ------------------------------------------
+
+    def batching_acks(self) -> bool:
+        return self.ack_batching and getattr(self.connection, "event_loop_registered", False)
+
+    def _take_acks(self) -> list[str]:
+        taken: list[str] = []
+        with contextlib.suppress(IndexError):
+            while len(taken) < ACKS_PER_ROUND_TRIP:
+                taken.append(self._acks.popleft())
+        return taken
+
+    def _acks_unconfirmed(self, tags: list[str], exc: BaseException) -> None:
+        """Acks that may not have reached Redis: sent again before the next fetch (idempotent)."""
+        for tag in tags:
+            self._settle_later(tag, False, exc)
+
+    def flush_acks(self) -> None:
+        """Sends the acks no fetch took along: one round trip for all of them (the end of a loop turn)."""
+        while self._acks:
+            tags = self._take_acks()
+            try:
+                with self.conn_or_acquire() as client:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.zrem(self.unacked_index_key, *tags)
+                    pipe.hdel(self.unacked_key, *tags)
+                    pipe.srem(self.inflight_key, *tags)
+                    pipe.execute()
+            except self.connection_errors as exc:
+                self._acks_unconfirmed(tags, exc)
+                return
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues or not self._fetch_due():
             return
+        if self._acks_in_fetch:  # the last fetch's reply was never read (a lost connection)
+            self._acks_unconfirmed(self._acks_in_fetch, ConnectionError("fetch reply not read"))
+            self._acks_in_fetch = []
         if self._pending_settles:
             self._settle_pending()  # if the broker still does not answer, neither will the fetch
         if not self._fetch_script_loaded:
@@ -505,8 +569,15 @@ class Channel(kombu_redis.Channel):
         connection = self.client.connection
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()
+        acks = self._acks_in_fetch = self._take_acks()  # they ride on this fetch
         connection.send_command(
-            "EVALSHA", self._fetch_script.sha, len(keys), *keys, *self._fetch_args(self._fetch_count())
+            "EVALSHA",
+            self._fetch_script.sha,
+            len(keys),
+            *keys,
+            *self._fetch_args(self._fetch_count()),
+            len(acks),
+            *acks,
         )
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -515,13 +586,18 @@ class Channel(kombu_redis.Channel):
                 reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
             except redis_py.exceptions.NoScriptError:
                 # The server lost its script cache (SCRIPT FLUSH): load it and fetch again.
+                self._acks.extendleft(reversed(self._acks_in_fetch))  # the script did not run
+                self._acks_in_fetch = []
                 self._fetch_script_loaded = False
                 self._rung = True
                 raise Empty() from None
-            except self.connection_errors:
+            except self.connection_errors as exc:
+                self._acks_unconfirmed(self._acks_in_fetch, exc)
+                self._acks_in_fetch = []
                 _note_broker_trouble()
                 self.client.connection.disconnect()
                 raise
+            self._acks_in_fetch = []  # the script ran: they are settled
             if not reply:
                 self._idle_since = time.monotonic()
                 raise Empty()
@@ -833,6 +909,12 @@ class Channel(kombu_redis.Channel):
         pulse = self._pulse
         if cycle is not None:
             self._drop_doorbell(cycle)
+        if self._acks_in_fetch:
+            self._acks_unconfirmed(self._acks_in_fetch, ConnectionError("closing before the fetch reply"))
+            self._acks_in_fetch = []
+        if self._acks:
+            with contextlib.suppress(*self.connection_errors):
+                self.flush_acks()  # what it cannot send stays in flight: the reaper returns it
         if pulse is None:
             return super().close()
         pulse.stop()
@@ -859,10 +941,12 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
     """kombu's poller, plus each channel's doorbell, and a wait that never outlasts a due fetch."""
 
     def on_poll_start(self) -> None:
-        super().on_poll_start()
+        super().on_poll_start()  # sends each channel's due fetch, with its acks
         for channel in self._channels:
             if isinstance(channel, Channel):
                 channel.ensure_doorbell(self)
+                if channel._acks:  # acks no fetch took along: one round trip at the end of the turn
+                    channel.flush_acks()
 
     def handle_event(self, fileno: int, event: int) -> Any:
         chan_type = self._fd_to_chan.get(fileno)
@@ -897,8 +981,12 @@ class Transport(kombu_redis.Transport):
         super().__init__(*args, **kwargs)
         self.cycle = MultiChannelPoller()
 
+    #: Set once a Celery worker's event loop drives this transport: its channels batch acks.
+    event_loop_registered = False
+
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)
+        self.event_loop_registered = True
         old = getattr(self.cycle, "_fetch_poll_tref", None)
         if old is not None:
             old.cancel()

@@ -13,3 +13,6 @@ class MonitoringConfig(AppConfig):
         # Every worker reports its presence (by name: the step is loaded only when a worker builds
         # its consumer, after Django is set up).
         app.steps["consumer"].add("monitoring.heartbeat:WorkerHeartbeat")
+        # Task events Flower turned on go off again when it stops asking (monitoring/watchers.py,
+        # which also replaces Celery's `enable_events` control command to note when it came).
+        app.steps["consumer"].add("monitoring.watchers:TaskEventsLapse")

@@ -266,6 +266,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "priority_steps": list(range(10)),
     # What delivery/redis.py files a message without a priority under (kombu's own is 0).
     "default_priority": CELERY_TASK_DEFAULT_PRIORITY,
+    # A fetch takes as many messages as the worker has free prefetch slots (never more), in one round
+    # trip, and carries the acks of the last event-loop turn (delivery/redis.py; issue 18).
+    "fetch_batch_size": 64,
 }
 # RabbitMQ (config/brokers.py, docs/brokers.md): `quorum` (the default) declares every task queue
 # as a quorum queue: replicated, with a delivery limit and a dead-letter exchange; RabbitMQ 3.10
@@ -292,9 +295,13 @@ if brokers.is_amqp(CELERY_BROKER_URL):
         write_timeout=CELERY_BROKER_SOCKET_TIMEOUT,
     )
 
-# Events on: Flower and the monitoring app build on them.
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Task events only while someone watches (issue 18: they were 35% of a worker's main process, 2.6
+# PUBLISH per job, and the "sent" event cost apply_async 40%). Nothing of ours reads them: the metrics
+# page, Prometheus, alerts and the API count through signals (monitoring/collect.py). Flower turns a
+# worker's task events on with its `enable_events` broadcast, every 5 s while it runs
+# (config/flowerconfig.py); the client's "task-sent" stays off (Flower shows tasks from "received").
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+CELERY_TASK_SEND_SENT_EVENT = env.bool("CELERY_TASK_SEND_SENT_EVENT", default=False)
 # Report STARTED so the API can tell "queued" from "running".
 CELERY_TASK_TRACK_STARTED = True
 
@@ -302,8 +309,16 @@ CELERY_TASK_TRACK_STARTED = True
 # reserves one message per process so a slow task never holds others hostage.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=1, min_value=1)
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=2, min_value=1)
-# Recycle pool processes to bound memory growth from Pillow and large payloads.
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1000, min_value=1)
+# Memory growth from Pillow and large payloads is bounded by max_memory_per_child (checked after every
+# task): a pool process past it is replaced. Recycling every N tasks as well cost a 120-360 ms stall
+# per recycle (issue 18) for no bound the memory limit does not give: off unless set. (Not "0 = off":
+# the celery CLI also reads CELERY_WORKER_MAX_TASKS_PER_CHILD as --max-tasks-per-child, and 0 crashes
+# the pool.)
+CELERY_WORKER_MAX_TASKS_PER_CHILD = (
+    env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1, min_value=1)
+    if os.environ.get("CELERY_WORKER_MAX_TASKS_PER_CHILD")
+    else None
+)
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int(
     "CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=512_000, min_value=10_000
 )  # KiB
@@ -530,6 +545,11 @@ METRICS_INSPECT_TIMEOUT = env.float("METRICS_INSPECT_TIMEOUT", default=1.0, min_
 # (monitoring.heartbeat); one not seen for three beats counts as gone.
 MONITORING_WORKER_HEARTBEAT_SECONDS = env.float(
     "MONITORING_WORKER_HEARTBEAT_SECONDS", default=5.0, min_value=0.2, max_value=300
+)
+# Task events that Flower turned on (its enable_events broadcast, every 5 s) go off again once none has
+# come for this long: nobody is watching (monitoring/watchers.py).
+MONITORING_TASK_EVENTS_LAPSE_SECONDS = env.float(
+    "MONITORING_TASK_EVENTS_LAPSE_SECONDS", default=60.0, min_value=1, max_value=3600
 )
 # Each web process refreshes /readyz's checks this often, in the background, while it is asked;
 # a request answers the last results at once.

@@ -36,9 +36,18 @@ def test_the_visibility_timeout_outlasts_the_hard_time_limit(celery_app: Celery)
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
 
 
-def test_events_are_on_for_flower_and_monitoring(celery_app: Celery) -> None:
-    assert celery_app.conf.worker_send_task_events is True
-    assert celery_app.conf.task_send_sent_event is True
+def test_task_events_wait_for_flower_to_ask_for_them(celery_app: Celery) -> None:
+    """Nothing of ours reads task events (monitoring counts through signals); Flower turns them on."""
+    assert celery_app.conf.worker_send_task_events is False
+    assert celery_app.conf.task_send_sent_event is False
+    flower = (Path(__file__).resolve().parents[2] / "config" / "flowerconfig.py").read_text()
+    assert re.search(r"^enable_events = True$", flower, re.MULTILINE)
+
+
+def test_pool_processes_are_replaced_by_their_memory_not_after_a_task_count(celery_app: Celery) -> None:
+    """Each replacement after N tasks stalled the worker 120-360 ms (issue 18); memory bounds them."""
+    assert celery_app.conf.worker_max_tasks_per_child is None
+    assert celery_app.conf.worker_max_memory_per_child > 0
 
 
 def test_results_are_stored_in_the_database_with_an_expiry(celery_app: Celery) -> None:

@@ -12,6 +12,9 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -29,6 +32,8 @@ from delivery.redis import DELIVERY_COUNT_HEADER, QUARANTINE_KEY, Transport
 from tests import probes
 from tests.processes import descendants
 from tests.waiting import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = pytest.mark.requires_redis_broker  # the Redis transport itself
 
@@ -293,6 +298,10 @@ def test_an_ack_after_the_connection_was_torn_down_is_dropped_not_raised(broker:
     # Redis was not touched: the message is still in flight, for the reaper to give back.
     assert message.delivery_tag.encode() in broker.redis.smembers(channel.inflight_key)
     assert channel.qos.can_consume()  # its prefetch slot is free
+    # kombu's unacked hash is shared by every queue: a record left there is counted by later tests
+    # (monitoring's unacked_all_queues), and this test's own reaper is not running to remove it.
+    broker.redis.hdel(channel.unacked_key, message.delivery_tag)
+    broker.redis.zrem(channel.unacked_index_key, message.delivery_tag)
 
 
 def test_a_no_ack_consumer_leaves_nothing_in_flight_and_starts_no_heartbeat_thread(broker: Broker) -> None:
@@ -334,6 +343,185 @@ def test_a_fetch_can_take_a_batch_in_one_round_trip(broker: Broker) -> None:
     assert [message.payload["n"] for message in inbox.messages] == [0, 1, 2]
     assert len(broker.inflight(connection)) == 3
     assert broker.redis.llen(queue.name) == 2
+
+
+class LoopInbox:
+    """A kombu consumer driven by kombu's event loop (a Hub), as a Celery worker drives it; each
+    message is acked in its callback, as a worker acks after the task ran."""
+
+    def __init__(self, connection: Connection, queues: list[Queue], prefetch: int) -> None:
+        from kombu.asynchronous import Hub
+
+        self.connection = connection
+        self.acked: list[Any] = []
+        connection.ensure_connection()
+        self.consumer = Consumer(connection, queues, callbacks=[self._on_message], accept=["json"])
+        self.consumer.qos(prefetch_count=prefetch)
+        self.consumer.consume()
+        self.hub = Hub()
+        connection.transport.register_with_event_loop(connection.connection, self.hub)
+        self.loop = self.hub.create_loop()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        message.ack()
+        self.acked.append(message)
+
+    def run_until(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acked) < count:
+            assert time.monotonic() < deadline, f"{len(self.acked)} of {count} messages within {timeout} s"
+            next(self.loop)
+
+    def close(self) -> None:
+        self.hub.close()
+
+
+class CommandLog(threading.Thread):
+    """The commands clients send to the test's Redis database, seen with MONITOR (not those run
+    inside scripts), between two marker commands: MONITOR's own order, no clock involved."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        self.marker = f"command-log-{uuid.uuid4().hex}"
+        self.seen: list[str] = []
+        self.commands: list[str] = []
+        self._listening = threading.Event()
+        self._ended = threading.Event()
+
+    def run(self) -> None:
+        with self.client.monitor() as monitor:
+            self._listening.set()
+            for entry in monitor.listen():
+                if entry.get("client_type") == "lua" or int(entry.get("db", -1)) != self.db:
+                    continue
+                self.seen.append(str(entry["command"]))
+                if self.seen[-1] == f"GET {self.marker}-end":
+                    self._ended.set()
+                    return
+
+    def __enter__(self) -> CommandLog:
+        self.start()
+        assert self._listening.wait(5)
+        self.client.get(f"{self.marker}-start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.get(f"{self.marker}-end")
+        assert self._ended.wait(10), "MONITOR did not see the end marker"
+        between = self.seen[self.seen.index(f"GET {self.marker}-start") + 1 : -1]
+        self.commands = [command.split(" ", 1)[0].upper() for command in between]
+
+
+def test_under_an_event_loop_acks_ride_on_the_next_fetch_a_bounded_number_of_commands_per_message(
+    broker: Broker,
+) -> None:
+    """Counted, not timed: stock kombu sends BRPOP, then MULTI HSET ZADD EXEC to record a message and
+    MULTI ZREM HDEL EXEC to ack it (about 10 commands a message); here a fetch takes a batch and carries
+    the last batch's acks, so the commands per message stay under one."""
+    queue = broker.queue()
+    for n in range(60):
+        broker.publish(queue, {"n": n})
+    # A heartbeat far apart, so the heartbeat thread sends nothing while the commands are counted.
+    connection = broker.connect(
+        fetch_batch_size=10, consumer_heartbeat_interval=30, consumer_heartbeat_lapse=61
+    )
+    inbox = LoopInbox(connection, [queue], prefetch=10)
+    inbox.run_until(1)
+    time.sleep(0.3)  # the heartbeat thread's first beat and reaper run are over
+    try:
+        with CommandLog(broker.url) as log:
+            inbox.run_until(60)
+            next(inbox.loop)  # the turn after the last callback sends its acks
+        channel = channel_of(connection)
+        assert broker.inflight(connection) == set()  # every ack reached Redis
+        assert not any(broker.redis.hexists(channel.unacked_key, m.delivery_tag) for m in inbox.acked)
+        assert "MULTI" not in log.commands
+        # Measured: 6 fetches (EVALSHA) for 59 messages, nothing else; one per message would be 59.
+        assert len(log.commands) <= 59 * 0.3, log.commands
+    finally:
+        inbox.close()
+
+
+def test_an_ack_not_yet_in_redis_when_its_consumer_is_killed_comes_back(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The consumer acks (batched: not yet sent) and is SIGKILLed in the same turn of its event loop:
+    the message is still in its in-flight set, and the reaper gives it back, marked redelivered (in
+    a worker, the job's claim then keeps it from running twice)."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    script = tmp_path / "doomed_consumer.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            from kombu import Connection, Consumer, Exchange, Queue
+            from kombu.asynchronous import Hub
+            from delivery.redis import Transport
+
+            exchange = Exchange({broker.name!r}, type="direct")
+            queue = Queue({queue.name!r}, exchange, routing_key={queue.name!r})
+            options = {{
+                "delivery_keyprefix": {broker.name + ":"!r}, "priority_steps": list(range(10)),
+                "consumer_heartbeat_interval": 0.2, "consumer_heartbeat_lapse": 1.0,
+            }}
+            connection = Connection({broker.url!r}, transport=Transport, transport_options=options)
+            connection.ensure_connection()
+
+            def on_message(body, message):
+                message.ack()  # batched: sent with the next fetch, or at the end of this turn
+                assert connection.default_channel._acks, "the ack was sent at once"
+                print("acked", message.delivery_tag, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            consumer = Consumer(connection, [queue], callbacks=[on_message], accept=["json"])
+            consumer.qos(prefetch_count=1)
+            consumer.consume()
+            hub = Hub()
+            connection.transport.register_with_event_loop(connection.connection, hub)
+            loop = hub.create_loop()
+            while True:
+                next(loop)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    tag = done.stdout.split()[1]
+    (inflight_key,) = broker.redis.keys(f"{broker.name}:inflight:*")  # the dead consumer's
+    assert broker.redis.smembers(inflight_key) == {tag.encode()}
+
+    survivor = broker.connect()
+    message = Inbox(survivor, [queue]).next(timeout=10)  # lapse 1 s + reaper every 0.2 s
+
+    assert message.payload == {"n": 1}
+    assert message.headers[DELIVERY_COUNT_HEADER] == 2
+    assert message.delivery_info["redelivered"] is True
+    message.ack()
+
+
+def test_without_an_event_loop_an_ack_is_sent_at_once(broker: Broker) -> None:
+    """A plain kombu consumer (basic_get, drain_events) may ack and never poll again: no batching."""
+    queue = broker.queue()
+    broker.publish(queue, {"n": 1})
+    connection = broker.connect()
+    inbox = Inbox(connection, [queue])
+    message = inbox.next()
+
+    message.ack()
+
+    assert broker.inflight(connection) == set()
+    assert not channel_of(connection)._acks
 
 
 def test_when_delivery_fails_the_rest_of_a_batch_goes_back_unchanged(broker: Broker) -> None:
