@@ -47,7 +47,7 @@ def counters(database_url: str) -> dict[str, int]:
     READS[0] += 1
     with psycopg.connect(database_url, autocommit=True) as connection:
         row = connection.execute(
-            f"SELECT {', '.join(COUNTERS)} FROM pg_stat_database WHERE datname = current_database()"
+            f"SELECT {', '.join(COUNTERS)} FROM pg_stat_database WHERE datname = current_database()"  # noqa: S608 (our names)
         ).fetchone()
     assert row is not None
     return dict(zip(COUNTERS, (int(value or 0) for value in row), strict=True))
@@ -137,7 +137,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
@@ -171,7 +173,9 @@ def main() -> None:
     if args.write:
         from bench.support import write_results
 
-        write_results("worker_path", figures, vars(args), database_url=args.database_url, redis_url=args.redis_url)
+        write_results(
+            "worker_path", figures, vars(args), database_url=args.database_url, redis_url=args.redis_url
+        )
 
 
 if __name__ == "__main__":
