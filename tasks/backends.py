@@ -51,8 +51,8 @@ def _job_of(request: Any) -> str | None:
 
 # States of a task with a job's row that the row records by itself (see the module docstring).
 RECORDED_BY_THE_ROW = frozenset({states.STARTED, states.RETRY, states.REVOKED})
-# A job's row, read as Celery's states.
-_AS_STATE = {
+# A job's status as Celery's state (AsyncResult, the schedules' admin).
+JOB_STATES: dict[str, str] = {
     Job.Status.WAITING: states.PENDING,
     Job.Status.QUEUED: states.PENDING,
     Job.Status.SCHEDULED: states.PENDING,
@@ -121,7 +121,7 @@ class DatabaseBackend(_DatabaseBackend):
         job = Job.objects.filter(task_id=task_id).values(*_JOB_FIELDS).first()
         if job is None:
             return stored
-        state = _AS_STATE.get(job["status"], states.PENDING)
+        state = JOB_STATES.get(job["status"], states.PENDING)
         if job["own_finished_at"] is not None and state not in states.READY_STATES:
             state = states.SUCCESS  # its task returned; the job waits for its children (jobs.tree)
         if state not in states.READY_STATES and stored.get("status") not in (None, states.PENDING):
