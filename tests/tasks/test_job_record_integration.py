@@ -142,3 +142,28 @@ def test_a_result_too_large_for_the_row_is_kept_whole_in_the_task_result(
     assert len(result.get(timeout=30)) == 65 * 1024
     assert Job.objects.get(task_id=result.id).result == {"truncated": True, "bytes": 65 * 1024 + 2}
     assert TaskResult.objects.get(task_id=result.id).status == "SUCCESS"
+
+
+def test_a_worker_keeps_its_connection_and_replaces_one_the_database_dropped(celery_worker: object) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("sessions are terminated with PostgreSQL's pg_terminate_backend")
+    first = ping.delay()
+    first.get(timeout=30)
+    second = ping.delay()
+    second.get(timeout=30)
+    with connection.cursor() as cursor:  # the worker's sessions: every one on this database but ours
+        cursor.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        kept = cursor.fetchall()
+    assert kept, "the worker kept no connection between its jobs"
+
+    with connection.cursor() as cursor:  # as a database restart or failover drops them
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [[pid for pid, _ in kept]]
+        )
+    third = ping.delay()
+
+    assert set(third.get(timeout=30)) == {"pong", "at"}  # claimed and finished over a new connection
+    assert Job.objects.get(task_id=third.id).status == Job.Status.SUCCEEDED

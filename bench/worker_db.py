@@ -1,6 +1,6 @@
 """The worker's database path per job: drain rate, and PostgreSQL transactions and connections per job.
 
-    .venv/bin/python -m bench.worker_path [--jobs 2000] [--repetitions 3]
+    .venv/bin/python -m bench.worker_db [--jobs 2000] [--repetitions 3]
         [--redis-url redis://127.0.0.1:6379/12]
         [--database-url postgres://postgres@127.0.0.1:5432/bench_worker_path]
 
@@ -122,7 +122,7 @@ def child(args: argparse.Namespace) -> None:
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "bench.worker_path", "--child", "--redis-url", args.redis_url),
+            *(sys.executable, "-m", "bench.worker_db", "--child", "--redis-url", args.redis_url),
             *("--jobs", str(args.jobs), "--database-url", args.database_url),
         ],
         cwd=ROOT,
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/bench_worker_path")
-    parser.add_argument("--write", action="store_true", help="write docs/results/worker_path.json")
+    parser.add_argument("--write", action="store_true", help="write docs/results/worker_db.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -174,7 +174,7 @@ def main() -> None:
         from bench.support import write_results
 
         write_results(
-            "worker_path", figures, vars(args), database_url=args.database_url, redis_url=args.redis_url
+            "worker_db", figures, vars(args), database_url=args.database_url, redis_url=args.redis_url
         )
 
 
