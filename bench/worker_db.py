@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.worker_db [--jobs 2000] [--repetitions 3]
         [--redis-url redis://127.0.0.1:6379/12]
-        [--database-url postgres://postgres@127.0.0.1:5432/bench_worker_path]
+        [--database-url postgres://postgres@127.0.0.1:5432/bench_worker_db]
 
 Each repetition, in a process of its own with the production settings (config.settings.base):
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
-    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/bench_worker_path")
+    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/bench_worker_db")
     parser.add_argument("--write", action="store_true", help="write docs/results/worker_db.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
