@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from celery.signals import task_postrun, task_prerun
-from django.db import connection
+from django.db import connection, transaction
 from django_celery_results.models import TaskResult
 
 from jobs.models import Job
@@ -100,15 +100,15 @@ def test_a_job_costs_its_worker_three_statements_outside_any_transaction_block(
 
 
 def test_a_recorded_jobs_state_is_read_from_its_row_while_queued_running_and_done(
-    request: pytest.FixtureRequest, tmp_path: Path, staff_client: ApiClient
+    celery_worker: object, tmp_path: Path, staff_client: ApiClient
 ) -> None:
-    job = enqueue(probes.probe_sleep, path=str(tmp_path / "runs"), seconds=1.5)  # published: no worker yet
-    result = probes.probe_sleep.AsyncResult(job.task_id)
+    with transaction.atomic():  # recorded, and published only when this commits: queued until then
+        job = enqueue(probes.probe_sleep, path=str(tmp_path / "runs"), seconds=1.5)
+        result = probes.probe_sleep.AsyncResult(job.task_id)
 
-    assert result.state == "PENDING"
-    assert staff_client.get(f"/api/jobs/{job.pk}").json()["status"] == "queued"
+        assert result.state == "PENDING"
+        assert staff_client.get(f"/api/jobs/{job.pk}").json()["status"] == "queued"
 
-    request.getfixturevalue("celery_worker")
     wait_for(lambda: Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).exists(), what="the job to run")
     assert result.state == "STARTED"
     assert staff_client.get(f"/api/jobs/{job.pk}").json()["status"] == "running"
