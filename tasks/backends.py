@@ -11,8 +11,9 @@
   (JobTask does not store STARTED), `retrying` by JobTask.on_retry, `cancelled` by the API, and
   its success with its result by one UPDATE here. No django-celery-results row is written for
   those states. A failure, a result the row cannot hold as it is (tracking.storable: over
-  64 KiB, or not JSON) and progress (PROGRESS) still get one as well, written with the row in
-  one transaction. Tasks without a row (Celery's own) are stored as upstream stores them.
+  64 KiB, or not JSON), the result of a job that spawned children (its row's result gains their
+  counts later) and progress (PROGRESS) still get one as well, written with the row in one
+  transaction. Tasks without a row (Celery's own) are stored as upstream stores them.
 - Reads (AsyncResult, `celery result`) take a final state stored in django-celery-results' table
   when there is one, and otherwise the job's row: SUCCESS with the row's result, FAILURE,
   REVOKED for a cancelled job, STARTED while running (PROGRESS, with its meta, when the task
@@ -80,8 +81,11 @@ class DatabaseBackend(_DatabaseBackend):
                 return result
             if state not in (states.SUCCESS, states.FAILURE):  # PROGRESS, or a task's own state
                 return super().store_result(task_id, result, state, traceback, request, **kwargs)
-            # The row alone when it holds the whole outcome: one UPDATE, nothing else to make atomic.
-            row_only = state == states.SUCCESS and storable(result) is result
+            # The row alone when it holds the whole outcome: one UPDATE, nothing else to make atomic. Not
+            # for a job that spawned children: its row's result gains their counts once they are final
+            # (jobs.tree), and AsyncResult gives the task's own return value.
+            spawned = bool(getattr(request, "spawned_children", False))
+            row_only = state == states.SUCCESS and not spawned and storable(result) is result
             with contextlib.nullcontext() if row_only else transaction.atomic():
                 if not row_only:
                     super().store_result(task_id, result, state, traceback, request, **kwargs)
@@ -93,7 +97,7 @@ class DatabaseBackend(_DatabaseBackend):
                         job_id,
                         task_id,
                         result,
-                        spawned=bool(getattr(request, "spawned_children", False)),
+                        spawned=spawned,
                         partial=partial(result) if partial else None,
                         parent_id=parent_id,
                     )
