@@ -10,12 +10,13 @@ skipped, which is what makes a cancel durable across worker restarts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -65,21 +66,27 @@ def record_and_claim(
     cancelled or is done: a duplicate message).
     """
     now = timezone.now()
-    job, created = Job.objects.get_or_create(
-        task_id=task_id,
-        defaults={
-            "type": task_name,
-            "queue": queue,
-            "payload": payload,
-            "priority": effective_priority(priority),
-            "status": Job.Status.RUNNING,
-            "attempts": attempt,
-            "started_at": now,
-            "published_at": now,
-        },
-    )
-    if created or claim(str(job.pk), task_id, attempt, redelivered):
-        return str(job.pk)
+    fields = {
+        "type": task_name,
+        "queue": queue,
+        "payload": payload,
+        "priority": effective_priority(priority),
+        "status": Job.Status.RUNNING,
+        "attempts": attempt,
+        "started_at": now,
+        "published_at": now,
+    }
+    # One INSERT: the first delivery of a message (nearly all of them) has no row yet. A redelivered
+    # or duplicate one finds it there (the unique task_id) and claims it instead.
+    try:
+        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+            return str(Job.objects.create(task_id=task_id, **fields).pk)
+    except IntegrityError:
+        existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
+        if existing is None:
+            raise
+    if claim(str(existing), task_id, attempt, redelivered):
+        return str(existing)
     return None
 
 

@@ -28,11 +28,13 @@ from django_celery_results.models import TaskResult
 from kombu.utils.json import loads
 
 from config.celery_app import app, import_task_modules
+from jobs.models import Job
 from scheduling import beat
 from scheduling.cron import FIELDS, Cron, CronError, Occurrence, parse_field
 from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun, ScheduleOptions
 from tasks.admin.common import ReadOnlyAdmin, reports_broker_errors
+from tasks.backends import JOB_STATES
 from tasks.base import JobTask, PermanentJobError
 from tasks.services import boundedjson
 
@@ -243,6 +245,9 @@ class ScheduleAdmin(PeriodicTaskAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[PeriodicTask]:
         latest = ScheduledRun.objects.filter(schedule_name=OuterRef("name")).order_by("-dispatched_at")
         result = TaskResult.objects.filter(task_id=OuterRef("last_task_id"))
+        # A job's run is recorded in its row alone (tasks.backends); older runs and Celery's own
+        # tasks in django-celery-results' table.
+        job = Job.objects.filter(task_id=OuterRef("last_task_id"))
         return (
             super()
             .get_queryset(request)
@@ -256,6 +261,9 @@ class ScheduleAdmin(PeriodicTaskAdmin):
                 last_result_status=Subquery(result.values("status")[:1]),
                 last_result_started=Subquery(result.values("date_created")[:1]),
                 last_result_done=Subquery(result.values("date_done")[:1]),
+                last_job_status=Subquery(job.values("status")[:1]),
+                last_job_started=Subquery(job.values("started_at")[:1]),
+                last_job_done=Subquery(job.values("finished_at")[:1]),
             )
         )
 
@@ -291,11 +299,13 @@ class ScheduleAdmin(PeriodicTaskAdmin):
         when = getattr(task, "last_dispatched_at", None)
         if when is None:
             return "never"
+        status = getattr(task, "last_result_status", None)
+        started, done = getattr(task, "last_result_started", None), getattr(task, "last_result_done", None)
+        if status is None and getattr(task, "last_job_status", None):
+            status = JOB_STATES[task.last_job_status]
+            started, done = task.last_job_started, task.last_job_done
         return f"{timezone.localtime(when):%Y-%m-%d %H:%M:%S %Z} · " + outcome(
-            getattr(task, "last_run_status", ""),
-            getattr(task, "last_result_status", None),
-            getattr(task, "last_result_started", None),
-            getattr(task, "last_result_done", None),
+            getattr(task, "last_run_status", ""), status, started, done
         )
 
     # --- detail page --------------------------------------------------------------
@@ -330,16 +340,20 @@ class ScheduleAdmin(PeriodicTaskAdmin):
         runs = list(ScheduledRun.objects.filter(schedule_name=task.name)[:10]) if task.pk else []
         if not runs:
             return "none yet"
-        results = {r.task_id: r for r in TaskResult.objects.filter(task_id__in=[run.task_id for run in runs])}
+        task_ids = [run.task_id for run in runs]
+        results = {
+            r.task_id: (r.status, getattr(r, "date_created", None), r.date_done)
+            for r in TaskResult.objects.filter(task_id__in=task_ids)
+        }
+        # A job's run is recorded in its row alone (tasks.backends).
+        for task_id, status, started, done in Job.objects.filter(task_id__in=task_ids).values_list(
+            "task_id", "status", "started_at", "finished_at"
+        ):
+            results.setdefault(task_id, (JOB_STATES[status], started, done))
         rows = []
         for run in runs:
-            result = results.get(run.task_id)
-            shown = outcome(
-                run.status,
-                result.status if result else None,
-                getattr(result, "date_created", None),
-                result.date_done if result else None,
-            )
+            status, started, done = results.get(run.task_id, (None, None, None))
+            shown = outcome(run.status, status, started, done)
             late = f"{run.lag_seconds:.2f} s late" if run.kind == ScheduledRun.Kind.SCHEDULED else "run now"
             rows.append(
                 (f"{timezone.localtime(run.dispatched_at):%Y-%m-%d %H:%M:%S %Z}", late, shown, run.detail)

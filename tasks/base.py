@@ -141,6 +141,9 @@ class JobTask(Task):
     policy: ClassVar[RetryPolicy] = retries.DEFAULT
     # Countdowns are ours (RetryPolicy.wait): Celery's own backoff is whole seconds and full jitter.
     retry_backoff = False
+    # `running` is written by the job's claim (before_start), in its row: no STARTED result as well
+    # (tasks.backends records a job once per state change).
+    track_started = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -469,8 +472,16 @@ class JobTask(Task):
 
     # --- outcomes -----------------------------------------------------------
 
+    def _outcome_recorded(self) -> bool:
+        """The result backend wrote this run's outcome to the job's row (tasks.backends)."""
+        return bool(getattr(self.request, "job_outcome_recorded", False))
+
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if self.deferred or not self._track("failed", exc, parent_id=self.request_header(PARENT_HEADER)):
+        if self.deferred:
+            return
+        if not self._outcome_recorded() and not self._track(
+            "failed", exc, parent_id=self.request_header(PARENT_HEADER)
+        ):
             return
         from tasks import deadletters
 
@@ -487,7 +498,8 @@ class JobTask(Task):
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         if self.deferred:
             return
-        tracked = self._track(
+        # Written by the result backend with the result; here only when it was not (ignore_result).
+        tracked = self._outcome_recorded() or self._track(
             "succeeded",
             retval,
             spawned=bool(getattr(self.request, "spawned_children", False)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -102,11 +103,31 @@ def celery_worker(celery_app: Celery, django_db_setup: None, django_db_blocker) 
     `django_db(transaction=True)`: the worker's connection sees only committed rows.
     """
     import celery.contrib.testing.tasks  # noqa: F401  (registers celery.ping for the start-up check)
+    from celery.signals import task_postrun
+    from django.db import DEFAULT_DB_ALIAS, connections
 
-    with django_db_blocker.unblock():
-        celery_app.control.purge()
-        with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=True) as worker:
-            yield worker
+    # A worker keeps its database connection from task to task (jobs/connections.py); this one's
+    # thread is gone once it stops, so its connection is closed for it (or the test database could
+    # not be dropped at the end: "being accessed by other users").
+    kept: list[Any] = []
+
+    def remember_connection(**kwargs: Any) -> None:
+        wrapper = connections[DEFAULT_DB_ALIAS]
+        if not any(wrapper is seen for seen in kept):
+            kept.append(wrapper)
+
+    task_postrun.connect(remember_connection, weak=False, dispatch_uid="tests.celery_worker.connections")
+    try:
+        with django_db_blocker.unblock():
+            celery_app.control.purge()
+            with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=True) as worker:
+                yield worker
+    finally:
+        task_postrun.disconnect(dispatch_uid="tests.celery_worker.connections")
+        for wrapper in kept:
+            if wrapper.connection is not None:
+                with contextlib.suppress(Exception):  # already dropped by the server: gone either way
+                    wrapper.connection.close()
 
 
 def database_url_for_subprocess() -> str:

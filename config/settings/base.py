@@ -125,6 +125,11 @@ else:
         "DATABASE_CONNECT_TIMEOUT", default=5, min_value=1
     )
 
+# Celery's Django fixup closes the connection before and after every task unless this is set (then
+# every this many tasks only): workers keep theirs like web requests do instead, by CONN_MAX_AGE and
+# CONN_HEALTH_CHECKS (jobs/connections.py). Without it each job opened a new PostgreSQL connection.
+CELERY_DB_REUSE_MAX = 1000
+
 # --- Security -----------------------------------------------------------------
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

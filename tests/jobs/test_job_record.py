@@ -1,0 +1,169 @@
+"""A job is recorded once per state change, in its row (tasks/backends.py), by a real worker.
+
+No django-celery-results row for a job that succeeds with a result its row holds; what read that
+row (AsyncResult, `celery result`, the API) reads the job's row instead, at every state. The
+statements a job costs its worker are counted (an execute wrapper in the worker's thread), not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.signals import task_postrun, task_prerun
+from django.db import connection, transaction
+from django_celery_results.models import TaskResult
+
+from jobs.models import Job
+from jobs.outbox import enqueue
+from tasks.default import ping
+from tests import probes
+from tests.jobs.conftest import ApiClient
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+class StatementsPerTask:
+    """The SQL each task ran in the worker's thread, from its start (task_prerun) to its end (postrun)."""
+
+    def __init__(self) -> None:
+        self.by_task: dict[str, list[tuple[str, bool]]] = {}
+        self.finished: set[str] = set()
+        self._current = threading.local()
+
+    def _count(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        task_id = getattr(self._current, "task_id", None)
+        if task_id is not None:
+            self.by_task[task_id].append((sql, connection.in_atomic_block))
+        return execute(sql, params, many, context)
+
+    def started(self, task_id: str | None = None, **kwargs: Any) -> None:
+        if task_id is None:
+            return
+        self._current.task_id = task_id
+        self.by_task[task_id] = []
+        connection.execute_wrappers.append(self._count)
+
+    def ended(self, task_id: str | None = None, **kwargs: Any) -> None:
+        self._current.task_id = None
+        with contextlib.suppress(ValueError):
+            connection.execute_wrappers.remove(self._count)
+        if task_id is not None:
+            self.finished.add(task_id)
+
+
+@pytest.fixture
+def statements() -> Iterator[StatementsPerTask]:
+    counter = StatementsPerTask()
+    task_prerun.connect(counter.started, weak=False, dispatch_uid="test-statements-start")
+    task_postrun.connect(counter.ended, weak=False, dispatch_uid="test-statements-end")
+    yield counter
+    task_prerun.disconnect(dispatch_uid="test-statements-start")
+    task_postrun.disconnect(dispatch_uid="test-statements-end")
+
+
+def test_a_job_that_succeeds_leaves_a_complete_row_and_no_task_result_row(celery_worker: object) -> None:
+    result = ping.delay()
+
+    value = result.get(timeout=30)  # read through the result backend: from the job's row
+
+    job = Job.objects.get(task_id=result.id)
+    assert (job.status, job.attempts, job.result) == (Job.Status.SUCCEEDED, 1, value)
+    assert job.started_at is not None and job.finished_at is not None and job.started_at <= job.finished_at
+    assert (job.type, job.queue, job.error_type, job.error_message) == ("default.ping", "default", "", "")
+    assert not TaskResult.objects.filter(task_id=result.id).exists()
+    assert result.state == "SUCCESS"
+    assert result.date_done == job.finished_at
+
+
+def test_a_job_costs_its_worker_three_statements_outside_any_transaction_block(
+    celery_worker: object, statements: StatementsPerTask
+) -> None:
+    results = [ping.delay() for _ in range(5)]
+    for result in results:
+        result.get(timeout=30)
+    wait_for(lambda: statements.finished >= {result.id for result in results}, what="every task to end")
+
+    for result in results:
+        ran = statements.by_task[result.id]
+        # The claim (one INSERT of the row: sent with apply_async, it had none), the success (one
+        # UPDATE), and whether any job waits for this one (one SELECT). Each its own transaction.
+        assert len(ran) == 3, ran
+        assert [sql.split()[0] for sql, _ in ran] == ["INSERT", "UPDATE", "SELECT"], ran
+        assert not any(in_block for _, in_block in ran), ran
+        assert not any("django_celery_results" in sql for sql, _ in ran), ran
+
+
+def test_a_recorded_jobs_state_is_read_from_its_row_while_queued_running_and_done(
+    celery_worker: object, tmp_path: Path, staff_client: ApiClient
+) -> None:
+    with transaction.atomic():  # recorded, and published only when this commits: queued until then
+        job = enqueue(probes.probe_sleep, path=str(tmp_path / "runs"), seconds=1.5)
+        result = probes.probe_sleep.AsyncResult(job.task_id)
+
+        assert result.state == "PENDING"
+        assert staff_client.get(f"/api/jobs/{job.pk}").json()["status"] == "queued"
+
+    wait_for(lambda: Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).exists(), what="the job to run")
+    assert result.state == "STARTED"
+    assert staff_client.get(f"/api/jobs/{job.pk}").json()["status"] == "running"
+
+    assert result.get(timeout=30) == 1
+    answer = staff_client.get(f"/api/jobs/{job.pk}").json()
+    assert (answer["status"], answer["result"]) == ("succeeded", 1)
+    assert not TaskResult.objects.filter(task_id=job.task_id).exists()
+
+
+def test_a_failed_job_keeps_its_error_in_the_row_and_in_the_task_result(celery_worker: object) -> None:
+    result = probes.probe_needs_file.delay(path="/nonexistent/for/this/test")
+
+    with pytest.raises(Exception, match="does not exist") as raised:
+        result.get(timeout=30)
+
+    assert type(raised.value).__name__ == "PermanentJobError"
+    job = Job.objects.get(task_id=result.id)
+    assert (job.status, job.error_type) == (Job.Status.FAILED, "PermanentJobError")
+    # A failure is rare and its exception is read back with its type: both are written, in one transaction.
+    assert TaskResult.objects.get(task_id=result.id).status == "FAILURE"
+
+
+def test_a_result_too_large_for_the_row_is_kept_whole_in_the_task_result(
+    celery_worker: object, tmp_path: Path
+) -> None:
+    path = tmp_path / "large.txt"
+    path.write_text("x" * (65 * 1024))
+    result = probes.probe_needs_file.delay(path=str(path))
+
+    assert len(result.get(timeout=30)) == 65 * 1024
+    assert Job.objects.get(task_id=result.id).result == {"truncated": True, "bytes": 65 * 1024 + 2}
+    assert TaskResult.objects.get(task_id=result.id).status == "SUCCESS"
+
+
+def test_a_worker_keeps_its_connection_and_replaces_one_the_database_dropped(celery_worker: object) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("sessions are terminated with PostgreSQL's pg_terminate_backend")
+    first = ping.delay()
+    first.get(timeout=30)
+    second = ping.delay()
+    second.get(timeout=30)
+    with connection.cursor() as cursor:  # the worker's sessions: every one on this database but ours
+        cursor.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        kept = cursor.fetchall()
+    assert kept, "the worker kept no connection between its jobs"
+
+    with connection.cursor() as cursor:  # as a database restart or failover drops them
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [[pid for pid, _ in kept]]
+        )
+    third = ping.delay()
+
+    assert set(third.get(timeout=30)) == {"pong", "at"}  # claimed and finished over a new connection
+    assert Job.objects.get(task_id=third.id).status == Job.Status.SUCCEEDED
