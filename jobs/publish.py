@@ -128,3 +128,30 @@ def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
                 )
     except _UNAVAILABLE as exc:  # down, frozen, or every connection busy
         raise BrokerUnavailable(f"the broker did not take the job(s): {type(exc).__name__}") from exc
+
+
+def mark_published(pks: Sequence[Any], using: str | None = None) -> None:
+    """Records that the jobs `pks` were published: one UPDATE, whatever their number.
+
+    Outside a transaction (after an API request's or enqueue()'s commit) it commits without waiting
+    for PostgreSQL's WAL flush (synchronous_commit off, for this transaction only): the mark is lost
+    only if PostgreSQL itself crashes within the next few hundred milliseconds, and a lost mark costs
+    a second message from default.release_jobs (JOBS_PUBLISH_GRACE_SECONDS later), which the job's
+    claim makes harmless. It saves a disk flush per publish (a millisecond or more each).
+    """
+    from django.db import connections, transaction
+    from django.utils import timezone
+
+    from jobs.models import Job
+
+    if not pks:
+        return
+    alias = using or "default"
+    connection = connections[alias]
+    rows = Job.objects.using(alias).filter(pk__in=list(pks), published_at__isnull=True)
+    if connection.in_atomic_block or connection.vendor != "postgresql":
+        rows.update(published_at=timezone.now())
+        return
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        rows.update(published_at=timezone.now())
