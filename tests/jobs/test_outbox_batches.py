@@ -19,7 +19,7 @@ from jobs import services
 from jobs.models import Job
 from jobs.outbox import InvalidJob, enqueue, enqueue_many
 from localdev.embedded_broker import free_port
-from tests import queues
+from tests import probes, queues
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -107,6 +107,6 @@ def test_a_batch_the_broker_refused_at_commit_is_kept_and_sent_by_the_release_ta
 def test_enqueue_many_checks_every_entry_before_anything_is_written() -> None:
     with pytest.raises(InvalidJob, match="key"):
         enqueue_many(
-            "default.probe_effect", [effect(Path("/tmp"), "good"), {"directory": "/tmp", "key": "bad key!"}]
+            probes.probe_effect, [effect(Path("/tmp"), "good"), {"directory": "/tmp", "key": "bad key!"}]
         )
     assert not Job.objects.exists()
