@@ -7,6 +7,7 @@ No worker runs in this module: what the broker holds is what was sent.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ def test_a_list_of_jobs_is_recorded_in_one_insert_and_marked_published_in_one_up
     with CaptureQueriesContext(connection) as queries, transaction.atomic():
         jobs = enqueue_many("default.ping", [{}] * 1000, priority=7)
         assert depth(celery_app) == 0  # nothing is sent before the commit
-    assert (_statements(queries, "INSERT INTO"), _statements(queries, "UPDATE")) == (1, 1)
+    # One INSERT on PostgreSQL; SQLite takes at most 999 parameters a statement: as few as fit.
+    per_statement = connection.ops.bulk_batch_size(list(Job._meta.concrete_fields), jobs)
+    inserts = math.ceil(len(jobs) / per_statement)
+    assert (_statements(queries, "INSERT INTO"), _statements(queries, "UPDATE")) == (inserts, 1)
+    assert connection.vendor != "postgresql" or inserts == 1
     assert depth(celery_app) == 1000
     assert Job.objects.filter(pk__in=[job.pk for job in jobs], published_at__isnull=False).count() == 1000
     assert set(Job.objects.values_list("priority", "status")) == {(7, Job.Status.QUEUED)}
