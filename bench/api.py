@@ -136,8 +136,11 @@ async def wait_ready(base: str, headers: dict[str, str], gunicorn: Gunicorn) -> 
     raise SystemExit(f"gunicorn did not answer; see {gunicorn.log}")
 
 
-async def closed_loop(base: str, headers: dict[str, str], total: int, concurrency: int) -> dict[str, Any]:
-    """(a) `total` POST /api/jobs from `concurrency` clients, each sending its next when answered."""
+async def closed_loop(
+    base: str, headers: dict[str, str], total: int, concurrency: int, path: str = "/api/jobs"
+) -> dict[str, Any]:
+    """(a) `total` POST /api/jobs from `concurrency` clients, each sending its next when answered
+    (`path` "/healthz": GET /healthz the same way, the server's own rate to compare with)."""
     import httpx
 
     latencies: list[float] = []
@@ -151,7 +154,10 @@ async def closed_loop(base: str, headers: dict[str, str], total: int, concurrenc
             for _ in remaining:
                 began = time.perf_counter()
                 try:
-                    response = await client.post("/api/jobs", json=PING)
+                    if path == "/healthz":
+                        response = await client.get(path)
+                    else:
+                        response = await client.post(path, json=PING)
                     key: int | str = response.status_code
                     if key == 202:
                         ids.append(response.json()["id"])
@@ -291,10 +297,17 @@ def main() -> None:
         )
         asyncio.run(closed_loop(base, headers, 50, 4))  # warm-up: every worker imports the task modules
 
+        h = asyncio.run(closed_loop(base, headers, args.requests, args.concurrency, path="/healthz"))
+        print(
+            f"(a0) GET /healthz: {args.requests / h['elapsed']:.0f} requests/s "
+            f"(concurrency {args.concurrency}); "
+            f"statuses {h['statuses']}"
+        )
         a = asyncio.run(closed_loop(base, headers, args.requests, args.concurrency))
+        a_ratio = (args.requests / a["elapsed"]) / (args.requests / h["elapsed"])
         print(
             f"(a) POST /api/jobs: {args.requests} jobs in {a['elapsed']:.2f} s = "
-            f"{args.requests / a['elapsed']:.0f} jobs/s "
+            f"{args.requests / a['elapsed']:.0f} jobs/s ({a_ratio:.2f}x /healthz) "
             f"(concurrency {args.concurrency}, {w} gunicorn workers); "
             f"latency {summary(a['latencies'])}; statuses {a['statuses']}"
         )
@@ -329,6 +342,7 @@ def main() -> None:
             + ", ".join(f"{rss / 2**20:.0f} MiB" for rss in workers)
         )
         figures = {
+            "healthz": {"requests_per_s": args.requests / h["elapsed"], "statuses": h["statuses"]},
             "single": {
                 "jobs": args.requests,
                 "concurrency": args.concurrency,

@@ -25,7 +25,7 @@ from django.utils import timezone
 from config.celery_app import app
 from jobs import tree
 from jobs.models import ApiToken, Job, JobDependency
-from jobs.publish import BrokerUnavailable, publish
+from jobs.publish import BrokerUnavailable, mark_published, publish
 from jobs.registry import JobRequest
 from tasks.base import JobTask
 
@@ -143,8 +143,8 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
         logger.warning("broker unavailable: %d job(s) refused", len(fresh))
         raise
     if to_send:
-        published = timezone.now()
-        Job.objects.filter(pk__in=[job.pk for job in to_send]).update(published_at=published)
+        # One UPDATE, committed without waiting for the WAL flush (jobs.publish.mark_published).
+        published = mark_published([job.pk for job in to_send])
         for job in to_send:
             job.published_at = published
     waiting = [job.pk for job in fresh if job.status == Job.Status.WAITING]

@@ -11,8 +11,12 @@ from datetime import datetime, timedelta
 
 import pytest
 from celery import Celery
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django_celery_beat.models import PeriodicTask
 
 from scheduling.beat import Scheduler
+from scheduling.defaults import crontab_for
 from scheduling.models import ScheduledRun
 from tests.scheduling.beatdriver import Clock, add_cron, add_interval, dispatched, drain, run_until, utc
 
@@ -180,3 +184,39 @@ def test_a_task_with_arguments_is_sent_with_them_and_bad_ones_are_refused_not_re
     refused = ScheduledRun.objects.get(schedule_name="bad")
     assert refused.status == ScheduledRun.Status.REFUSED
     assert "field 'kinds.0'" in refused.detail
+
+
+def test_a_thousand_schedules_due_together_are_claimed_in_one_statement_and_sent_once_by_two_racing_beats(
+    make_scheduler: Callable[[], Scheduler], celery_app: Celery
+) -> None:
+    start = utc(2026, 11, 23, 10, 0, 30)
+    with Clock(start) as clock:
+        every_minute = crontab_for("* * * * *", "UTC")
+        PeriodicTask.objects.bulk_create(
+            PeriodicTask(
+                name=f"minutely {n:04d}", task="default.ping", crontab=every_minute, last_run_at=clock.now
+            )
+            for n in range(1000)
+        )
+        first, second = make_scheduler(), make_scheduler()
+        first.lease = second.lease = SplitBrain()  # type: ignore[assignment]
+        first.tick(), second.tick()  # both read the schedules; nothing is due before 10:01
+        assert ScheduledRun.objects.count() == 0
+        clock.move_to(utc(2026, 11, 23, 10, 1, 0) + timedelta(milliseconds=500))
+        with CaptureQueriesContext(connection) as queries:
+            first.tick()
+        second.tick()  # it finds every occurrence claimed already
+        for _ in range(3):
+            first.tick(), second.tick()
+
+    claims = [query for query in queries if query["sql"].startswith('INSERT INTO "scheduling_scheduledrun"')]
+    assert len(claims) == 1  # 1,000 claims, one statement
+    runs = ScheduledRun.objects.filter(
+        kind=ScheduledRun.Kind.SCHEDULED, status=ScheduledRun.Status.DISPATCHED
+    )
+    assert runs.count() == 1000
+    assert runs.values("schedule_name").distinct().count() == 1000
+    assert set(runs.values_list("occurrence", flat=True)) == {utc(2026, 11, 23, 10, 1)}
+    sent = drain(celery_app)
+    assert len(sent) == 1000 and len({message["id"] for message in sent}) == 1000
+    assert {message["id"] for message in sent} == set(runs.values_list("task_id", flat=True))
