@@ -10,6 +10,8 @@ the machine favours none):
 - `project`: this project's worker exactly as the Procfile runs it (production settings,
   `default.ping`: a job row, its result as configured, task events and metrics on), on Redis;
 - `project_monitoring_off`: the same with task metrics off (METRICS_ENABLED=false);
+- `project_flower`: the same while Flower watches: task events on (Flower's enable_events
+  broadcast; CELERY_WORKER_SEND_TASK_EVENTS=true here). By default they are off;
 - `celery`: stock Celery with its defaults (bench/peers/celery_stock.py), a no-op task;
 - `dramatiq`, `huey`: their Redis brokers and default workers (bench/peers/), a no-op task, from
   the virtualenv .venv-bench that this creates on first use (requirements.txt and
@@ -56,6 +58,7 @@ STARTED = time.monotonic()
 SYSTEMS: dict[str, tuple[str, str, str, bool, int, bool]] = {
     "project": ("this project (Procfile worker, default.ping)", "project", "redis", True, 0, True),
     "project_monitoring_off": ("this project, monitoring off", "project", "redis", False, 0, False),
+    "project_flower": ("this project, Flower watching (task events on)", "project", "redis", True, 0, False),
     "celery": ("stock Celery (defaults, no-op)", "celery", "redis", True, 1, True),
     "dramatiq": ("Dramatiq (no-op)", "dramatiq", "redis", True, 2, True),
     "huey": ("Huey (no-op)", "huey", "redis", True, 3, True),
@@ -122,6 +125,7 @@ class Runner:
             "broker_url": args.rabbitmq_url if broker == "rabbitmq" else redis,
             "database_url": args.database_url,
             "monitoring": monitoring,
+            "events": name == "project_flower",
             "all_paths": name == "project",
             "processes": args.processes,
             "record_dir": str(run_dir / "records"),

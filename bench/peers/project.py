@@ -31,9 +31,12 @@ from bench.peers.harness import EnqueuePath, Progress, System
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 1000
-# What "monitoring off" means: task metrics collection (monitoring/collect.py). Task events stay on:
-# CELERY_WORKER_SEND_TASK_EVENTS is fixed in config/settings/base.py, not read from the environment.
+# What "monitoring off" means: task metrics collection (monitoring/collect.py). Task events are off
+# by default already (they flow only while Flower watches); `project_flower` turns them on.
 MONITORING_OFF = {"METRICS_ENABLED": "false"}
+# A worker while Flower watches: Flower's enable_events broadcast turns task events on (the
+# client's task-sent event stays off, as it does then).
+FLOWER_WATCHING = {"CELERY_WORKER_SEND_TASK_EVENTS": "true"}
 
 
 def procfile_worker(environ: dict[str, str]) -> list[str]:
@@ -61,6 +64,8 @@ def environment(config: dict[str, Any]) -> dict[str, str]:
         env["METRICS_REDIS_URL"] = env["RATE_LIMIT_STORAGE_URL"] = config["metrics_redis_url"]
     if not config.get("monitoring", True):
         env.update(MONITORING_OFF)
+    if config.get("events"):
+        env.update(FLOWER_WATCHING)
     return env
 
 

@@ -65,6 +65,9 @@ def ratios(systems: dict[str, dict[str, Any]]) -> dict[str, float]:
     off = figure("project_monitoring_off", "drain_jobs_per_s")
     if project and off:
         out["monitoring_cost_percent"] = (off - project) / off * 100
+    watched = figure("project_flower", "drain_jobs_per_s")
+    if project and watched:
+        out["task_events_cost_percent"] = (project - watched) / project * 100
     rabbit = figure("project_rabbitmq", "drain_jobs_per_s")
     if project and rabbit:
         out["rabbitmq_drain_vs_redis"] = rabbit / project
