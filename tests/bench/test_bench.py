@@ -94,13 +94,14 @@ def test_a_failed_run_is_kept_counted_and_left_out_of_the_medians() -> None:
     assert "celery: a run failed: Traceback ..." in report.notes({"celery": figures}, {})
 
 
-def test_the_ratios_are_the_projects_drain_against_each_peer_and_monitoring_off() -> None:
+def test_the_ratios_are_the_projects_drain_against_each_peer_monitoring_off_and_flower_watching() -> None:
     figures = assemble(recorded_runs(), elapsed=300.0)
 
     ratios = figures["ratios"]
-    assert ratios["project_drain_vs_celery"] == pytest.approx(102 / 302)
+    assert ratios["project_drain_vs_celery"] == pytest.approx(102 / 402)
     assert ratios["monitoring_cost_percent"] == pytest.approx((202 - 102) / 202 * 100)
-    assert ratios["rabbitmq_drain_vs_redis"] == pytest.approx(602 / 102)
+    assert ratios["task_events_cost_percent"] == pytest.approx((102 - 302) / 102 * 100)
+    assert ratios["rabbitmq_drain_vs_redis"] == pytest.approx(702 / 102)
 
 
 def test_the_table_has_a_row_per_system_with_medians_and_ranges() -> None:

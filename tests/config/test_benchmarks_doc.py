@@ -20,6 +20,7 @@ ANCHORS = (
     "analytics",
     "beat",
     "monitoring",
+    "enqueue",
     "api",
     "request-limits",
     "readiness",
