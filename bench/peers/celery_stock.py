@@ -15,14 +15,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
-from bench.peers.record import DIRECTORY_VARIABLE, Records, record
+from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, RecordingPeer
+from bench.peers.record import record
 
 CHUNK = 1000
 
@@ -34,12 +32,7 @@ def noop(phase: int, sent: float) -> None:
     record(phase, sent)
 
 
-class CelerySystem(System):
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.name = config["label"]
-        self.config = config
-        self.records = Records(Path(config["record_dir"]))
-
+class CelerySystem(RecordingPeer):
     def reset(self) -> None:
         import redis
 
@@ -84,17 +77,7 @@ class CelerySystem(System):
             "worker",
             "-c",
             str(processes),
-        ], {
-            **self.config["env"],
-            BROKER_VARIABLE: self.config["broker_url"],
-            DIRECTORY_VARIABLE: self.config["record_dir"],
-        }
-
-    def progress(self, phase: int, keys: Collection[str] | None = None) -> Progress:
-        return recorded_progress(self.records, phase)
-
-    def waits(self, phase: int, sent: dict[str, float]) -> list[float]:
-        return [started - sent_at for sent_at, started in self.records.of(phase)]
+        ], self.worker_environment()
 
     def describe(self) -> dict[str, Any]:
         from importlib.metadata import version

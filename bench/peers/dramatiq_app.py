@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
-from bench.peers.record import DIRECTORY_VARIABLE, Records, record
+from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, RecordingPeer
+from bench.peers.record import record
 
 THREADS = 8  # Dramatiq's default
 CHUNK = 1000
@@ -35,12 +33,7 @@ def noop(phase: int, sent: float) -> None:
     record(phase, sent)
 
 
-class DramatiqSystem(System):
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.name = config["label"]
-        self.config = config
-        self.records = Records(Path(config["record_dir"]))
-
+class DramatiqSystem(RecordingPeer):
     def reset(self) -> None:
         broker.client.flushdb()
         self.records.clear()
@@ -68,17 +61,7 @@ class DramatiqSystem(System):
 
     def worker(self, processes: int) -> tuple[list[str], dict[str, str]]:
         command = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_app"]
-        return [*command, "--processes", str(processes), "--threads", str(THREADS)], {
-            **self.config["env"],
-            BROKER_VARIABLE: self.config["broker_url"],
-            DIRECTORY_VARIABLE: self.config["record_dir"],
-        }
-
-    def progress(self, phase: int, keys: Collection[str] | None = None) -> Progress:
-        return recorded_progress(self.records, phase)
-
-    def waits(self, phase: int, sent: dict[str, float]) -> list[float]:
-        return [started - sent_at for sent_at, started in self.records.of(phase)]
+        return [*command, "--processes", str(processes), "--threads", str(THREADS)], self.worker_environment()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.peers.record import Records
+from bench.peers.record import DIRECTORY_VARIABLE, Records
 
 # Jobs sent only to time an enqueue path (emptied before any worker runs), the backlog, the paced load,
 # the scaling backlogs.
@@ -113,9 +113,28 @@ class System:
         raise NotImplementedError
 
 
-def recorded_progress(records: Records, phase: int) -> Progress:
-    """A peer's progress from what its tasks recorded (bench.peers.record): a no-op ends as it starts."""
-    return Progress(*records.summary(phase))
+class RecordingPeer(System):
+    """A peer whose no-op task records when it started (bench.peers.record): progress and waits
+    come from those records, and its worker is told where to write them and which broker to use."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.name = config["label"]
+        self.config = config
+        self.records = Records(Path(config["record_dir"]))
+
+    def worker_environment(self) -> dict[str, str]:
+        return {
+            **self.config["env"],
+            BROKER_VARIABLE: self.config["broker_url"],
+            DIRECTORY_VARIABLE: self.config["record_dir"],
+        }
+
+    def progress(self, phase: int, keys: Collection[str] | None = None) -> Progress:
+        """A no-op ends as it starts: its record says both."""
+        return Progress(*self.records.summary(phase))
+
+    def waits(self, phase: int, sent: dict[str, float]) -> list[float]:
+        return [started - sent_at for sent_at, started in self.records.of(phase)]
 
 
 class WorkerFailed(Exception):

@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 import huey as huey_package
 from huey import RedisHuey
 
-from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, Progress, System, recorded_progress
-from bench.peers.record import DIRECTORY_VARIABLE, Records, record
+from bench.peers.harness import BROKER_VARIABLE, PHASE_NONE, EnqueuePath, RecordingPeer
+from bench.peers.record import record
 
 CHUNK = 1000
 
@@ -33,12 +31,7 @@ def noop(phase: int, sent: float) -> None:
     record(phase, sent)
 
 
-class HueySystem(System):
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.name = config["label"]
-        self.config = config
-        self.records = Records(Path(config["record_dir"]))
-
+class HueySystem(RecordingPeer):
     def reset(self) -> None:
         huey.storage.conn.flushdb()
         self.records.clear()
@@ -66,17 +59,7 @@ class HueySystem(System):
 
     def worker(self, processes: int) -> tuple[list[str], dict[str, str]]:
         command = [sys.executable, "-m", "huey.bin.huey_consumer", "bench.peers.huey_app.huey"]
-        return [*command, "-w", str(processes), "-k", "process"], {
-            **self.config["env"],
-            BROKER_VARIABLE: self.config["broker_url"],
-            DIRECTORY_VARIABLE: self.config["record_dir"],
-        }
-
-    def progress(self, phase: int, keys: Collection[str] | None = None) -> Progress:
-        return recorded_progress(self.records, phase)
-
-    def waits(self, phase: int, sent: dict[str, float]) -> list[float]:
-        return [started - sent_at for sent_at, started in self.records.of(phase)]
+        return [*command, "-w", str(processes), "-k", "process"], self.worker_environment()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ run finds the row and does not send again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -22,7 +23,7 @@ from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.utils import DNS_NAME
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template, render_to_string
@@ -475,20 +476,45 @@ def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOu
     return claimed
 
 
+def _mark_sent(item: _Pending) -> None:
+    """One row `sent` as soon as SMTP took its message, so a worker killed later in its chunk leaves
+    only the message it was sending `unknown`, not the chunk's earlier ones. On PostgreSQL the commit
+    does not wait for the WAL flush (synchronous_commit off, for this transaction only: a round trip,
+    not a disk flush, per message): a mark lost in a crash of PostgreSQL itself leaves the row
+    `sending`, which the retry counts as unknown and never sends again."""
+    now = timezone.now()
+    connection = connections[EmailLog.objects.db]
+    if connection.in_atomic_block or connection.vendor != "postgresql":
+        EmailLog.objects.filter(key=item.key).update(
+            status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
+        )
+        return
+    meta, quote = EmailLog._meta, connection.ops.quote_name
+    names = ("status", "sent_at", "last_error", "updated_at", "key")  # plain fields: column = name
+    status, sent_at, last_error, updated_at, key = (quote(name) for name in names)
+    sql = (
+        "BEGIN; SET LOCAL synchronous_commit TO OFF; "  # noqa: S608  (names from the model, values bound)
+        f"UPDATE {quote(meta.db_table)} SET {status} = %s, {sent_at} = %s, {last_error} = '', "
+        f"{updated_at} = %s WHERE {key} = %s; COMMIT"
+    )
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(sql, [EmailLog.Status.SENT, now, now, item.key])
+        except Exception:
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
+            raise
+
+
 def _record(
-    sent: list[_Pending],
     refused: list[tuple[_Pending, str]],
     untried: list[_Pending],
     retry_later: tuple[_Pending, str] | None = None,
 ) -> None:
-    """Writes what became of a chunk: one UPDATE for the sent, one for those never handed to SMTP
-    (pending again, for the retry), one per refused message and for a transient failure (each its
-    own error)."""
+    """Writes what became of the rest of a chunk (the sent are marked as they go, `_mark_sent`): one
+    UPDATE for those never handed to SMTP (pending again, for the retry), one per refused message and
+    for a transient failure (each its own error)."""
     now = timezone.now()
-    if sent:
-        EmailLog.objects.filter(key__in=[item.key for item in sent]).update(
-            status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
-        )
     if untried:
         EmailLog.objects.filter(key__in=[item.key for item in untried]).update(
             status=EmailLog.Status.PENDING, attempts=F("attempts") - 1, updated_at=now
@@ -510,9 +536,10 @@ def send_batch(
 ) -> BatchOutcome:
     """Sends one batch over a single SMTP connection, at the global rate.
 
-    The email log is written per chunk of LOG_CHUNK_SIZE messages, not per message: the
-    chunk's rows are marked `sending` before any of them is sent and `sent` after, so a
-    crash never leads to a second send (a row left `sending` is `unknown` to the retry).
+    The email log's rows are made and marked `sending` per chunk of LOG_CHUNK_SIZE messages,
+    before any of them is sent; each is marked `sent` as soon as SMTP took it (one UPDATE that
+    does not wait for a disk flush). A crash never leads to a second send: a row left `sending`
+    is `unknown` to the retry, and a killed worker leaves only the message it was sending so.
     A recipient refused for good (5xx) is logged as failed and the batch goes on;
     anything transient stops the batch so the task is retried, and the retry skips
     everyone already sent.
@@ -531,7 +558,6 @@ def send_batch(
             chunk = pending[start : start + LOG_CHUNK_SIZE]
             claimed = _claim(chunk, campaign, template, outcome)
             done += len(chunk) - len(claimed)  # sent before, or cut off sending: nothing to do
-            sent: list[_Pending] = []
             refused: list[tuple[_Pending, str]] = []
             retry_later: tuple[_Pending, str] | None = None
             tried = 0  # the first `tried` of `claimed` were handed to SMTP and have an outcome
@@ -564,7 +590,7 @@ def send_batch(
                     else:
                         in_flight = None
                         tried += 1
-                        sent.append(item)
+                        _mark_sent(item)
                         outcome.sent += 1
                     done += 1
                     if on_progress and done - reported >= 10:
@@ -574,7 +600,7 @@ def send_batch(
                 # Whatever stopped the chunk, what is known is written: the messages never handed
                 # to SMTP are pending again; one interrupted inside the SMTP conversation (the
                 # process stopping) stays `sending`, since it may have gone.
-                _record(sent, refused, claimed[tried + (in_flight is not None) :], retry_later)
+                _record(refused, claimed[tried + (in_flight is not None) :], retry_later)
         if on_progress and reported < len(pending):
             on_progress(100, f"{len(pending)}/{len(pending)} recipients")
     finally:

@@ -357,7 +357,8 @@ def test_the_reconciler_settles_parents_and_waiting_jobs_whose_settling_was_miss
     waiter.refresh_from_db()
     assert settled == 2
     assert parent.status == "partially_failed" and "1 of 2 children did not succeed" in parent.error_message
-    assert waiter.status == "queued" and waiter.published_at is not None
+    # Sent: queued, or already run by the worker (it is fast enough to have taken it by now).
+    assert waiter.status in ("queued", "running", "succeeded") and waiter.published_at is not None
     assert tree.sweep() == 0
     # The released job is a real message, run by the module's worker: it ends before teardown.
     wait_for(lambda: Job.objects.filter(pk=waiter.pk, status="succeeded").exists(), what="the released job")
