@@ -419,8 +419,8 @@ def _messages(campaign: str, template: str, recipients: list[str], context: dict
 
 
 def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOutcome) -> list[_Pending]:
-    """Marks the chunk's unsent messages `sending` (one transaction, a few statements for the whole
-    chunk) and returns them; counts those sent already, and those an earlier attempt was cut off
+    """Makes the chunk's log rows (one transaction, a few statements for the whole chunk) and returns
+    the messages still to send; counts those sent already, and those an earlier attempt was cut off
     sending (`unknown`: may have been delivered, so not sent again)."""
     now = timezone.now()
     with transaction.atomic():
@@ -469,11 +469,18 @@ def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOu
             EmailLog.objects.filter(pk__in=cut_off).update(status=EmailLog.Status.UNKNOWN, updated_at=now)
         if resubjected:
             EmailLog.objects.bulk_update(resubjected, ["subject"])
-        if claimed:
-            EmailLog.objects.filter(key__in=[item.key for item in claimed]).update(
-                status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=now
-            )
     return claimed
+
+
+def _take(item: _Pending) -> bool:
+    """Marks one message `sending` just before it goes to SMTP (its own durable commit: a crash after
+    it leaves the row `sending`, unknown to the retry, never sent twice); False if another attempt of
+    the batch took it first. The chunk's other rows stay `pending` until their turn, so a worker
+    killed mid-chunk leaves only the message it was sending unknown."""
+    taken = EmailLog.objects.filter(key=item.key, status=EmailLog.Status.PENDING).update(
+        status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=timezone.now()
+    )
+    return taken == 1
 
 
 def _mark_sent(item: _Pending) -> None:
@@ -506,23 +513,11 @@ def _mark_sent(item: _Pending) -> None:
             raise
 
 
-def _record(
-    refused: list[tuple[_Pending, str]],
-    untried: list[_Pending],
-    retry_later: tuple[_Pending, str] | None = None,
-) -> None:
-    """Writes what became of the rest of a chunk (the sent are marked as they go, `_mark_sent`): one
-    UPDATE for those never handed to SMTP (pending again, for the retry), one per refused message and
-    for a transient failure (each its own error)."""
-    now = timezone.now()
-    if untried:
-        EmailLog.objects.filter(key__in=[item.key for item in untried]).update(
-            status=EmailLog.Status.PENDING, attempts=F("attempts") - 1, updated_at=now
-        )
-    for (item, error), status in [(failure, EmailLog.Status.FAILED) for failure in refused] + (
-        [(retry_later, EmailLog.Status.PENDING)] if retry_later else []
-    ):
-        EmailLog.objects.filter(key=item.key).update(status=status, last_error=error[:2000], updated_at=now)
+def _note(item: _Pending, status: str, error: str) -> None:
+    """What became of a message SMTP did not take: refused for good (`failed`), or pending again."""
+    EmailLog.objects.filter(key=item.key).update(
+        status=status, last_error=error[:2000], updated_at=timezone.now()
+    )
 
 
 def send_batch(
@@ -536,10 +531,11 @@ def send_batch(
 ) -> BatchOutcome:
     """Sends one batch over a single SMTP connection, at the global rate.
 
-    The email log's rows are made and marked `sending` per chunk of LOG_CHUNK_SIZE messages,
-    before any of them is sent; each is marked `sent` as soon as SMTP took it (one UPDATE that
-    does not wait for a disk flush). A crash never leads to a second send: a row left `sending`
-    is `unknown` to the retry, and a killed worker leaves only the message it was sending so.
+    The email log's rows are made per chunk of LOG_CHUNK_SIZE messages; each message is marked
+    `sending` (a durable commit) just before it goes to SMTP and `sent` as soon as SMTP took it
+    (an UPDATE that does not wait for a disk flush). A crash never leads to a second send: a row
+    left `sending` is `unknown` to the retry, and a killed worker leaves only the message it
+    was sending so.
     A recipient refused for good (5xx) is logged as failed and the batch goes on;
     anything transient stops the batch so the task is retried, and the retry skips
     everyone already sent.
@@ -558,49 +554,39 @@ def send_batch(
             chunk = pending[start : start + LOG_CHUNK_SIZE]
             claimed = _claim(chunk, campaign, template, outcome)
             done += len(chunk) - len(claimed)  # sent before, or cut off sending: nothing to do
-            refused: list[tuple[_Pending, str]] = []
-            retry_later: tuple[_Pending, str] | None = None
-            tried = 0  # the first `tried` of `claimed` were handed to SMTP and have an outcome
-            in_flight: _Pending | None = None
             slots = 0  # taken from the limiter and not used yet
-            try:
-                for index, item in enumerate(claimed):
-                    if not slots:
-                        slots = min(limiter.group, len(claimed) - index)
-                        limiter.acquire(count=slots)
-                    slots -= 1
-                    in_flight = item
-                    try:
-                        connection.send_messages([item.message])
-                    except Exception as exc:
-                        in_flight = None
-                        tried += 1
-                        error = classify_smtp_error(exc)
-                        logger.warning(
-                            "email %s to %s not sent: %s",
-                            mask_addresses(item.key),
-                            mask_email(item.address),
-                            error,
-                        )
-                        if not isinstance(error, PermanentJobError):
-                            retry_later = (item, str(error))
-                            raise error from exc
-                        refused.append((item, str(error)))
-                        outcome.failed.append(item.address)
-                    else:
-                        in_flight = None
-                        tried += 1
-                        _mark_sent(item)
-                        outcome.sent += 1
-                    done += 1
-                    if on_progress and done - reported >= 10:
-                        reported = done
-                        on_progress(100 * done / len(pending), f"{done}/{len(pending)} recipients")
-            finally:
-                # Whatever stopped the chunk, what is known is written: the messages never handed
-                # to SMTP are pending again; one interrupted inside the SMTP conversation (the
-                # process stopping) stays `sending`, since it may have gone.
-                _record(refused, claimed[tried + (in_flight is not None) :], retry_later)
+            for index, item in enumerate(claimed):
+                if not slots:
+                    slots = min(limiter.group, len(claimed) - index)
+                    limiter.acquire(count=slots)
+                slots -= 1
+                done += 1
+                if not _take(item):  # another attempt of this batch, running at the same time, has it
+                    outcome.already_sent += 1
+                    continue
+                try:
+                    connection.send_messages([item.message])
+                except Exception as exc:
+                    error = classify_smtp_error(exc)
+                    logger.warning(
+                        "email %s to %s not sent: %s",
+                        mask_addresses(item.key),
+                        mask_email(item.address),
+                        error,
+                    )
+                    if not isinstance(error, PermanentJobError):
+                        # Not sent: pending again, for the retry (the process stopping inside the
+                        # SMTP conversation raises no exception here: its row stays `sending`).
+                        _note(item, EmailLog.Status.PENDING, str(error))
+                        raise error from exc
+                    _note(item, EmailLog.Status.FAILED, str(error))
+                    outcome.failed.append(item.address)
+                else:
+                    _mark_sent(item)
+                    outcome.sent += 1
+                if on_progress and done - reported >= 10:
+                    reported = done
+                    on_progress(100 * done / len(pending), f"{done}/{len(pending)} recipients")
         if on_progress and reported < len(pending):
             on_progress(100, f"{len(pending)}/{len(pending)} recipients")
     finally:

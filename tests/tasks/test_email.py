@@ -204,7 +204,7 @@ def _batch(recipients: list[str], **options: Any) -> service.BatchOutcome:
 
 
 @pytest.mark.django_db
-def test_a_batch_writes_its_email_log_per_chunk_and_one_sent_mark_per_message() -> None:
+def test_a_batch_makes_its_email_log_per_chunk_and_writes_twice_per_message() -> None:
     recipients = [f"reader{i}@example.com" for i in range(200)]
 
     with CaptureQueriesContext(connection) as queries:
@@ -213,8 +213,8 @@ def test_a_batch_writes_its_email_log_per_chunk_and_one_sent_mark_per_message() 
     assert outcome.as_dict() == {"sent": 200, "already_sent": 0, "failed": 0, "unknown": 0}
     assert len(mail.outbox) == 200
     chunks = 200 // service.LOG_CHUNK_SIZE
-    # per chunk: the claim (insert, select, update, savepoint/commit); per message: its sent mark
-    assert len(queries) <= 7 * chunks + 200
+    # per chunk: the rows (insert, select, savepoint/commit); per message: taken (sending), then sent
+    assert len(queries) <= 7 * chunks + 2 * 200
     assert EmailLog.objects.filter(campaign="c1", status="sent", attempts=1).count() == 200
     assert EmailLog.objects.filter(sent_at__isnull=True).count() == 0
 
