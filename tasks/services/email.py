@@ -477,7 +477,9 @@ def _take(item: _Pending) -> bool:
     it leaves the row `sending`, unknown to the retry, never sent twice); False if another attempt of
     the batch took it first. The chunk's other rows stay `pending` until their turn, so a worker
     killed mid-chunk leaves only the message it was sending unknown."""
-    taken = EmailLog.objects.filter(key=item.key, status=EmailLog.Status.PENDING).update(
+    # pending, or refused for good by an earlier attempt (a retry of the batch tries it again)
+    takeable = (EmailLog.Status.PENDING, EmailLog.Status.FAILED)
+    taken = EmailLog.objects.filter(key=item.key, status__in=takeable).update(
         status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=timezone.now()
     )
     return taken == 1
