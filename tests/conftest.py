@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu.pools
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -72,14 +73,22 @@ def _no_closed_broker_pools() -> None:
     test's publish or control broadcast in the same process raises "Acquire on closed pool" (seen
     when test modules run two processes at a time, in another order). Closed pools are dropped
     before each test; the next use opens new ones."""
+
+    def closed(pool: Any) -> bool:
+        connections = getattr(pool, "connections", None)
+        return bool(getattr(pool, "_closed", False) or getattr(connections, "_closed", False))
+
     app: Any = project_app
     for holder, name in ((app, "_pool"), (app.amqp, "_producer_pool")):
         pool = getattr(holder, name, None)
-        if pool is None:
-            continue
-        connections = getattr(pool, "connections", None)
-        if getattr(pool, "_closed", False) or getattr(connections, "_closed", False):
+        if pool is not None and closed(pool):
             setattr(holder, name, None)
+    # The app takes its pools from kombu's process-wide groups (keyed by connection): a closed pool
+    # left there would be handed back to it (CI: every control broadcast of a module failed so).
+    for group in (kombu.pools.producers, kombu.pools.connections):
+        for key, pool in list(group.items()):
+            if closed(pool):
+                dict.__delitem__(group, key)  # the stored key (EqualityDict hashes its keys again)
 
 
 @pytest.fixture(scope="session")
