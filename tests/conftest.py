@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kombu.pools
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from django.db import connection
 
 from config.celery_app import app as project_app
+from tests import pools
 from tests.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,27 +68,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _no_closed_broker_pools() -> None:
-    """kombu keeps one pool per broker URL for the whole process: a test that closed them (an
-    outage test resetting kombu.pools) leaves the project app holding closed ones, and the next
-    test's publish or control broadcast in the same process raises "Acquire on closed pool" (seen
-    when test modules run two processes at a time, in another order). Closed pools are dropped
-    before each test; the next use opens new ones."""
-
-    def closed(pool: Any) -> bool:
-        connections = getattr(pool, "connections", None)
-        return bool(getattr(pool, "_closed", False) or getattr(connections, "_closed", False))
-
-    app: Any = project_app
-    for holder, name in ((app, "_pool"), (app.amqp, "_producer_pool")):
-        pool = getattr(holder, name, None)
-        if pool is not None and closed(pool):
-            setattr(holder, name, None)
-    # The app takes its pools from kombu's process-wide groups (keyed by connection): a closed pool
-    # left there would be handed back to it (CI: every control broadcast of a module failed so).
-    for group in (kombu.pools.producers, kombu.pools.connections):
-        for key, pool in list(group.items()):
-            if closed(pool):
-                dict.__delitem__(group, key)  # the stored key (EqualityDict hashes its keys again)
+    """A test that closed this process's broker pools (an outage test resetting kombu.pools) would
+    leave closed ones cached for the next test's publish or control broadcast: they are dropped
+    before each test (tests/pools.py lists where Celery and kombu keep them)."""
+    pools.drop_closed(project_app)
 
 
 @pytest.fixture(scope="session")

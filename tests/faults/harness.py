@@ -21,7 +21,7 @@ from typing import Any
 
 from celery import Celery
 
-from jobs import publish
+from tests import pools
 from tests.processes import alive, descendants
 
 logger = logging.getLogger(__name__)
@@ -53,25 +53,11 @@ def kill_whole_worker(worker: Any) -> None:
     worker.process.wait()
 
 
-def _reset_app_connections(app: Celery) -> None:
-    """Forgets the pooled connections of `app` and of jobs.publish, so the next use opens new ones.
-
-    The old pools are dropped, not closed: kombu keeps one pool per broker URL for the whole
-    process (kombu.pools), and a closed one would be handed out again for the same URL.
-    """
-    app._pool = None  # type: ignore[attr-defined]  # Celery's broker connection pool
-    app.amqp._producer_pool = None  # type: ignore[attr-defined]
-    with publish._lock:
-        publish._connection = None
-
-
 def forget_broker_connections(app: Celery) -> None:
     """After the broker closed this process's connections (the same URL as before): every kombu
-    pool of the process is closed and emptied, so the next publish or purge opens a new one."""
-    import kombu.pools
-
-    kombu.pools.reset()
-    _reset_app_connections(app)
+    pool of the process is closed and emptied, so the next publish, purge or broadcast opens a new
+    one."""
+    pools.reset(app)
 
 
 @contextlib.contextmanager
@@ -85,7 +71,7 @@ def private_broker(app: Celery, directory: Path, *, persist: bool) -> Iterator[A
     # The environment wins over the configuration (celery.app.utils.Settings.broker_url).
     os.environ["CELERY_BROKER_URL"] = broker.url
     app.conf.broker_url = broker.url  # type: ignore[misc]  # celery-types: read-only, it is not
-    _reset_app_connections(app)
+    pools.forget(app)
     try:
         yield broker
     finally:
@@ -94,7 +80,7 @@ def private_broker(app: Celery, directory: Path, *, persist: bool) -> Iterator[A
         else:
             os.environ["CELERY_BROKER_URL"] = shared_env
         app.conf.broker_url = shared  # type: ignore[misc]
-        _reset_app_connections(app)
+        pools.forget(app)
         if broker.process is not None and broker.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 broker.process.send_signal(signal.SIGCONT)  # a frozen one cannot stop

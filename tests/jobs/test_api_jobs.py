@@ -609,8 +609,11 @@ def test_it_retries_a_failed_job_as_a_new_run_with_fresh_attempts(
     assert response.status_code == 202, response.content
     body = response.json()
     assert body["id"] == job_id
-    assert body["status"] == "queued"
-    assert (body["attempts"], body["error"], body["finished_at"]) == (0, None, None)
+    # The answer is the row as it is now: a worker may already have taken the new run (RabbitMQ hands
+    # it over before the response is written), but the failed run's error is gone either way.
+    assert body["status"] in {"queued", "running", "succeeded"}
+    assert body["error"] is None
+    assert body["attempts"] <= 1
     wait_for(lambda: status_of(job_id) == "succeeded", timeout=30, what="the retried run to succeed")
     job = Job.objects.get(pk=job_id)
     assert job.task_id != first_task_id

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from celery.utils import uuid
 from django.utils import timezone
-from kombu import pools
 
 from config.celery_app import app
-from jobs import publish, ratelimit
+from jobs import ratelimit
 from jobs.models import Job, QueuePause
 from tasks.models import DeadLetter
+from tests import pools
 from tests.deadservers import FrozenServer, closed_url
 from tests.jobs.conftest import ApiClient
 
@@ -32,13 +32,7 @@ HANG = 60  # seconds: anything longer is a hang, whatever the machine's load
 
 def reset_broker_connections() -> None:
     """Drops every pooled broker connection of this process, so the next use opens a new one."""
-    celery: Any = app  # Celery keeps its pools in private attributes; the stubs do not list them
-    celery._pool = None
-    celery.amqp._producer_pool = None
-    pools.reset()  # kombu's registry of pools, by connection: closed, and forgotten
-    if publish._connection is not None:
-        publish._connection.release()
-        publish._connection = None
+    pools.reset(app)
 
 
 @pytest.fixture(params=["closed", "frozen"])
