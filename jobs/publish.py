@@ -214,34 +214,16 @@ def mark_published(pks: Sequence[Any], using: str | None = None) -> datetime | N
     for PostgreSQL's WAL flush (synchronous_commit off, for this transaction only): the mark is lost
     only if PostgreSQL itself crashes within the next few hundred milliseconds, and a lost mark costs
     a second message from default.release_jobs (JOBS_PUBLISH_GRACE_SECONDS later), which the job's
-    claim makes harmless. It saves a disk flush per publish (a millisecond or more each).
+    claim makes harmless (jobs.commits). It saves a disk flush per publish (a millisecond or more each).
     """
-    from django.db import connections
     from django.utils import timezone
 
+    from jobs.commits import unflushed
     from jobs.models import Job
 
     if not pks:
         return None
-    alias = using or "default"
-    connection = connections[alias]
     now = timezone.now()
-    if connection.in_atomic_block or connection.vendor != "postgresql":
-        Job.objects.using(alias).filter(pk__in=list(pks), published_at__isnull=True).update(published_at=now)
-        return now
-    # One round trip: the transaction, its setting and the UPDATE in one simple query.
-    meta = Job._meta
-    quote = connection.ops.quote_name
-    table, column, key = quote(meta.db_table), quote("published_at"), quote(str(meta.pk.column))
-    sql = (
-        f"BEGIN; SET LOCAL synchronous_commit TO OFF; "  # noqa: S608  (names from the model, values bound)
-        f"UPDATE {table} SET {column} = %s WHERE {key} = ANY(%s::uuid[]) AND {column} IS NULL; COMMIT"
-    )
-    with connection.cursor() as cursor:
-        try:
-            cursor.execute(sql, [now, [str(pk) for pk in pks]])
-        except Exception:
-            with suppress(Exception):
-                cursor.execute("ROLLBACK")
-            raise
+    rows = Job.objects.using(using or "default").filter(pk__in=list(pks), published_at__isnull=True)
+    unflushed(rows).update(published_at=now)
     return now

@@ -21,6 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jobs import tree
+from jobs.commits import unflushed
 from jobs.models import Job
 from jobs.protocol import effective_priority, storable
 
@@ -36,7 +37,9 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
         # A retry whose "retrying" could not be written (the database was away) finds the row
         # still running from the attempt before.
         startable |= Q(status=Job.Status.RUNNING, attempts__lt=attempt)
-    claimed = Job.objects.filter(startable, pk=job_id, task_id=task_id).update(
+    # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL leaves the
+    # row as the unacknowledged message found it.
+    claimed = unflushed(Job.objects.filter(startable, pk=job_id, task_id=task_id)).update(
         status=Job.Status.RUNNING, attempts=attempt, started_at=timezone.now(), finished_at=None
     )
     if not claimed:

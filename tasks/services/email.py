@@ -8,7 +8,6 @@ run finds the row and does not send again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
@@ -23,13 +22,14 @@ from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.utils import DNS_NAME
-from django.db import connections, transaction
+from django.db import transaction
 from django.db.models import F
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template, render_to_string
 from django.utils import timezone
 from limits import RateLimitItem, parse, storage, strategies
 
+from jobs.commits import unflushed
 from tasks.base import PermanentJobError, TransientJobError, mask_email
 from tasks.models import EmailLog
 
@@ -488,31 +488,13 @@ def _take(item: _Pending) -> bool:
 def _mark_sent(item: _Pending) -> None:
     """One row `sent` as soon as SMTP took its message, so a worker killed later in its chunk leaves
     only the message it was sending `unknown`, not the chunk's earlier ones. On PostgreSQL the commit
-    does not wait for the WAL flush (synchronous_commit off, for this transaction only: a round trip,
-    not a disk flush, per message): a mark lost in a crash of PostgreSQL itself leaves the row
-    `sending`, which the retry counts as unknown and never sends again."""
+    does not wait for the WAL flush (jobs.commits: a round trip, not a disk flush, per message): a
+    mark lost in a crash of PostgreSQL itself leaves the row `sending`, which the retry counts as
+    unknown and never sends again."""
     now = timezone.now()
-    connection = connections[EmailLog.objects.db]
-    if connection.in_atomic_block or connection.vendor != "postgresql":
-        EmailLog.objects.filter(key=item.key).update(
-            status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
-        )
-        return
-    meta, quote = EmailLog._meta, connection.ops.quote_name
-    names = ("status", "sent_at", "last_error", "updated_at", "key")  # plain fields: column = name
-    status, sent_at, last_error, updated_at, key = (quote(name) for name in names)
-    sql = (
-        "BEGIN; SET LOCAL synchronous_commit TO OFF; "  # noqa: S608  (names from the model, values bound)
-        f"UPDATE {quote(meta.db_table)} SET {status} = %s, {sent_at} = %s, {last_error} = '', "
-        f"{updated_at} = %s WHERE {key} = %s; COMMIT"
+    unflushed(EmailLog.objects.filter(key=item.key)).update(
+        status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
     )
-    with connection.cursor() as cursor:
-        try:
-            cursor.execute(sql, [EmailLog.Status.SENT, now, now, item.key])
-        except Exception:
-            with contextlib.suppress(Exception):
-                cursor.execute("ROLLBACK")
-            raise
 
 
 def _note(item: _Pending, status: str, error: str) -> None:

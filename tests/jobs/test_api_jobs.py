@@ -695,6 +695,8 @@ def test_it_never_runs_a_cancelled_job_even_when_its_message_arrives(
     assert staff_client.delete(f"/api/jobs/{job_id}").status_code == 200
     job = Job.objects.get(pk=job_id)
     # As after a worker restart: the worker no longer remembers the revoke, only the row says cancelled.
+    # The revoke is a broadcast: forgotten once it has arrived, or it would arrive after the clear.
+    wait_for(lambda: job.task_id in worker_state.revoked, timeout=30, what="the revoke to reach the worker")
     worker_state.revoked.clear()
     Job.objects.filter(pk=job_id).update(run_at=timezone.now() - timedelta(seconds=1))
     job.refresh_from_db()

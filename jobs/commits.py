@@ -1,0 +1,44 @@
+"""Writes whose commit need not wait for PostgreSQL's WAL flush, in one round trip.
+
+A durable commit waits for PostgreSQL to flush its write-ahead log to disk: about a millisecond on
+this project's reference machine (0.87 ms against 0.09 ms for the same UPDATE without it). Some
+writes do not need it, because losing them in a crash of PostgreSQL itself (the last few hundred
+milliseconds of commits, never a torn or partial one) leaves a state that is already handled:
+
+- a job's claim (`running`): a lost claim leaves the row as the message found it, and that message
+  is not acknowledged until the outcome is written, durably. WAL is flushed in order, so the
+  outcome's durable commit (or any later one: an email log's `sending`) makes the claim before it
+  durable too;
+- the mark that a job was published: a lost one costs a second message that the claim makes
+  harmless (jobs.publish.mark_published);
+- an email log's `sent`: a lost one leaves the row `sending`, which a retry never sends again.
+
+Outcomes, dead letters and anything a message is acknowledged on are never written so.
+
+`unflushed(queryset)` turns off `synchronous_commit` for the statement's own transaction from inside
+the statement (`set_config(..., is_local => true)` in its WHERE clause): an UPDATE run outside a
+transaction is then one round trip and no disk flush. Inside a caller's transaction (whose commit
+decides) and on other databases it returns the queryset unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from django.db import connections, router
+from django.db.models import BooleanField, QuerySet
+from django.db.models.expressions import RawSQL
+
+Q = TypeVar("Q", bound=QuerySet[Any])
+
+# True, and for the rest of this transaction (a single statement's, outside a transaction block)
+# commits do not wait for the WAL flush.
+_NO_FLUSH = RawSQL("set_config('synchronous_commit', 'off', true) = 'off'", (), output_field=BooleanField())
+
+
+def unflushed(queryset: Q) -> Q:
+    """`queryset`, whose `update()` commits without waiting for the WAL flush (see the module)."""
+    connection = connections[getattr(queryset, "_db", None) or router.db_for_write(queryset.model)]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return queryset
+    return queryset.filter(_NO_FLUSH)
