@@ -10,18 +10,17 @@ skipped, which is what makes a cancel durable across worker restarts.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Field
 from django.utils import timezone
 
 from jobs import tree
-from jobs.commits import unflushed
+from jobs.commits import NO_FLUSH_CONDITION, unflushed_transaction
 from jobs.models import Job
 from jobs.protocol import effective_priority, storable
 
@@ -30,17 +29,19 @@ logger = logging.getLogger(__name__)
 
 def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
     """Marks the job running for this message; False when the message must not run it."""
-    startable = Q(status__in=Job.STARTABLE)
-    if redelivered:
-        startable |= Q(status=Job.Status.RUNNING)
-    else:
-        # A retry whose "retrying" could not be written (the database was away) finds the row
-        # still running from the attempt before.
-        startable |= Q(status=Job.Status.RUNNING, attempts__lt=attempt)
-    # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL leaves the
-    # row as the unacknowledged message found it.
-    claimed = unflushed(Job.objects.filter(startable, pk=job_id, task_id=task_id)).update(
-        status=Job.Status.RUNNING, attempts=attempt, started_at=timezone.now(), finished_at=None
+    now = timezone.now()
+    # A retry whose "retrying" could not be written (the database was away) finds the row still running
+    # from the attempt before; a redelivered message finds it running from its own first delivery.
+    running_since = "" if redelivered else f" AND {_SQL.column('attempts')} < %s"
+    startable = ", ".join(["%s"] * len(Job.STARTABLE))
+    claimed = _SQL.update(
+        {"status": Job.Status.RUNNING, "attempts": attempt, "started_at": now, "finished_at": None},
+        f"{_SQL.column('id')} = %s AND {_SQL.column('task_id')} = %s AND ({_SQL.column('status')} IN "
+        f"({startable}) OR ({_SQL.column('status')} = %s{running_since}))",
+        [job_id, task_id, *Job.STARTABLE, Job.Status.RUNNING, *([] if redelivered else [attempt])],
+        # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL
+        # leaves the row as the unacknowledged message found it.
+        flush=False,
     )
     if not claimed:
         current = Job.objects.filter(pk=job_id).values_list("status", "task_id").first()
@@ -81,8 +82,9 @@ def record_and_claim(
     }
     # One INSERT: the first delivery of a message (nearly all of them) has no row yet. A redelivered
     # or duplicate one finds it there (the unique task_id) and claims it instead.
+    # Its commit does not wait for the WAL flush, for the same reason as a claim's (jobs.commits).
     try:
-        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+        with unflushed_transaction():
             return str(Job.objects.create(task_id=task_id, **fields).pk)
     except IntegrityError:
         existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
@@ -91,6 +93,59 @@ def record_and_claim(
     if claim(str(existing), task_id, attempt, redelivered):
         return str(existing)
     return None
+
+
+class _Statements:
+    """The per-job statements of the worker's path in SQL of their own (names from the model, values
+    prepared by its fields): the ORM's building of these few statements cost more than PostgreSQL's
+    running of them (about 0.4 ms each on the reference machine, against 0.1 ms), on every job."""
+
+    def field(self, name: str) -> Field[Any, Any]:
+        field = Job._meta.get_field(name)
+        assert isinstance(field, Field)
+        return field
+
+    def column(self, name: str) -> str:
+        return str(connection.ops.quote_name(self.field(name).column or name))
+
+    def table(self) -> str:
+        return str(connection.ops.quote_name(Job._meta.db_table))
+
+    def values(self, names: Iterable[str], values: Iterable[Any]) -> list[Any]:
+        fields = [self.field(name) for name in names]
+        return [f.get_db_prep_value(value, connection) for f, value in zip(fields, values, strict=True)]
+
+    def update(
+        self, changes: dict[str, Any], where: str, where_values: list[Any], *, flush: bool = True
+    ) -> int:
+        """UPDATE jobs_job SET `changes` WHERE `where` (its %s filled by `where_values`, which the
+        first two of are the job's id and task id); the rows changed. `flush=False`: its commit does
+        not wait for the WAL flush (jobs.commits), when it is one of its own."""
+        assignments = ", ".join(f"{self.column(name)} = %s" for name in changes)
+        sql = f"UPDATE {self.table()} SET {assignments} WHERE {where}"  # noqa: S608 (names from the model)
+        if not flush and connection.vendor == "postgresql" and not connection.in_atomic_block:
+            sql += f" AND {NO_FLUSH_CONDITION}"
+        params = [
+            *self.values(changes, changes.values()),
+            *self.values(("id", "task_id"), where_values[:2]),
+            *where_values[2:],
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return int(cursor.rowcount)
+
+
+_SQL = _Statements()
+
+
+def _finish(job_id: str, task_id: str, **changes: Any) -> int:
+    """The outcome of this run, written unless the row is final (a cancel) or a newer run's."""
+    final = ", ".join(["%s"] * len(Job.FINAL))
+    where = (
+        f"{_SQL.column('id')} = %s AND {_SQL.column('task_id')} = %s "
+        f"AND {_SQL.column('status')} NOT IN ({final})"
+    )
+    return _SQL.update(changes, where, [job_id, task_id, *Job.FINAL])
 
 
 def _current(job_id: str, task_id: str) -> Any:
@@ -168,7 +223,9 @@ def succeeded(
         ):
             _then(tree.settle_parent, job_id)
         return
-    updated = _unfinished(job_id, task_id).update(
+    updated = _finish(
+        job_id,
+        task_id,
         status=Job.Status.PARTIALLY_FAILED if partial else Job.Status.SUCCEEDED,
         result=storable(result),
         error_type="PartialFailure" if partial else "",
@@ -180,7 +237,9 @@ def succeeded(
 
 
 def failed(job_id: str, task_id: str, exc: BaseException, *, parent_id: str | None = None) -> None:
-    updated = _unfinished(job_id, task_id).update(
+    updated = _finish(
+        job_id,
+        task_id,
         status=Job.Status.FAILED,
         error_type=getattr(exc, "type_name", type(exc).__name__),
         error_message=str(exc)[:2000],

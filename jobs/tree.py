@@ -34,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, OuterRef, Value
 from django.utils import timezone
 
@@ -313,11 +313,25 @@ def settle_waiting(job_ids: Iterable[Any]) -> int:
 
 
 def _waiters_of(job_id: Any) -> list[Any]:
-    return list(
-        JobDependency.objects.filter(prerequisite_id=job_id, job__status=Job.Status.WAITING).values_list(
-            "job_id", flat=True
-        )
+    """The jobs waiting for `job_id`. Asked of every job that becomes final, nearly always of one that
+    nobody waits for: in SQL of its own, as the ORM's building of the statement cost four times
+    PostgreSQL's answering it (0.4 ms against 0.1 on the reference machine)."""
+    quote = connection.ops.quote_name
+    dependency, job = JobDependency._meta, Job._meta
+
+    def column(meta: Any, name: str) -> str:
+        return str(quote(str(meta.get_field(name).column)))
+
+    waiter = column(dependency, "job")
+    sql = (
+        f"SELECT d.{waiter} FROM {quote(dependency.db_table)} d "  # noqa: S608 (names from the models)
+        f"INNER JOIN {quote(job.db_table)} j ON j.{column(job, 'id')} = d.{waiter} "
+        f"WHERE d.{column(dependency, 'prerequisite')} = %s AND j.{column(job, 'status')} = %s"
     )
+    prerequisite = job.pk.get_db_prep_value(job_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [prerequisite, Job.Status.WAITING])
+        return [row[0] for row in cursor.fetchall()]
 
 
 def release(job_ids: Sequence[Any]) -> int:

@@ -12,11 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("config", "jobs", "tasks", "scheduling", "monitoring", "localdev", "delivery", "bench")
 
-# The job's record: its models, claim and outcome, publishing, the outbox, the reconciler, the
-# database gate. Below every task family; the REST API (jobs.api, services, registry, ...) is above.
+# The job's record: its models, how its writes commit, claim and outcome, publishing, the outbox, the
+# reconciler, the database gate. Below every task family; the REST API (jobs.api, services, ...) is above.
 RECORD = (
     "jobs.models",
     "jobs.protocol",
+    "jobs.commits",
     "jobs.tracking",
     "jobs.tree",
     "jobs.publish",

@@ -81,22 +81,48 @@ def test_a_job_that_succeeds_leaves_a_complete_row_and_no_task_result_row(celery
     assert result.date_done == job.finished_at
 
 
-def test_a_job_costs_its_worker_three_statements_outside_any_transaction_block(
+def test_a_job_costs_its_worker_three_statements_and_one_flushed_commit(
     celery_worker: object, statements: StatementsPerTask
 ) -> None:
     results = [ping.delay() for _ in range(5)]
     for result in results:
         result.get(timeout=30)
     wait_for(lambda: statements.finished >= {result.id for result in results}, what="every task to end")
+    postgresql = connection.vendor == "postgresql"
 
     for result in results:
         ran = statements.by_task[result.id]
-        # The claim (one INSERT of the row: sent with apply_async, it had none), the success (one
-        # UPDATE), and whether any job waits for this one (one SELECT). Each its own transaction.
-        assert len(ran) == 3, ran
-        assert [sql.split()[0] for sql, _ in ran] == ["INSERT", "UPDATE", "SELECT"], ran
-        assert not any(in_block for _, in_block in ran), ran
+        # The claim (one INSERT of the row: sent with apply_async, it had none), in a transaction
+        # whose commit does not wait for the WAL flush on PostgreSQL (jobs.commits); the success (one
+        # UPDATE, durable: the message is acknowledged on it); and whether any job waits for this one
+        # (one SELECT). No django-celery-results row.
+        expected = [("SET", True), ("INSERT", True)] if postgresql else [("INSERT", False)]
+        expected += [("UPDATE", False), ("SELECT", False)]
+        assert [(sql.split()[0], in_block) for sql, in_block in ran] == expected, ran
+        if postgresql:
+            assert "synchronous_commit TO OFF" in ran[0][0], ran
+            assert "synchronous_commit" not in ran[2][0], ran  # the outcome's commit is flushed
         assert not any("django_celery_results" in sql for sql, _ in ran), ran
+
+
+def test_a_claim_through_the_api_is_one_unflushed_update(
+    celery_worker: object, statements: StatementsPerTask
+) -> None:
+    job = enqueue(ping)
+    ping.AsyncResult(job.task_id).get(timeout=30)
+    wait_for(lambda: job.task_id in statements.finished, what="the task to end")
+
+    ran = statements.by_task[job.task_id]
+    assert [(sql.split()[0], in_block) for sql, in_block in ran] == [
+        ("UPDATE", False),
+        ("UPDATE", False),
+        ("SELECT", False),
+    ], ran
+    if connection.vendor == "postgresql":
+        assert "set_config('synchronous_commit', 'off', true)" in ran[0][0], ran
+        assert "synchronous_commit" not in ran[1][0], ran
+    job.refresh_from_db()
+    assert (job.status, job.attempts, set(job.result or ())) == (Job.Status.SUCCEEDED, 1, {"pong", "at"})
 
 
 def test_a_recorded_jobs_state_is_read_from_its_row_while_queued_running_and_done(
