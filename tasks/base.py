@@ -20,6 +20,7 @@ A task opts in with `@app.task(base=JobTask, name="family.verb", schema=..., ide
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -157,10 +158,14 @@ class JobTask(Task):
 
     # --- arguments ----------------------------------------------------------
 
+    @functools.cached_property
+    def run_signature(self) -> inspect.Signature:
+        """The signature of the task's function, worked out once (16 µs a call, every send and run)."""
+        return inspect.signature(self._orig_run if hasattr(self, "_orig_run") else self.run)
+
     def bind_arguments(self, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        run = self._orig_run if hasattr(self, "_orig_run") else self.run
         try:
-            bound = inspect.signature(run).bind(*args, **kwargs)
+            bound = self.run_signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidArguments(f"{self.name}: {exc}") from None
         return dict(bound.arguments)

@@ -304,6 +304,28 @@ def test_an_ack_after_the_connection_was_torn_down_is_dropped_not_raised(broker:
     broker.redis.zrem(channel.unacked_index_key, message.delivery_tag)
 
 
+def test_a_channel_keeps_one_publishing_client_over_its_pool_and_a_new_one_for_a_new_pool(
+    broker: Broker,
+) -> None:
+    connection = broker.connect()
+    channel = channel_of(connection)
+    queue = broker.queue()
+    producer = Producer(connection)
+
+    first = channel._create_client()
+    for n in range(3):
+        producer.publish({"n": n}, exchange=broker.exchange, routing_key=queue.routing_key, declare=[queue])
+    assert channel._create_client() is first
+    assert first.connection_pool is channel.pool
+    assert broker.redis.llen(queue.name) == 3
+
+    channel._disconnect_pools()  # what kombu does after a connection error
+    second = channel._create_client()
+    assert second is not first and second.connection_pool is channel.pool
+    producer.publish({"n": 3}, exchange=broker.exchange, routing_key=queue.routing_key, declare=[queue])
+    assert broker.redis.llen(queue.name) == 4
+
+
 def test_a_no_ack_consumer_leaves_nothing_in_flight_and_starts_no_heartbeat_thread(broker: Broker) -> None:
     queue = broker.queue()
     broker.publish(queue, {"n": 1})

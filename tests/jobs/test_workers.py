@@ -8,6 +8,7 @@ Every worker's log is checked for email addresses and API tokens at the end of e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -91,9 +92,12 @@ def result_of(job: Job) -> dict[str, Any]:
     return job.result
 
 
-def ran_on(worker: WorkerProcess, task_id: str) -> bool:
-    """The task succeeded on `worker` (its log says so: the job's row does not name workers)."""
-    return f"[{task_id}] succeeded in" in worker.log.read_text()
+def ran_on(worker: WorkerProcess, task_id: str, timeout: float = 10.0) -> bool:
+    """The task succeeded on `worker` (its log says so: the job's row does not name workers). Celery
+    logs the success just after the row says it: a test that saw the row waits for the line."""
+    with contextlib.suppress(AssertionError):
+        return wait_for(lambda: f"[{task_id}] succeeded in" in worker.log.read_text(), timeout=timeout)
+    return False
 
 
 def depth(queue: str) -> broker.QueueDepth:
