@@ -18,17 +18,16 @@ Outcomes, dead letters and anything a message is acknowledged on are never writt
 `unflushed(queryset)` turns off `synchronous_commit` for the statement's own transaction from inside
 the statement (`set_config(..., is_local => true)` in its WHERE clause): an UPDATE run outside a
 transaction is then one round trip and no disk flush. Inside a caller's transaction (whose commit
-decides) and on other databases it returns the queryset unchanged. `unflushed_transaction()` is the
-same for a block of writes (an INSERT), in a transaction of its own on PostgreSQL.
+decides) and on other databases it returns the queryset unchanged.
+An INSERT cannot carry the condition: jobs.tracking sends `SET LOCAL synchronous_commit TO OFF` and
+its INSERT in one simple query, which PostgreSQL runs as one transaction.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from django.db import connections, router, transaction
+from django.db import connections, router
 from django.db.models import BooleanField, QuerySet
 from django.db.models.expressions import RawSQL
 
@@ -46,23 +45,3 @@ def unflushed(queryset: Q) -> Q:
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         return queryset
     return queryset.filter(_NO_FLUSH)
-
-
-@contextlib.contextmanager
-def unflushed_transaction(using: str | None = None) -> Iterator[None]:
-    """A transaction whose commit does not wait for the WAL flush (for writes `unflushed` cannot take,
-    such as an INSERT): BEGIN, SET LOCAL and COMMIT cost three round trips, not a disk flush. Inside a
-    caller's transaction it is a savepoint (an error inside rolls back the block's writes only), and the
-    caller's commit decides; elsewhere than on PostgreSQL the block runs in autocommit."""
-    alias = using or "default"
-    connection = connections[alias]
-    if connection.in_atomic_block:
-        with transaction.atomic(using=alias):
-            yield
-    elif connection.vendor != "postgresql":  # autocommit, as without this
-        yield
-    else:
-        with transaction.atomic(using=alias):
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-            yield

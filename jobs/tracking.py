@@ -10,6 +10,7 @@ skipped, which is what makes a cancel durable across worker restarts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -20,7 +21,7 @@ from django.db.models import Field
 from django.utils import timezone
 
 from jobs import tree
-from jobs.commits import NO_FLUSH_CONDITION, unflushed_transaction
+from jobs.commits import NO_FLUSH_CONDITION
 from jobs.models import Job
 from jobs.protocol import effective_priority, storable
 
@@ -83,9 +84,11 @@ def record_and_claim(
     # One INSERT: the first delivery of a message (nearly all of them) has no row yet. A redelivered
     # or duplicate one finds it there (the unique task_id) and claims it instead.
     # Its commit does not wait for the WAL flush, for the same reason as a claim's (jobs.commits).
+    job = Job(task_id=task_id, **fields)
     try:
-        with unflushed_transaction():
-            return str(Job.objects.create(task_id=task_id, **fields).pk)
+        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+            _SQL.insert(job, flush=False)
+        return str(job.pk)
     except IntegrityError:
         existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
         if existing is None:
@@ -114,6 +117,32 @@ class _Statements:
     def values(self, names: Iterable[str], values: Iterable[Any]) -> list[Any]:
         fields = [self.field(name) for name in names]
         return [f.get_db_prep_value(value, connection) for f, value in zip(fields, values, strict=True)]
+
+    def insert(self, job: Job, *, flush: bool = True) -> None:
+        """INSERT `job` (a new instance: its defaults are filled in as the ORM fills them). `flush=False`:
+        outside a transaction on PostgreSQL, `SET LOCAL synchronous_commit TO OFF` goes in the same
+        simple query, which PostgreSQL runs as one transaction: one round trip, no disk flush."""
+        fields = Job._meta.concrete_fields
+        values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
+        columns = ", ".join(self.column(f.name) for f in fields)
+        placeholders = ", ".join(["%s"] * len(fields))
+        sql = f"INSERT INTO {self.table()} ({columns}) VALUES ({placeholders})"  # noqa: S608 (model names)
+        if not flush and self._one_query_transactions():
+            sql = f"SET LOCAL synchronous_commit TO OFF; {sql}"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, values)
+        job._state.adding = False
+        job._state.db = connection.alias
+
+    def _one_query_transactions(self) -> bool:
+        """Statements sent together run as one transaction of their own: PostgreSQL's simple query,
+        which psycopg's client-side binding (Django's default) uses; not inside a caller's block."""
+        options = connection.settings_dict.get("OPTIONS") or {}
+        return (
+            connection.vendor == "postgresql"
+            and not connection.in_atomic_block
+            and not options.get("server_side_binding")
+        )
 
     def update(
         self, changes: dict[str, Any], where: str, where_values: list[Any], *, flush: bool = True

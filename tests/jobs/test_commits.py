@@ -8,7 +8,7 @@ from celery.utils import uuid
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from jobs.commits import unflushed, unflushed_transaction
+from jobs.commits import unflushed
 from jobs.models import Job
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,29 +50,3 @@ def test_inside_a_transaction_its_commit_decides() -> None:
 
     assert not any(NO_FLUSH in query["sql"] for query in queries)
     assert Job.objects.get(pk=job.pk).status == Job.Status.RUNNING
-
-
-def test_a_block_of_writes_gets_a_transaction_of_its_own_that_turns_the_flush_off() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("synchronous_commit is PostgreSQL's")
-
-    with CaptureQueriesContext(connection) as queries, unflushed_transaction():
-        assert connection.in_atomic_block
-        assert synchronous_commit() == "off"
-        job = job_row(Job.Status.QUEUED)
-
-    assert any("SET LOCAL synchronous_commit TO OFF" in query["sql"] for query in queries)
-    assert synchronous_commit() == "on"  # for that transaction only
-    assert Job.objects.filter(pk=job.pk).exists()
-
-
-def test_a_block_inside_a_transaction_is_a_savepoint_that_rolls_back_alone() -> None:
-    with transaction.atomic():
-        kept = job_row(Job.Status.QUEUED)
-        with pytest.raises(RuntimeError), unflushed_transaction():
-            job_row(Job.Status.QUEUED)
-            raise RuntimeError("rolled back")
-        if connection.vendor == "postgresql":
-            assert synchronous_commit() == "on"  # the caller's commit decides
-
-    assert list(Job.objects.values_list("pk", flat=True)) == [kept.pk]
