@@ -37,11 +37,24 @@ Q = TypeVar("Q", bound=QuerySet[Any])
 # commits do not wait for the WAL flush.
 NO_FLUSH_CONDITION = "set_config('synchronous_commit', 'off', true) = 'off'"
 _NO_FLUSH = RawSQL(NO_FLUSH_CONDITION, (), output_field=BooleanField())  # noqa: S611 (a constant)
+# The same, as a statement before others sent in one simple query (one transaction: see one_query).
+NO_FLUSH_PREFIX = "SET LOCAL synchronous_commit TO OFF; "
+
+
+def applies(connection: Any) -> bool:
+    """A write on `connection` now is a transaction of its own on PostgreSQL: its flush can be skipped.
+    Inside a caller's transaction, the caller's commit decides."""
+    return bool(connection.vendor == "postgresql" and not connection.in_atomic_block)
+
+
+def one_query(connection: Any) -> bool:
+    """`applies`, and statements sent together in one `execute` run as one transaction: PostgreSQL's
+    simple query, which psycopg's client-side binding (Django's default) sends them as."""
+    options = connection.settings_dict.get("OPTIONS") or {}
+    return applies(connection) and not options.get("server_side_binding")
 
 
 def unflushed(queryset: Q) -> Q:
     """`queryset`, whose `update()` commits without waiting for the WAL flush (see the module)."""
     connection = connections[getattr(queryset, "_db", None) or router.db_for_write(queryset.model)]
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
-        return queryset
-    return queryset.filter(_NO_FLUSH)
+    return queryset.filter(_NO_FLUSH) if applies(connection) else queryset

@@ -20,8 +20,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from jobs import tree
-from jobs.commits import NO_FLUSH_CONDITION
+from jobs import commits, tree
 from jobs.models import Job
 from jobs.protocol import effective_priority, storable
 
@@ -127,22 +126,12 @@ class _Statements:
         columns = ", ".join(self.column(f.name) for f in fields)
         placeholders = ", ".join(["%s"] * len(fields))
         sql = f"INSERT INTO {self.table()} ({columns}) VALUES ({placeholders})"  # noqa: S608 (model names)
-        if not flush and self._one_query_transactions():
-            sql = f"SET LOCAL synchronous_commit TO OFF; {sql}"
+        if not flush and commits.one_query(connection):
+            sql = commits.NO_FLUSH_PREFIX + sql
         with connection.cursor() as cursor:
             cursor.execute(sql, values)
         job._state.adding = False
         job._state.db = connection.alias
-
-    def _one_query_transactions(self) -> bool:
-        """Statements sent together run as one transaction of their own: PostgreSQL's simple query,
-        which psycopg's client-side binding (Django's default) uses; not inside a caller's block."""
-        options = connection.settings_dict.get("OPTIONS") or {}
-        return (
-            connection.vendor == "postgresql"
-            and not connection.in_atomic_block
-            and not options.get("server_side_binding")
-        )
 
     def update(
         self, changes: dict[str, Any], where: str, where_values: list[Any], *, flush: bool = True
@@ -152,8 +141,8 @@ class _Statements:
         not wait for the WAL flush (jobs.commits), when it is one of its own."""
         assignments = ", ".join(f"{self.column(name)} = %s" for name in changes)
         sql = f"UPDATE {self.table()} SET {assignments} WHERE {where}"  # noqa: S608 (names from the model)
-        if not flush and connection.vendor == "postgresql" and not connection.in_atomic_block:
-            sql += f" AND {NO_FLUSH_CONDITION}"
+        if not flush and commits.applies(connection):
+            sql += f" AND {commits.NO_FLUSH_CONDITION}"
         params = [
             *self.values(changes, changes.values()),
             *self.values(("id", "task_id"), where_values[:2]),

@@ -18,6 +18,7 @@ from celery.signals import task_postrun, task_prerun
 from django.db import connection, transaction
 from django_celery_results.models import TaskResult
 
+from jobs.commits import NO_FLUSH_PREFIX
 from jobs.models import Job
 from jobs.outbox import enqueue
 from tasks.default import ping
@@ -27,9 +28,6 @@ from tests.jobs.conftest import ApiClient
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-NO_FLUSH_PREFIX = "SET LOCAL synchronous_commit TO OFF; "
 
 
 def statement_kind(sql: str) -> str:
