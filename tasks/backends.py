@@ -119,11 +119,12 @@ class DatabaseBackend(_DatabaseBackend):
             return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        stored: dict[str, Any] = super()._get_task_meta_for(task_id)
-        if stored.get("status") in states.READY_STATES:
-            return stored
+        # The job's row first, then the task result: a result written with the row (one transaction)
+        # is then visible too. The other way round, a read could miss the result, see the row
+        # committed just after, and answer with the row's stand-in for a result too large for it.
         job = Job.objects.filter(task_id=task_id).values(*_JOB_FIELDS).first()
-        if job is None:
+        stored: dict[str, Any] = super()._get_task_meta_for(task_id)
+        if stored.get("status") in states.READY_STATES or job is None:
             return stored
         state = JOB_STATES.get(job["status"], states.PENDING)
         if job["own_finished_at"] is not None and state not in states.READY_STATES:
