@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Field
 from django.utils import timezone
 
-from jobs import commits, tree
+from jobs import commits, sql, tree
 from jobs.models import Job
 from jobs.protocol import effective_priority, storable
 
@@ -30,14 +29,22 @@ logger = logging.getLogger(__name__)
 def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
     """Marks the job running for this message; False when the message must not run it."""
     now = timezone.now()
-    # A retry whose "retrying" could not be written (the database was away) finds the row still running
-    # from the attempt before; a redelivered message finds it running from its own first delivery.
-    running_since = "" if redelivered else f" AND {_SQL.column('attempts')} < %s"
-    startable = ", ".join(["%s"] * len(Job.STARTABLE))
-    claimed = _SQL.update(
+
+    def where() -> str:
+        # A retry whose "retrying" could not be written (the database was away) finds the row still
+        # running from the attempt before; a redelivered message finds it running from its own first
+        # delivery.
+        running_since = "" if redelivered else f" AND {_column('attempts')} < %s"
+        startable = ", ".join(["%s"] * len(Job.STARTABLE))
+        return (
+            f"{_column('id')} = %s AND {_column('task_id')} = %s AND ({_column('status')} IN "
+            f"({startable}) OR ({_column('status')} = %s{running_since}))"
+        )
+
+    claimed = _update(
+        ("claim", redelivered),
         {"status": Job.Status.RUNNING, "attempts": attempt, "started_at": now, "finished_at": None},
-        f"{_SQL.column('id')} = %s AND {_SQL.column('task_id')} = %s AND ({_SQL.column('status')} IN "
-        f"({startable}) OR ({_SQL.column('status')} = %s{running_since}))",
+        where,
         [job_id, task_id, *Job.STARTABLE, Job.Status.RUNNING, *([] if redelivered else [attempt])],
         # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL
         # leaves the row as the unacknowledged message found it.
@@ -86,7 +93,7 @@ def record_and_claim(
     job = Job(task_id=task_id, **fields)
     try:
         with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
-            _SQL.insert(job, flush=False)
+            _insert(job, flush=False)
         return str(job.pk)
     except IntegrityError:
         existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
@@ -97,73 +104,92 @@ def record_and_claim(
     return None
 
 
-class _Statements:
-    """The per-job statements of the worker's path in SQL of their own (names from the model, values
-    prepared by its fields): the ORM's building of these few statements cost more than PostgreSQL's
-    running of them (about 0.4 ms each on the reference machine, against 0.1 ms), on every job."""
+def _column(name: str) -> str:
+    return sql.column(Job, name)
 
-    def field(self, name: str) -> Field[Any, Any]:
-        field = Job._meta.get_field(name)
-        assert isinstance(field, Field)
-        return field
 
-    def column(self, name: str) -> str:
-        return str(connection.ops.quote_name(self.field(name).column or name))
+def _insert(job: Job, *, flush: bool = True) -> None:
+    """INSERT `job` (a new instance: its defaults are filled in as the ORM fills them). `flush=False`:
+    outside a transaction on PostgreSQL, `SET LOCAL synchronous_commit TO OFF` goes in the same simple
+    query, which PostgreSQL runs as one transaction: one round trip, no disk flush."""
+    fields = Job._meta.concrete_fields
+    unflushed = not flush and commits.one_query(connection)
 
-    def table(self) -> str:
-        return str(connection.ops.quote_name(Job._meta.db_table))
-
-    def values(self, names: Iterable[str], values: Iterable[Any]) -> list[Any]:
-        fields = [self.field(name) for name in names]
-        return [f.get_db_prep_value(value, connection) for f, value in zip(fields, values, strict=True)]
-
-    def insert(self, job: Job, *, flush: bool = True) -> None:
-        """INSERT `job` (a new instance: its defaults are filled in as the ORM fills them). `flush=False`:
-        outside a transaction on PostgreSQL, `SET LOCAL synchronous_commit TO OFF` goes in the same
-        simple query, which PostgreSQL runs as one transaction: one round trip, no disk flush."""
-        fields = Job._meta.concrete_fields
-        values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
-        columns = ", ".join(self.column(f.name) for f in fields)
+    def build() -> str:
+        columns = ", ".join(_column(f.name) for f in fields)
         placeholders = ", ".join(["%s"] * len(fields))
-        sql = f"INSERT INTO {self.table()} ({columns}) VALUES ({placeholders})"  # noqa: S608 (model names)
-        if not flush and commits.one_query(connection):
-            sql = commits.NO_FLUSH_PREFIX + sql
-        with connection.cursor() as cursor:
-            cursor.execute(sql, values)
-        job._state.adding = False
-        job._state.db = connection.alias
+        text = f"INSERT INTO {sql.table(Job)} ({columns}) VALUES ({placeholders})"  # noqa: S608 (model names)
+        return commits.NO_FLUSH_PREFIX + text if unflushed else text
 
-    def update(
-        self, changes: dict[str, Any], where: str, where_values: list[Any], *, flush: bool = True
-    ) -> int:
-        """UPDATE jobs_job SET `changes` WHERE `where` (its %s filled by `where_values`, which the
-        first two of are the job's id and task id); the rows changed. `flush=False`: its commit does
-        not wait for the WAL flush (jobs.commits), when it is one of its own."""
-        assignments = ", ".join(f"{self.column(name)} = %s" for name in changes)
-        sql = f"UPDATE {self.table()} SET {assignments} WHERE {where}"  # noqa: S608 (names from the model)
-        if not flush and commits.applies(connection):
-            sql += f" AND {commits.NO_FLUSH_CONDITION}"
-        params = [
-            *self.values(changes, changes.values()),
-            *self.values(("id", "task_id"), where_values[:2]),
-            *where_values[2:],
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return int(cursor.rowcount)
+    statement = sql.statement(("job insert", unflushed), build)
+    values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(statement, values)
+    job._state.adding = False
+    job._state.db = connection.alias
 
 
-_SQL = _Statements()
+def _update(
+    key: tuple[Any, ...],
+    changes: dict[str, Any],
+    where: Callable[[], str],
+    where_values: list[Any],
+    *,
+    flush: bool = True,
+    then: tree.Followed | None = None,
+) -> int:
+    """UPDATE the job's row: SET `changes` WHERE `where()` (its %s filled by `where_values`, the first two
+    of which are the job's id and task id; `key` names its shape, for the statement's cache); the rows
+    changed. `flush=False`: its commit does not wait for the WAL flush (jobs.commits), when it is one of
+    its own. `then`: a question asked after the commit, in the same round trip when it can be
+    (jobs.tree.Followed), its answer left in `then.rows`."""
+    unflushed = not flush and commits.applies(connection)
+    followed = then is not None and commits.one_query(connection)
+
+    def build() -> str:
+        assignments = ", ".join(f"{_column(name)} = %s" for name in changes)
+        text = f"UPDATE {sql.table(Job)} SET {assignments} WHERE {where()}"  # noqa: S608 (model names)
+        if unflushed:
+            text += f" AND {commits.NO_FLUSH_CONDITION}"
+        if followed:
+            assert then is not None
+            # PostgreSQL runs the statements of one simple query as one transaction, which COMMIT ends:
+            # the question after it is asked after the outcome is committed, as if asked apart.
+            text += f"; COMMIT; {then.sql()}"
+        return text
+
+    statement = sql.statement(("job update", key, tuple(changes), unflushed, followed), build)
+    params = [
+        *sql.values(Job, tuple(changes), list(changes.values())),
+        *sql.values(Job, ("id", "task_id"), where_values[:2]),
+        *where_values[2:],
+    ]
+    if followed:
+        assert then is not None
+        params += then.params()
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        changed = int(cursor.rowcount)
+        if followed:
+            assert then is not None
+            cursor.nextset()  # COMMIT
+            cursor.nextset()
+            then.rows = [row[0] for row in cursor.fetchall()]
+        return changed
 
 
-def _finish(job_id: str, task_id: str, **changes: Any) -> int:
-    """The outcome of this run, written unless the row is final (a cancel) or a newer run's."""
-    final = ", ".join(["%s"] * len(Job.FINAL))
-    where = (
-        f"{_SQL.column('id')} = %s AND {_SQL.column('task_id')} = %s "
-        f"AND {_SQL.column('status')} NOT IN ({final})"
-    )
-    return _SQL.update(changes, where, [job_id, task_id, *Job.FINAL])
+def _finish(job_id: str, task_id: str, **changes: Any) -> tuple[int, list[Any] | None]:
+    """The outcome of this run, written unless the row is final (a cancel) or a newer run's: the rows
+    changed, and the jobs waiting for this one when they could be asked in the same round trip (None
+    when they could not: jobs.tree.after_final asks)."""
+
+    def where() -> str:
+        final = ", ".join(["%s"] * len(Job.FINAL))
+        return f"{_column('id')} = %s AND {_column('task_id')} = %s AND {_column('status')} NOT IN ({final})"
+
+    waiters = tree.Followed(job_id)
+    changed = _update(("finish",), changes, where, [job_id, task_id, *Job.FINAL], then=waiters)
+    return changed, waiters.rows
 
 
 def _current(job_id: str, task_id: str) -> Any:
@@ -241,7 +267,7 @@ def succeeded(
         ):
             _then(tree.settle_parent, job_id)
         return
-    updated = _finish(
+    updated, waiters = _finish(
         job_id,
         task_id,
         status=Job.Status.PARTIALLY_FAILED if partial else Job.Status.SUCCEEDED,
@@ -251,11 +277,11 @@ def succeeded(
         finished_at=now,
     )
     if updated:
-        _then(tree.after_final, job_id, parent_id)
+        _then(tree.after_final, job_id, parent_id, waiters)
 
 
 def failed(job_id: str, task_id: str, exc: BaseException, *, parent_id: str | None = None) -> None:
-    updated = _finish(
+    updated, waiters = _finish(
         job_id,
         task_id,
         status=Job.Status.FAILED,
@@ -264,4 +290,4 @@ def failed(job_id: str, task_id: str, exc: BaseException, *, parent_id: str | No
         finished_at=timezone.now(),
     )
     if updated:
-        _then(tree.after_final, job_id, parent_id)
+        _then(tree.after_final, job_id, parent_id, waiters)

@@ -380,7 +380,7 @@ class JobTask(Task):
                 "(killed, out of memory, or past the hard time limit). Not run again: replay the "
                 "dead letter once the cause is fixed."
             )
-        from jobs import tracking
+        from jobs import connections, tracking
 
         job_id = self.request_header(JOB_HEADER)
         # A copy sent again during a database outage may find its row still running.
@@ -394,20 +394,25 @@ class JobTask(Task):
                 # travels with its retries from here on.
                 delivery = self.request.delivery_info or {}
                 arguments = self.bind_arguments(args or (), kwargs or {})
-                job_id = tracking.record_and_claim(
-                    self.name,
-                    task_id,
-                    brokers.queue_of(delivery.get("routing_key")),
-                    arguments,
-                    attempt,
-                    redelivered,
-                    priority=delivery.get("priority"),
+                job_id = connections.claiming(
+                    lambda again: tracking.record_and_claim(
+                        self.name,
+                        task_id,
+                        brokers.queue_of(delivery.get("routing_key")),
+                        arguments,
+                        attempt,
+                        redelivered or again,
+                        priority=delivery.get("priority"),
+                    )
                 )
                 claimed = job_id is not None
                 if claimed:
                     setattr(self.request, JOB_HEADER, job_id)
             else:
-                claimed = tracking.claim(str(job_id), task_id, attempt, redelivered)
+                known = str(job_id)
+                claimed = connections.claiming(
+                    lambda again: tracking.claim(known, task_id, attempt, redelivered or again)
+                )
         except reliability.DATABASE_ERRORS as exc:
             self._defer_if_outage(exc)
             raise

@@ -18,6 +18,7 @@ RECORD = (
     "jobs.models",
     "jobs.protocol",
     "jobs.commits",
+    "jobs.sql",
     "jobs.tracking",
     "jobs.tree",
     "jobs.publish",
