@@ -109,24 +109,11 @@ def _column(name: str) -> str:
 
 
 def _insert(job: Job, *, flush: bool = True) -> None:
-    """INSERT `job` (a new instance: its defaults are filled in as the ORM fills them). `flush=False`:
-    outside a transaction on PostgreSQL, `SET LOCAL synchronous_commit TO OFF` goes in the same simple
-    query, which PostgreSQL runs as one transaction: one round trip, no disk flush."""
-    fields = Job._meta.concrete_fields
+    """INSERT `job` (a new instance). `flush=False`: outside a transaction on PostgreSQL, `SET LOCAL
+    synchronous_commit TO OFF` goes in the same simple query, which PostgreSQL runs as one
+    transaction: one round trip, no disk flush."""
     unflushed = not flush and commits.one_query(connection)
-
-    def build() -> str:
-        columns = ", ".join(_column(f.name) for f in fields)
-        placeholders = ", ".join(["%s"] * len(fields))
-        text = f"INSERT INTO {sql.table(Job)} ({columns}) VALUES ({placeholders})"  # noqa: S608 (model names)
-        return commits.NO_FLUSH_PREFIX + text if unflushed else text
-
-    statement = sql.statement(("job insert", unflushed), build)
-    values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(statement, values)
-    job._state.adding = False
-    job._state.db = connection.alias
+    sql.insert([job], prefix=commits.NO_FLUSH_PREFIX if unflushed else "")
 
 
 def _update(
