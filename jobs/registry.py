@@ -147,13 +147,17 @@ def body_limit(job_type: Any) -> BodyLimit | None:
     """The limit for a job of `job_type`; None when it is not a type the API takes (parse_job says so)."""
     if not isinstance(job_type, str) or job_type not in allowed_types():
         return None
+    return _limit_of(job_type)
+
+
+def _limit_of(job_type: str) -> BodyLimit:
     name = task_for(job_type).body_limit_setting
     return BodyLimit(getattr(settings, name), name)
 
 
 def largest_body_limit() -> BodyLimit:
     """What POST /api/jobs reads before it knows the type: the largest limit of any type it takes."""
-    limits = [limit for limit in map(body_limit, allowed_types()) if limit is not None]
+    limits = [_limit_of(job_type) for job_type in allowed_types()]
     return max(limits, key=lambda limit: limit.bytes, default=None) or BodyLimit(
         settings.JOBS_API_MAX_BODY_BYTES, "JOBS_API_MAX_BODY_BYTES"
     )
