@@ -46,17 +46,11 @@ def _task_starts(sender: Any = None, **kwargs: Any) -> None:
     now = time.monotonic()
     for conn in connections.all(initialized_only=True):
         recent = now - getattr(conn, _ENDED_AT, -TRUSTED_FOR) < TRUSTED_FOR
-        if recent and conn.connection is not None and not conn.errors_occurred:
-            # As close_if_unusable_or_obsolete would leave it, without the next query's SELECT 1.
-            if conn.close_at is not None and now >= conn.close_at:
-                conn.close()
-                setattr(conn, _TRUSTED, False)
-                continue
+        conn.close_if_unusable_or_obsolete()  # past CONN_MAX_AGE, left by an error: closed, as Django does
+        trusted = recent and conn.connection is not None
+        if trusted:  # no SELECT 1 before its next query
             conn.health_check_done = True  # type: ignore[attr-defined]
-            setattr(conn, _TRUSTED, True)
-        else:
-            conn.close_if_unusable_or_obsolete()
-            setattr(conn, _TRUSTED, False)
+        setattr(conn, _TRUSTED, trusted)
 
 
 def _task_ends(sender: Any = None, **kwargs: Any) -> None:
