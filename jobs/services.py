@@ -301,6 +301,7 @@ def retry(job: Job) -> Job:
         )
         if updated:
             Job.objects.filter(parent_id=job.pk).delete()
+            _reopen_ancestors(job.parent_id)
     job.refresh_from_db()
     if not updated:
         raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
@@ -308,16 +309,24 @@ def retry(job: Job) -> Job:
         publish([job])
     except BrokerUnavailable:
         restore: dict[str, Any] = {name: before[name] for name in _RETRY_FIELDS}
-        Job.objects.filter(pk=job.pk, task_id=new_task_id, published_at__isnull=True).update(**restore)
+        restored = Job.objects.filter(pk=job.pk, task_id=new_task_id, published_at__isnull=True).update(
+            **restore
+        )
+        if restored and job.parent_id is not None:
+            # Final again: the jobs above it settle as they were (from their children, as before).
+            tree.settle_parent(job.parent_id)
         raise
     Job.objects.filter(pk=job.pk).update(published_at=timezone.now())
-    _reopen_ancestors(job.parent_id)
     job.refresh_from_db()
     return job
 
 
 def _reopen_ancestors(parent_id: Any) -> None:
-    """A child runs again: the jobs above it wait for it again (they settle anew when it is final)."""
+    """A child runs again: the jobs above it wait for it again (they settle anew when it is final).
+
+    Committed before the child's message is sent: a child that finishes at once must find its
+    parent waiting for it, or the parent, reopened after that child settled it, would wait for it
+    forever (until the reconciler's sweep)."""
     while parent_id is not None:
         Job.objects.filter(pk=parent_id, status__in=RETRYABLE, own_finished_at__isnull=False).update(
             status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
@@ -356,6 +365,7 @@ def _retry_children(job: Job) -> Job:
             child.own_finished_at = None
         Job.objects.bulk_update(rerun, [*_RETRY_FIELDS, "own_finished_at"], batch_size=500)
         Job.objects.filter(parent_id__in=[child.pk for child in rerun]).delete()
+        _reopen_ancestors(job.parent_id)
     try:
         publish(rerun)
     except BrokerUnavailable:
@@ -363,7 +373,6 @@ def _retry_children(job: Job) -> Job:
         logger.warning("job %s: %d children to rerun, not taken by the broker now", job.id, len(rerun))
     else:
         Job.objects.filter(pk__in=[child.pk for child in rerun]).update(published_at=timezone.now())
-    _reopen_ancestors(job.parent_id)
     # Nothing to run again (every child had succeeded): the job settles at once.
     tree.settle_parent(job.pk)
     job.refresh_from_db()

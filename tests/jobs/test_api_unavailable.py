@@ -136,6 +136,44 @@ def test_retry_and_replay_answer_503_and_change_nothing_when_the_broker_is_down(
     assert (letter.replay_count, letter.replay_status) == (0, "")
 
 
+def test_a_child_the_broker_would_not_take_leaves_the_jobs_above_it_as_they_were(
+    staff_client: ApiClient, broker_down: str
+) -> None:
+    # They wait for the child before its message is sent; it was not sent: they settle again.
+    top = Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid(),
+        status=Job.Status.PARTIALLY_FAILED,
+        own_finished_at=timezone.now(),
+    )
+    middle = Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid(),
+        status=Job.Status.PARTIALLY_FAILED,
+        own_finished_at=timezone.now(),
+        parent=top,
+    )
+    done = Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid(), status=Job.Status.SUCCEEDED, parent=middle
+    )
+    child = Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid(), status=Job.Status.FAILED, parent=middle
+    )
+
+    assert_503(timed("POST /api/jobs/{id}/retry", lambda: staff_client.post(f"/api/jobs/{child.pk}/retry")))
+
+    statuses = dict(Job.objects.values_list("pk", "status"))
+    assert statuses == {
+        top.pk: "partially_failed",
+        middle.pk: "partially_failed",
+        done.pk: "succeeded",
+        child.pk: "failed",
+    }
+    assert Job.objects.get(pk=middle.pk).error_message.startswith("1 of 2 children did not succeed")
+
+
 def test_cancel_pause_resume_and_queues_answer_from_the_database_when_the_broker_is_down(
     staff_client: ApiClient, broker_down: str
 ) -> None:

@@ -11,9 +11,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
+from celery.signals import before_task_publish
 
 from jobs import tree
 from jobs.models import Job, JobDependency
@@ -205,6 +206,52 @@ def test_retrying_one_failed_child_reopens_its_parent_which_settles_again(
 
     assert body["status"] == "succeeded" and body["error"] is None
     assert body["children"]["counts"] == {"succeeded": 2}
+
+
+@pytest.mark.parametrize("retried", ["the failed child", "its parent"])
+def test_the_jobs_above_a_retried_child_wait_for_it_before_its_message_is_sent(
+    retried: str, celery_worker: object, staff_client: ApiClient
+) -> None:
+    # A child that finishes at once must find the jobs above it waiting for it: reopened after it
+    # settled them, they would wait for it until the reconciler's sweep (CI saw it, on SQLite).
+    top = Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid4().hex,
+        status="partially_failed",
+        own_finished_at="2026-01-01T00:00Z",
+    )
+    middle = Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid4().hex,
+        status="partially_failed",
+        own_finished_at="2026-01-01T00:00Z",
+        parent=top,
+    )
+    Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded", parent=middle
+    )
+    failed = Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="failed", parent=middle
+    )
+    seen: list[dict[str, str]] = []
+
+    def look(**kwargs: Any) -> None:
+        # Read when the message is sent: the child could be taken and finished from this moment on.
+        rows = Job.objects.filter(pk__in=[top.pk, middle.pk]).values_list("pk", "status")
+        seen.append({str(pk): status for pk, status in rows})
+
+    before_task_publish.connect(look, weak=False)
+    try:
+        target = failed if retried == "the failed child" else middle
+        assert staff_client.post(f"/api/jobs/{target.pk}/retry").status_code == 202
+    finally:
+        before_task_publish.disconnect(look)
+
+    assert seen == [{str(top.pk): "running", str(middle.pk): "running"}]
+    assert final(staff_client, str(top.pk))["status"] == "succeeded"
+    assert Job.objects.get(pk=middle.pk).status == "succeeded"
 
 
 # --- batches with a callback, and dependencies ----------------------------------------------
