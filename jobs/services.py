@@ -11,7 +11,7 @@ duplicate message cannot start it twice: jobs.tracking.claim).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,9 +25,13 @@ from django.utils import timezone
 from config.celery_app import app
 from jobs import sql, tree
 from jobs.models import ApiToken, Job, JobDependency
+from jobs.protocol import BROKER_ERRORS, REPLAY_HEADER
 from jobs.publish import BrokerUnavailable, mark_published, publish
 from jobs.registry import JobRequest
+from tasks import deadletters
 from tasks.base import JobTask
+from tasks.errors import PermanentJobError
+from tasks.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +275,7 @@ def cancel(job: Job) -> Job:
     return job
 
 
-def retry(job: Job) -> Job:
+def retry(job: Job, *, task_id: str | None = None, headers: dict[str, Any] | None = None) -> Job:
     """Runs a failed, cancelled or partially failed job again; other states are a Conflict.
 
     A job whose own task had finished and that waited for children (a newsletter, a sync) runs
@@ -279,11 +283,13 @@ def retry(job: Job) -> Job:
     once more. Any other job runs again under a new task id (children of an earlier run that
     never finished are dropped: the new run spawns its own). If the broker does not take a
     job's own message, the job is put back as it was (and BrokerUnavailable raised).
+    `task_id` and `headers`: the new run's task id and extra message headers (a dead letter's
+    replay), for a job that runs again itself.
     """
     if job.own_finished_at is not None and Job.objects.filter(parent_id=job.pk).exists():
         return _retry_children(job)
     before: dict[str, Any] = dict(Job.objects.filter(pk=job.pk).values().first() or {})
-    new_task_id = uuid()
+    new_task_id = task_id or uuid()
     with transaction.atomic():
         updated = Job.objects.filter(pk=job.pk, status__in=RETRYABLE).update(
             status=Job.Status.QUEUED,
@@ -306,7 +312,7 @@ def retry(job: Job) -> Job:
     if not updated:
         raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
     try:
-        publish([job])
+        publish([job], headers)
     except BrokerUnavailable:
         restore: dict[str, Any] = {name: before[name] for name in _RETRY_FIELDS}
         restored = Job.objects.filter(pk=job.pk, task_id=new_task_id, published_at__isnull=True).update(
@@ -319,6 +325,51 @@ def retry(job: Job) -> Job:
     Job.objects.filter(pk=job.pk).update(published_at=timezone.now())
     job.refresh_from_db()
     return job
+
+
+def replay(letter: DeadLetter) -> str:
+    """Runs a dead letter's task again; returns the new task id.
+
+    A letter whose job row exists (every job's: the API's, enqueue's, a plain apply_async's) runs
+    that job again as `retry` does: the same row under a new task id, the jobs above it waiting for
+    it again, its outcome written back to the letter (whose id the message carries). A job that is
+    not failed, cancelled or partially failed any more (retried since, running or done) is a
+    Conflict: it is not run twice. A letter without a row (deleted since) is sent again as a task
+    (tasks.deadletters.replay), with a row of its own.
+    """
+    job = Job.objects.filter(pk=letter.job_id).first() if letter.job_id else None
+    if job is None:
+        return deadletters.replay(letter)
+    if job.own_finished_at is not None:
+        raise Conflict(
+            f"job {job.id}'s own task has succeeded since this dead letter; retry the job to run "
+            "again those of its children that did not succeed"
+        )
+    with deadletters.replaying(letter) as task_id:
+        retry(job, task_id=task_id, headers={REPLAY_HEADER: str(letter.pk)})
+    return task_id
+
+
+_NOT_TAKEN: tuple[type[Exception], ...] = (BrokerUnavailable, *BROKER_ERRORS)
+
+
+def replay_many(letters: Iterable[DeadLetter]) -> tuple[list[str], list[str]]:
+    """Replays each; returns (new task ids, error messages). One bad letter does not stop the rest."""
+    sent, errors = [], []
+    for letter in letters:
+        try:
+            sent.append(replay(letter))
+        except (PermanentJobError, Conflict) as exc:
+            errors.append(f"dead letter {letter.pk}: {exc}")
+        except _NOT_TAKEN as exc:
+            # The rest would wait on the same broker: stop, and say what was left as it was.
+            name = type(exc.__cause__ or exc).__name__
+            errors.append(
+                f"dead letter {letter.pk}: the broker did not take the replay ({name}); "
+                "it and the ones after it were not replayed, try again when the broker answers"
+            )
+            break
+    return sent, errors
 
 
 def _reopen_ancestors(parent_id: Any) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ from django.utils.dateparse import parse_datetime
 
 from config import brokers
 from jobs.models import Job
-from jobs.protocol import BROKER_ERRORS, FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER, effective_priority
+from jobs.protocol import FIRST_FAILURE_HEADER, JOB_HEADER, REPLAY_HEADER, effective_priority
 from tasks.errors import PermanentJobError
 from tasks.models import DeadLetter
 from tasks.services.maintenance import delete_in_batches
@@ -103,24 +104,17 @@ def replay(letter: DeadLetter) -> str:
 
     The new run carries the dead letter's id, so its outcome is written back here.
     Raises PermanentJobError when the task no longer exists or its arguments are
-    no longer valid.
+    no longer valid. A letter whose job row exists is run again as that job instead
+    (jobs.services.replay): this is for the others.
     """
     from config.celery_app import app
 
     task = app.tasks.get(letter.task_name)
     if task is None:
         raise PermanentJobError(f"task {letter.task_name!r} is not registered; it cannot be replayed")
-    # Recorded before sending: the replay may finish, and write its outcome, before apply_async returns.
-    task_id = new_task_id()
-    DeadLetter.objects.filter(pk=letter.pk).update(
-        replay_count=F("replay_count") + 1,
-        replayed_at=timezone.now(),
-        replay_task_id=task_id,
-        replay_status=DeadLetter.ReplayStatus.SENT,
-    )
     # With the failed message's priority; one stored without it gets the default (the middle).
     priority: dict[str, Any] = {} if letter.priority is None else {"priority": letter.priority}
-    try:
+    with replaying(letter) as task_id:
         task.apply_async(
             args=letter.args,
             kwargs=letter.kwargs,
@@ -128,7 +122,24 @@ def replay(letter: DeadLetter) -> str:
             headers={REPLAY_HEADER: str(letter.pk)},
             **priority,
         )
-    except Exception:
+    return task_id
+
+
+@contextmanager
+def replaying(letter: DeadLetter) -> Iterator[str]:
+    """The task id of the letter's replay, recorded on the letter before the replay is sent (it may
+    finish, and write its outcome here, before the send returns); put back as it was if the send
+    raises."""
+    task_id = new_task_id()
+    DeadLetter.objects.filter(pk=letter.pk).update(
+        replay_count=F("replay_count") + 1,
+        replayed_at=timezone.now(),
+        replay_task_id=task_id,
+        replay_status=DeadLetter.ReplayStatus.SENT,
+    )
+    try:
+        yield task_id
+    except BaseException:
         DeadLetter.objects.filter(pk=letter.pk).update(
             replay_count=F("replay_count") - 1,
             replayed_at=letter.replayed_at,
@@ -136,25 +147,6 @@ def replay(letter: DeadLetter) -> str:
             replay_status=letter.replay_status,
         )
         raise
-    return task_id
-
-
-def replay_many(letters: Iterable[DeadLetter]) -> tuple[list[str], list[str]]:
-    """Replays each; returns (new task ids, error messages). One bad letter does not stop the rest."""
-    sent, errors = [], []
-    for letter in letters:
-        try:
-            sent.append(replay(letter))
-        except PermanentJobError as exc:
-            errors.append(f"dead letter {letter.pk}: {exc}")
-        except BROKER_ERRORS as exc:
-            # The rest would wait on the same broker: stop, and say what was left as it was.
-            errors.append(
-                f"dead letter {letter.pk}: the broker did not take the replay ({type(exc).__name__}); "
-                "it and the ones after it were not replayed, try again when the broker answers"
-            )
-            break
-    return sent, errors
 
 
 def purge(queryset: QuerySet[DeadLetter] | None = None, *, older_than: timedelta | None = None) -> int:

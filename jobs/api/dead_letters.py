@@ -14,7 +14,7 @@ from ninja import Query, Router, Schema, Status
 from pydantic import BeforeValidator, Field
 
 from config.celery_app import app
-from jobs import tree
+from jobs import services, tree
 from jobs.api import access
 from jobs.api.auth import StaffTokenAuth, token_of
 from jobs.api.common import (
@@ -30,7 +30,6 @@ from jobs.api.common import (
 from jobs.api.schemas import DeadLetterDetail, DeadLetterPage, Error, ReplayOut
 from jobs.models import ApiToken
 from jobs.publish import BrokerUnavailable
-from tasks import deadletters
 from tasks.base import PermanentJobError, mask_value
 from tasks.models import DeadLetter
 
@@ -134,8 +133,8 @@ def get_dead_letter(request: HttpRequest, letter_id: int) -> dict[str, Any]:
 def replay_dead_letter(request: HttpRequest, letter_id: int) -> Status:
     letter = _letter_or_404(request, letter_id)
     try:
-        task_id = deadletters.replay(letter)
-    except PermanentJobError as exc:
+        task_id = services.replay(letter)
+    except (PermanentJobError, services.Conflict) as exc:
         raise ApiError(409, str(exc)) from None
     except (BrokerUnavailable, OSError) as exc:
         raise ApiError(

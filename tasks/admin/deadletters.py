@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from tasks import deadletters
+from jobs import services
 from tasks.models import DeadLetter
 
 
@@ -76,7 +76,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.action(description="Replay selected dead letters (same arguments)", permissions=["change"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        sent, errors = deadletters.replay_many(queryset)
+        sent, errors = services.replay_many(queryset)
         if sent:
             self.message_user(request, f"Replayed {len(sent)} dead letter(s).", messages.SUCCESS)
         for error in errors:

@@ -6,6 +6,7 @@ A client polling GET /api/jobs/{id} is told `succeeded` only once all of the job
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections import Counter
@@ -252,6 +253,81 @@ def test_the_jobs_above_a_retried_child_wait_for_it_before_its_message_is_sent(
     assert seen == [{str(top.pk): "running", str(middle.pk): "running"}]
     assert final(staff_client, str(top.pk))["status"] == "succeeded"
     assert Job.objects.get(pk=middle.pk).status == "succeeded"
+
+
+def dead_letter_of(job: Job) -> DeadLetter:
+    return DeadLetter.objects.create(
+        task_id=job.task_id,
+        task_name=job.type,
+        exception_type="x.Boom",
+        first_failed_at="2026-01-01T00:00Z",
+        last_failed_at="2026-01-01T00:00Z",
+        job=job,
+    )
+
+
+def test_replaying_a_childs_dead_letter_runs_that_job_again_and_its_parent_settles(
+    celery_worker: object, staff_client: ApiClient
+) -> None:
+    # The job's row is the record: a replay is that job's next run (not a job of its own), so the
+    # job, and the parent waiting for it, say how it ended; the letter says so too.
+    parent = Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid4().hex,
+        status="partially_failed",
+        own_finished_at="2026-01-01T00:00Z",
+    )
+    Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded", parent=parent
+    )
+    failed = Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="failed", parent=parent
+    )
+    letter = dead_letter_of(failed)
+
+    response = staff_client.post(f"/api/dead-letters/{letter.pk}/replay")
+
+    assert response.status_code == 202, response.content
+    task_id = response.json()["task_id"]
+    assert final(staff_client, str(parent.pk))["status"] == "succeeded"
+    failed.refresh_from_db()
+    assert (failed.status, failed.task_id) == ("succeeded", task_id)
+    assert Job.objects.count() == 3
+    wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded", what="the letter")
+
+
+def test_a_dead_letter_of_a_job_that_ran_again_since_is_not_replayed(staff_client: ApiClient) -> None:
+    done = Job.objects.create(type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded")
+    letter = dead_letter_of(done)
+
+    response = staff_client.post(f"/api/dead-letters/{letter.pk}/replay")
+
+    assert response.status_code == 409
+    assert "succeeded" in response.json()["detail"]
+    letter.refresh_from_db()
+    assert (letter.replay_count, letter.replay_status, letter.replay_task_id) == (0, "", "")
+    assert Job.objects.get(pk=done.pk).task_id == done.task_id
+
+
+def test_the_deadletters_command_replays_jobs_and_names_those_it_may_not(
+    celery_worker: object,
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    done = Job.objects.create(type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded")
+    failed = Job.objects.create(type="default.ping", queue="default", task_id=uuid4().hex, status="failed")
+    refused, replayed = dead_letter_of(done), dead_letter_of(failed)
+    errors = io.StringIO()
+
+    with pytest.raises(CommandError, match="1 dead letter"):
+        call_command(
+            "deadletters", "replay", str(refused.pk), str(replayed.pk), stdout=io.StringIO(), stderr=errors
+        )
+
+    assert f"dead letter {refused.pk}: job {done.pk} is succeeded" in errors.getvalue()
+    wait_for(lambda: Job.objects.filter(pk=failed.pk, status="succeeded").exists(), what="the replayed job")
+    wait_for(lambda: DeadLetter.objects.get(pk=replayed.pk).replay_status == "succeeded", what="the letter")
 
 
 # --- batches with a callback, and dependencies ----------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import QuerySet
 
+from jobs import services
 from tasks import deadletters
 from tasks.models import DeadLetter
 
@@ -101,7 +102,7 @@ class Command(BaseCommand):
         return self._selected(options)
 
     def do_replay(self, options: dict[str, Any]) -> None:
-        sent, errors = deadletters.replay_many(self._require_selection(options, "replay"))
+        sent, errors = services.replay_many(self._require_selection(options, "replay"))
         self.stdout.write(f"replayed {len(sent)} dead letter(s)")
         for error in errors:
             self.stderr.write(error)
