@@ -151,7 +151,7 @@ def one_run(
                 done = sentinel.apply_async(producer=producer) if args.task == "noop" else None
             enqueue_seconds = time.perf_counter() - started
         with recording(drain_counts):
-            started = time.perf_counter()
+            started, busy_before = time.perf_counter(), machine_busy_seconds()
             for queue in QUEUES.split(","):
                 app.control.add_consumer(queue, reply=True, timeout=5, limit=args.workers)
             if done is not None:
@@ -165,14 +165,24 @@ def one_run(
                         raise SystemExit("the jobs did not all succeed within 600 s")
                     time.sleep(0.05)
             drain_seconds = time.perf_counter() - started
+            busy = machine_busy_seconds() - busy_before
     run: dict[str, Any] = {
         "enqueue_per_s": args.jobs / enqueue_seconds,
         "drain_jobs_per_s": args.jobs / drain_seconds,
+        # Every process's CPU (this one's polling included): what a job costs the machine.
+        "drain_cpu_ms_per_job": 1000 * busy / args.jobs,
     }
     if counter:
         run["enqueue_commands"] = dict(enqueue_counts)
         run["drain_commands"] = dict(drain_counts)
     return run
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat: all but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def print_counts(title: str, counts: dict[str, int], jobs: int) -> None:
@@ -219,7 +229,7 @@ def main() -> None:
         runs.append(run)
         print(
             f"  run {repetition}: enqueue {run['enqueue_per_s']:7.0f}/s, "
-            f"drain {run['drain_jobs_per_s']:7.0f} jobs/s"
+            f"drain {run['drain_jobs_per_s']:7.0f} jobs/s, {run['drain_cpu_ms_per_job']:.2f} ms CPU a job"
             + ("  (counting: rates slowed by MONITOR)" if counter else "")
         )
         if counter:
@@ -231,7 +241,8 @@ def main() -> None:
     enqueues = [run["enqueue_per_s"] for run in runs]
     print(
         f"median: enqueue {statistics.median(enqueues):.0f}/s, drain {statistics.median(drains):.0f} jobs/s "
-        f"[{min(drains):.0f}-{max(drains):.0f}]"
+        f"[{min(drains):.0f}-{max(drains):.0f}], "
+        f"{statistics.median(run['drain_cpu_ms_per_job'] for run in runs):.2f} ms of the machine's CPU a job"
     )
 
 
