@@ -340,6 +340,8 @@ def replay(letter: DeadLetter) -> str:
     job = Job.objects.filter(pk=letter.job_id).first() if letter.job_id else None
     if job is None:
         return deadletters.replay(letter)
+    if job.type not in app.tasks:
+        raise PermanentJobError(f"task {job.type!r} is not registered; it cannot be replayed")
     if job.own_finished_at is not None:
         raise Conflict(
             f"job {job.id}'s own task has succeeded since this dead letter; retry the job to run "

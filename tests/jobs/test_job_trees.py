@@ -310,6 +310,18 @@ def test_a_dead_letter_of_a_job_that_ran_again_since_is_not_replayed(staff_clien
     assert Job.objects.get(pk=done.pk).task_id == done.task_id
 
 
+def test_a_dead_letter_of_a_job_whose_task_is_gone_is_refused(staff_client: ApiClient) -> None:
+    gone = Job.objects.create(type="gone.task", queue="default", task_id=uuid4().hex, status="failed")
+    letter = dead_letter_of(gone)
+
+    response = staff_client.post(f"/api/dead-letters/{letter.pk}/replay")
+
+    assert response.status_code == 409
+    assert "'gone.task' is not registered" in response.json()["detail"]
+    assert DeadLetter.objects.get(pk=letter.pk).replay_count == 0
+    assert Job.objects.get(pk=gone.pk).status == "failed"
+
+
 def test_the_deadletters_command_replays_jobs_and_names_those_it_may_not(
     celery_worker: object,
 ) -> None:
