@@ -8,6 +8,7 @@ run finds the row and does not send again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -22,13 +23,15 @@ from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.utils import DNS_NAME
-from django.db import transaction
+from django.db import DatabaseError, transaction
+from django.db import connection as database
 from django.db.models import F
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template, render_to_string
 from django.utils import timezone
 from limits import RateLimitItem, parse, storage, strategies
 
+from jobs import commits, sql
 from jobs.commits import unflushed
 from tasks.base import PermanentJobError, TransientJobError, mask_email
 from tasks.models import EmailLog
@@ -316,11 +319,9 @@ class BatchOutcome:
         }
 
 
-# Messages of a batch whose log rows are written together: marked `sending` in one UPDATE before
-# the first of them is handed to SMTP, `sent` in one UPDATE after the last. A worker killed in
-# the middle leaves at most this many rows `sending` (their outcome `unknown` on the retry, never
-# sent twice) where writing each message twice would leave one; it is what buys the batch its
-# rate (two writes a message held it at a quarter of the SMTP backend's).
+# Messages of a batch whose log rows are made together (`pending`, in one INSERT; those an earlier
+# attempt made are read back). Each is then taken (`sending`) on its own just before SMTP gets it,
+# so a worker killed in the middle leaves only the message it was sending `unknown`.
 LOG_CHUNK_SIZE = 50
 
 # Tags that read nothing from the context but what the template names: a template using only
@@ -472,25 +473,54 @@ def _claim(chunk: list[_Pending], campaign: str, template: str, outcome: BatchOu
     return claimed
 
 
-def _take(item: _Pending) -> bool:
-    """Marks one message `sending` just before it goes to SMTP (its own durable commit: a crash after
-    it leaves the row `sending`, unknown to the retry, never sent twice); False if another attempt of
+_TAKEABLE = (EmailLog.Status.PENDING, EmailLog.Status.FAILED)  # refused before: a retry tries it again
+
+
+def _take(item: _Pending, sent: _Pending | None = None) -> bool:
+    """Marks one message `sending` just before it goes to SMTP (a durable commit: a crash after it
+    leaves the row `sending`, unknown to the retry, never sent twice); False if another attempt of
     the batch took it first. The chunk's other rows stay `pending` until their turn, so a worker
-    killed mid-chunk leaves only the message it was sending unknown."""
-    # pending, or refused for good by an earlier attempt (a retry of the batch tries it again)
-    takeable = (EmailLog.Status.PENDING, EmailLog.Status.FAILED)
-    taken = EmailLog.objects.filter(key=item.key, status__in=takeable).update(
-        status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=timezone.now()
+    killed mid-chunk leaves only the message it was sending unknown.
+
+    `sent`: the message before it, which SMTP took; marked `sent` in the same commit, the next
+    write after its send whichever way it goes (on PostgreSQL one simple query, one round trip
+    for both), so a crash leaves it `sending` in the same window as a write of its own would."""
+    now = timezone.now()
+    if sent is not None and commits.one_query(database):
+        params: list[Any] = [
+            EmailLog.Status.SENT, now, now, sent.key,
+            EmailLog.Status.SENDING, now, item.key, *_TAKEABLE,
+        ]  # fmt: skip
+        with database.cursor() as cursor:
+            cursor.execute(sql.statement("email sent, then take", _sent_then_take), params)
+            cursor.nextset()
+            return int(cursor.rowcount) == 1
+    if sent is not None:
+        _mark_sent(sent)
+    taken = EmailLog.objects.filter(key=item.key, status__in=_TAKEABLE).update(
+        status=EmailLog.Status.SENDING, attempts=F("attempts") + 1, updated_at=now
     )
     return taken == 1
 
 
+def _sent_then_take() -> str:
+    table = sql.table(EmailLog)
+    status, key, updated = (sql.column(EmailLog, name) for name in ("status", "key", "updated_at"))
+    sent_at, error, attempts = (sql.column(EmailLog, name) for name in ("sent_at", "last_error", "attempts"))
+    return (
+        f"UPDATE {table} SET {status} = %s, {sent_at} = %s, {error} = '', {updated} = %s "  # noqa: S608
+        f"WHERE {key} = %s; "
+        f"UPDATE {table} SET {status} = %s, {attempts} = {attempts} + 1, {updated} = %s "
+        f"WHERE {key} = %s AND {status} IN (%s, %s)"
+    )
+
+
 def _mark_sent(item: _Pending) -> None:
-    """One row `sent` as soon as SMTP took its message, so a worker killed later in its chunk leaves
-    only the message it was sending `unknown`, not the chunk's earlier ones. On PostgreSQL the commit
-    does not wait for the WAL flush (jobs.commits: a round trip, not a disk flush, per message): a
-    mark lost in a crash of PostgreSQL itself leaves the row `sending`, which the retry counts as
-    unknown and never sends again."""
+    """One row `sent` on its own, when no message follows it straight away (the last one, one
+    before a wait for send slots or before the next chunk's rows). On PostgreSQL the commit does
+    not wait for the WAL flush (jobs.commits: a round trip, not a disk flush): a mark lost in a
+    crash of PostgreSQL itself leaves the row `sending`, which the retry counts as unknown and
+    never sends again."""
     now = timezone.now()
     unflushed(EmailLog.objects.filter(key=item.key)).update(
         status=EmailLog.Status.SENT, sent_at=now, last_error="", updated_at=now
@@ -516,10 +546,11 @@ def send_batch(
     """Sends one batch over a single SMTP connection, at the global rate.
 
     The email log's rows are made per chunk of LOG_CHUNK_SIZE messages; each message is marked
-    `sending` (a durable commit) just before it goes to SMTP and `sent` as soon as SMTP took it
-    (an UPDATE that does not wait for a disk flush). A crash never leads to a second send: a row
-    left `sending` is `unknown` to the retry, and a killed worker leaves only the message it
-    was sending so.
+    `sending` (a durable commit) just before it goes to SMTP and `sent` by the next write after
+    SMTP took it: the next message's `sending`, in the same commit and round trip, or a write of
+    its own (no wait for a disk flush) when none follows straight away. A crash never leads to a
+    second send: a row left `sending` is `unknown` to the retry, and a killed worker leaves only
+    the message it was sending (or the one SMTP had just taken) so.
     A recipient refused for good (5xx) is logged as failed and the batch goes on;
     anything transient stops the batch so the task is retried, and the retry skips
     everyone already sent.
@@ -533,8 +564,17 @@ def send_batch(
     except Exception as exc:
         raise classify_smtp_error(exc) from exc
     done = reported = 0
+    held: _Pending | None = None  # SMTP took it; marked `sent` with the next message's `sending`
+
+    def mark_held() -> None:
+        nonlocal held
+        if held is not None:
+            _mark_sent(held)
+            held = None
+
     try:
         for start in range(0, len(pending), LOG_CHUNK_SIZE):
+            mark_held()
             chunk = pending[start : start + LOG_CHUNK_SIZE]
             claimed = _claim(chunk, campaign, template, outcome)
             done += len(chunk) - len(claimed)  # sent before, or cut off sending: nothing to do
@@ -542,10 +582,13 @@ def send_batch(
             for index, item in enumerate(claimed):
                 if not slots:
                     slots = min(limiter.group, len(claimed) - index)
-                    limiter.acquire(count=slots)
+                    if not limiter.try_acquire(slots):
+                        mark_held()  # before waiting for the slots
+                        limiter.acquire(count=slots)
                 slots -= 1
                 done += 1
-                if not _take(item):  # another attempt of this batch, running at the same time, has it
+                taken, held = _take(item, sent=held), None
+                if not taken:  # another attempt of this batch, running at the same time, has it
                     outcome.already_sent += 1
                     continue
                 try:
@@ -566,13 +609,19 @@ def send_batch(
                     _note(item, EmailLog.Status.FAILED, str(error))
                     outcome.failed.append(item.address)
                 else:
-                    _mark_sent(item)
+                    held = item
                     outcome.sent += 1
                 if on_progress and done - reported >= 10:
                     reported = done
                     on_progress(100 * done / len(pending), f"{done}/{len(pending)} recipients")
+        mark_held()
         if on_progress and reported < len(pending):
             on_progress(100, f"{len(pending)}/{len(pending)} recipients")
+    except BaseException:
+        # Whatever stopped the batch, a message SMTP took is `sent` if the database takes it.
+        with contextlib.suppress(DatabaseError):
+            mark_held()
+        raise
     finally:
         connection.close()
     return outcome

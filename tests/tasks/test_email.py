@@ -219,6 +219,30 @@ def test_a_batch_makes_its_email_log_per_chunk_and_writes_twice_per_message() ->
     assert EmailLog.objects.filter(sent_at__isnull=True).count() == 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_on_postgresql_a_message_costs_its_batch_one_round_trip_to_the_database() -> None:
+    # As a worker runs it (no transaction around it): each message's `sent` goes with the next
+    # one's `sending`, in one simple query (two statements, one commit).
+    recipients = [f"reader{i}@example.com" for i in range(200)]
+
+    with CaptureQueriesContext(connection) as queries:
+        outcome = _batch(recipients)
+
+    assert outcome.as_dict() == {"sent": 200, "already_sent": 0, "failed": 0, "unknown": 0}
+    assert len(mail.outbox) == 200
+    assert EmailLog.objects.filter(status="sent", attempts=1, sent_at__isnull=False).count() == 200
+    chunks = 200 // service.LOG_CHUNK_SIZE
+    writes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    together = [sql for sql in writes if sql.count("UPDATE") == 2]
+    if connection.vendor == "postgresql":
+        # the first of each chunk is taken alone (the one before it was marked before the chunk's
+        # rows were made), the last of the batch is marked alone
+        assert len(together) == 200 - chunks
+        assert len(writes) == 200 + chunks
+    else:
+        assert not together and len(writes) == 2 * 200
+
+
 @pytest.mark.django_db
 def test_a_batch_killed_mid_chunk_sends_nothing_twice_and_leaves_the_unsent_pending(settings: Any) -> None:
     settings.EMAIL_BACKEND = f"{__name__}._KilledAfter"
