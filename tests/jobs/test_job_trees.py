@@ -184,23 +184,34 @@ def test_cancelling_a_newsletter_cancels_its_batches_not_yet_sent(
     assert api_client.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def backfill(parent: Job | None = None) -> Job:
+    """A partially failed backfill whose own task has finished (it waits for its children)."""
+    return Job.objects.create(
+        type="analytics.backfill",
+        queue="analytics",
+        task_id=uuid4().hex,
+        status="partially_failed",
+        own_finished_at="2026-01-01T00:00Z",
+        parent=parent,
+    )
+
+
+def partly_failed(parent: Job | None = None) -> tuple[Job, Job]:
+    """A backfill left partially failed by its two children, one succeeded and one failed: (it, that one)."""
+    job = backfill(parent=parent)
+    Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded", parent=job
+    )
+    failed = Job.objects.create(
+        type="default.ping", queue="default", task_id=uuid4().hex, status="failed", parent=job
+    )
+    return job, failed
+
+
 def test_retrying_one_failed_child_reopens_its_parent_which_settles_again(
     celery_worker: object, staff_client: ApiClient
 ) -> None:
-    parent = Job.objects.create(
-        type="analytics.backfill",
-        queue="analytics",
-        task_id="backfill-1",
-        status="partially_failed",
-        own_finished_at="2026-01-01T00:00Z",
-        error_type="ChildrenFailed",
-    )
-    Job.objects.create(
-        type="default.ping", queue="default", task_id="day-1", status="succeeded", parent=parent
-    )
-    failed = Job.objects.create(
-        type="default.ping", queue="default", task_id="day-2", status="failed", parent=parent
-    )
+    parent, failed = partly_failed()
 
     assert staff_client.post(f"/api/jobs/{failed.pk}/retry").status_code == 202
     body = final(staff_client, str(parent.pk))
@@ -215,27 +226,8 @@ def test_the_jobs_above_a_retried_child_wait_for_it_before_its_message_is_sent(
 ) -> None:
     # A child that finishes at once must find the jobs above it waiting for it: reopened after it
     # settled them, they would wait for it until the reconciler's sweep (CI saw it, on SQLite).
-    top = Job.objects.create(
-        type="analytics.backfill",
-        queue="analytics",
-        task_id=uuid4().hex,
-        status="partially_failed",
-        own_finished_at="2026-01-01T00:00Z",
-    )
-    middle = Job.objects.create(
-        type="analytics.backfill",
-        queue="analytics",
-        task_id=uuid4().hex,
-        status="partially_failed",
-        own_finished_at="2026-01-01T00:00Z",
-        parent=top,
-    )
-    Job.objects.create(
-        type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded", parent=middle
-    )
-    failed = Job.objects.create(
-        type="default.ping", queue="default", task_id=uuid4().hex, status="failed", parent=middle
-    )
+    top = backfill()
+    middle, failed = partly_failed(parent=top)
     seen: list[dict[str, str]] = []
 
     def look(**kwargs: Any) -> None:
@@ -271,19 +263,7 @@ def test_replaying_a_childs_dead_letter_runs_that_job_again_and_its_parent_settl
 ) -> None:
     # The job's row is the record: a replay is that job's next run (not a job of its own), so the
     # job, and the parent waiting for it, say how it ended; the letter says so too.
-    parent = Job.objects.create(
-        type="analytics.backfill",
-        queue="analytics",
-        task_id=uuid4().hex,
-        status="partially_failed",
-        own_finished_at="2026-01-01T00:00Z",
-    )
-    Job.objects.create(
-        type="default.ping", queue="default", task_id=uuid4().hex, status="succeeded", parent=parent
-    )
-    failed = Job.objects.create(
-        type="default.ping", queue="default", task_id=uuid4().hex, status="failed", parent=parent
-    )
+    parent, failed = partly_failed()
     letter = dead_letter_of(failed)
 
     response = staff_client.post(f"/api/dead-letters/{letter.pk}/replay")
