@@ -97,7 +97,9 @@ def test_a_worker_whose_database_is_unreachable_takes_nothing(
     time.sleep(3)
     assert "database unreachable" in worker.log.read_text()
 
-    assert queues.depth(celery_app, "default") == len(job_ids)
+    # Nothing drained. At least: a copy an earlier test deferred on RabbitMQ (native delayed delivery,
+    # which a purge does not reach) may come due here (CI saw 21 once).
+    assert queues.depth(celery_app, "default") >= len(job_ids)
     assert Job.objects.filter(pk__in=job_ids, status=Job.Status.QUEUED).count() == len(job_ids)
     assert not (tmp_path / "effects" / "executions.log").exists()
 
