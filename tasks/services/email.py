@@ -511,7 +511,7 @@ def _sent_then_take() -> str:
         f"UPDATE {table} SET {status} = %s, {sent_at} = %s, {error} = '', {updated} = %s "  # noqa: S608
         f"WHERE {key} = %s; "
         f"UPDATE {table} SET {status} = %s, {attempts} = {attempts} + 1, {updated} = %s "
-        f"WHERE {key} = %s AND {status} IN (%s, %s)"
+        f"WHERE {key} = %s AND {status} IN ({', '.join(['%s'] * len(_TAKEABLE))})"
     )
 
 
