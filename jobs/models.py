@@ -73,7 +73,8 @@ class Job(models.Model):
     error_type = models.CharField(max_length=255, blank=True)
     error_message = models.TextField(blank=True)
     run_at = models.DateTimeField(null=True, blank=True, help_text="When a delayed job is due.")
-    # Headers a retry held in this row (jobs.tracking.hold_retry) is published with when due.
+    # Headers every send of this run carries (jobs.publish.message_options): a retry's held in this
+    # row (jobs.tracking.hold_retry), published with when due; a dead letter's replay's (its id).
     held_headers = models.JSONField(null=True, blank=True, editable=False)
     # Null until the message is with the broker; the release task publishes jobs that stay unpublished.
     published_at = models.DateTimeField(null=True, blank=True)

@@ -305,7 +305,9 @@ def retry(job: Job, *, task_id: str | None = None, headers: dict[str, Any] | Non
             error_type="",
             error_message="",
             run_at=None,
-            held_headers=None,
+            # Kept in the row, so every later send of this run carries them too (the reconciler's
+            # of a lost message, a held retry's): a replay's outcome is written back to its letter.
+            held_headers=headers or None,
             published_at=None,
             started_at=None,
             finished_at=None,
@@ -318,7 +320,7 @@ def retry(job: Job, *, task_id: str | None = None, headers: dict[str, Any] | Non
     if not updated:
         raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
     try:
-        publish([job], headers)
+        publish([job])  # with its held headers
     except BrokerUnavailable:
         restore: dict[str, Any] = {name: before[name] for name in _RETRY_FIELDS}
         restored = Job.objects.filter(pk=job.pk, task_id=new_task_id, published_at__isnull=True).update(

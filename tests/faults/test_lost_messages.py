@@ -9,12 +9,14 @@ sends it again with the same task id.
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from celery import Celery
 
-from jobs import reconcile
+from jobs import reconcile, services
 from jobs.models import Job
+from tasks.models import DeadLetter
 from tests import queues
 from tests.faults import oracle
 from tests.waiting import wait_for
@@ -54,6 +56,31 @@ def test_jobs_whose_messages_the_broker_lost_are_sent_again_and_run_once(
     result.record()
     assert result.perfect, result.line()
     assert result.duplicate_executions == 0
+
+
+@redis_only
+def test_a_replay_whose_message_was_lost_is_sent_again_and_still_writes_its_outcome_to_its_letter(
+    celery_app: Celery, empty_queues: None, worker_process, settings
+) -> None:
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+    failed = Job.objects.create(type="default.ping", queue="default", task_id=uuid4().hex, status="failed")
+    letter = DeadLetter.objects.create(
+        task_id=failed.task_id,
+        task_name=failed.type,
+        exception_type="x.Boom",
+        first_failed_at="2026-01-01T00:00Z",
+        last_failed_at="2026-01-01T00:00Z",
+        job=failed,
+    )
+    task_id = services.replay(letter)
+    assert _delete_every_message(celery_app) == 1
+
+    assert reconcile.resend_lost() == 1
+    worker_process("after-loss", "-Q", "default", "--concurrency=1")
+
+    wait_for(lambda: Job.objects.get(pk=failed.pk).status == "succeeded", what="the job", timeout=60)
+    assert Job.objects.get(pk=failed.pk).task_id == task_id
+    wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded", what="the letter")
 
 
 def test_a_job_still_running_is_not_sent_again_while_its_message_is_held(
