@@ -136,9 +136,16 @@ def publish(jobs: Sequence[Job], headers: dict[str, Any] | None = None) -> None:
 def _send_all(
     jobs: Sequence[Job], headers: dict[str, Any] | None, producer: Any, retry_policy: dict[str, Any] | None
 ) -> None:
+    declared: set[str] = set()
     for job in jobs:
         task = app.tasks[job.type]
         options: dict[str, Any] = message_options(job, headers)
+        if job.queue in declared:
+            # Declared (kombu's maybe_declare, cached per connection) with this batch's first message
+            # for the queue: checking again cost a copy of the queue bound to the channel a message
+            # (a quarter of a batch's publishing, issue 18).
+            options["declare"] = []
+        declared.add(job.queue)
         if hasattr(task, "validate_arguments"):
             # Checked when the job was recorded (API, enqueue, spawn): not again per message.
             options["arguments_checked"] = True

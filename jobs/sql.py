@@ -14,7 +14,7 @@ import datetime
 import functools
 import json
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection as default_connection
@@ -152,7 +152,7 @@ def _insert_from_json(objs: Sequence[Model], conn: Any) -> None:
 def _as_json(value: Any) -> Any:
     """A value a field prepared for PostgreSQL, as JSON can carry it: psycopg's Json/Jsonb wrapper (a
     JSON field's) unwrapped; the rest as `_Encoder` writes it."""
-    return value.obj if isinstance(value, _json_wrappers()) else value
+    return cast(Any, value).obj if isinstance(value, _json_wrappers()) else value
 
 
 @functools.cache
