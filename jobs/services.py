@@ -27,7 +27,7 @@ from config.celery_app import app
 from jobs import sql, tree
 from jobs.models import ApiToken, Job, JobDependency
 from jobs.protocol import BROKER_ERRORS, REPLAY_HEADER
-from jobs.publish import BrokerUnavailable, mark_published, publish
+from jobs.publish import BrokerUnavailable, mark_published, marked_before_sending, publish
 from jobs.registry import JobRequest
 from tasks import deadletters
 from tasks.base import JobTask
@@ -129,6 +129,11 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
         dependencies = _refuse_dependents_of_refused(requests, outcomes)
         still = {id(outcome.job) for outcome in outcomes if isinstance(outcome, Accepted)}
         fresh = [job for job in fresh if id(job) in still]
+        premarked = marked_before_sending()
+        if premarked:
+            for job in fresh:
+                if job.status != Job.Status.WAITING and not _held(job, now):
+                    job.published_at = now
         try:
             sql.insert_all(fresh)  # as bulk_create, without building the statement through the ORM
             new = {job.pk for job in fresh}
@@ -152,7 +157,7 @@ def enqueue(requests: Sequence[JobRequest], token: ApiToken | None) -> list[Acce
         Job.objects.filter(pk__in=[job.pk for job in fresh]).delete()
         logger.warning("broker unavailable: %d job(s) refused", len(fresh))
         raise
-    if to_send:
+    if to_send and not premarked:
         # One UPDATE, committed without waiting for the WAL flush (jobs.publish.mark_published).
         published = mark_published([job.pk for job in to_send])
         for job in to_send:

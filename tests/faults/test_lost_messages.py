@@ -13,9 +13,11 @@ from uuid import uuid4
 
 import pytest
 from celery import Celery
+from celery.signals import before_task_publish
 
 from jobs import reconcile, services
 from jobs.models import Job
+from jobs.registry import parse_job
 from tasks.models import DeadLetter
 from tests import queues
 from tests.faults import oracle
@@ -81,6 +83,37 @@ def test_a_replay_whose_message_was_lost_is_sent_again_and_still_writes_its_outc
     wait_for(lambda: Job.objects.get(pk=failed.pk).status == "succeeded", what="the job", timeout=60)
     assert Job.objects.get(pk=failed.pk).task_id == task_id
     wait_for(lambda: DeadLetter.objects.get(pk=letter.pk).replay_status == "succeeded", what="the letter")
+
+
+class _Died(BaseException):
+    """The web process dying between its INSERT and its publish (Celery's signals swallow Exceptions)."""
+
+
+@redis_only
+def test_a_job_whose_web_process_died_before_sending_it_is_sent_by_the_reconciler(
+    celery_app: Celery, empty_queues: None, worker_process, settings
+) -> None:
+    # On Redis a row is marked published as it is written (jobs.publish.marked_before_sending): one
+    # whose message never left is a lost message, which the reconciler sends.
+    settings.JOBS_RECONCILE_AFTER_SECONDS = 0
+
+    def die(**kwargs: object) -> None:
+        raise _Died()
+
+    before_task_publish.connect(die, weak=False)
+    try:
+        with pytest.raises(_Died):
+            services.enqueue([parse_job({"type": "default.ping", "payload": {}})], None)
+    finally:
+        before_task_publish.disconnect(die)
+    job = Job.objects.get()
+    assert job.status == "queued" and job.published_at is not None
+    assert services.release_due() == 0  # marked: not the release's to send
+
+    assert reconcile.resend_lost() == 1
+    worker_process("after-death", "-Q", "default", "--concurrency=1")
+
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "succeeded", what="the job", timeout=60)
 
 
 def test_a_job_still_running_is_not_sent_again_while_its_message_is_held(
