@@ -40,7 +40,7 @@ from django.utils import timezone
 from config.celery_app import app
 from jobs import sql, tree
 from jobs.models import Job, JobDependency
-from jobs.publish import BrokerUnavailable, mark_published, publish, queue_for
+from jobs.publish import BrokerUnavailable, mark_published, marked_before_sending, publish, queue_for
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def enqueue(
     Raises InvalidJob when the task is unknown, the arguments do not match its schema or are
     not JSON, an option is out of range, or a job it depends on does not exist.
 
-    Every job enqueued in one transaction is sent when it commits in one pipelined publish,
-    and marked published in one UPDATE (see _Outbox).
+    Every job enqueued in one transaction is sent when it commits in one pipelined publish; on
+    RabbitMQ then marked published in one UPDATE (on Redis its row is written marked: see _Outbox).
     """
     name, task = _checked(task, [kwargs], priority)
     try:
@@ -150,6 +150,9 @@ def _record(
     run_at = now + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
     status = Job.Status.WAITING if waiting else Job.Status.SCHEDULED if run_at else Job.Status.QUEUED
     queue = queue_for(name)
+    # Redis: marked published as written, for the commit's publish (see jobs.publish.marked_before_sending).
+    sent_on_commit = not waiting and delay_seconds <= settings.JOBS_BROKER_MAX_DELAY_SECONDS
+    published_at = now if sent_on_commit and marked_before_sending() else None
     jobs = [
         Job(
             type=name,
@@ -160,6 +163,7 @@ def _record(
             run_after=Job.RunAfter.SUCCESS if waiting else "",
             task_id=uuid(),
             run_at=run_at,
+            published_at=published_at,
         )
         for kwargs in kwargs_list
     ]
@@ -183,10 +187,11 @@ class _Outbox:
 
     One on_commit callback per transaction (not one per job): it publishes every job in one
     kombu batch (one Redis pipeline; on RabbitMQ, publisher confirms collected at the end) and
-    marks them published in one UPDATE. A savepoint rolled back takes its jobs' rows with it:
-    jobs enqueued inside a savepoint opened after the callback was registered are sent only if
-    their row is there at commit (one SELECT); a rolled-back savepoint that registered the
-    callback drops it, and the next enqueue starts a new outbox.
+    marks them published in one UPDATE (RabbitMQ; on Redis the rows were written marked, and are
+    unmarked if the broker refuses them: jobs.publish.marked_before_sending). A savepoint rolled
+    back takes its jobs' rows with it: jobs enqueued inside a savepoint opened after the callback
+    was registered are sent only if their row is there at commit (one SELECT); a rolled-back
+    savepoint that registered the callback drops it, and the next enqueue starts a new outbox.
     """
 
     ATTRIBUTE = "_jobs_outbox"
@@ -226,13 +231,19 @@ class _Outbox:
 def _send(jobs: list[Job], using: str | None) -> None:
     if not jobs:
         return
+    premarked = [job.pk for job in jobs if job.published_at is not None]
     try:
         publish(jobs)
     except BrokerUnavailable:
+        if premarked:  # not sent after all: the release's to send, after its grace
+            Job.objects.using(using).filter(pk__in=premarked).update(published_at=None)
+            for job in jobs:
+                job.published_at = None
         logger.warning(
             "%d job(s) (%s, ...) recorded; the broker did not take them now, default.release_jobs sends them",
             len(jobs),
             jobs[0].pk,
         )
         return
-    mark_published([job.pk for job in jobs], using=using)
+    if len(premarked) < len(jobs):
+        mark_published([job.pk for job in jobs if job.published_at is None], using=using)
