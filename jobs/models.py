@@ -76,7 +76,8 @@ class Job(models.Model):
     # Headers every send of this run carries (jobs.publish.message_options): a retry's held in this
     # row (jobs.tracking.hold_retry), published with when due; a dead letter's replay's (its id).
     held_headers = models.JSONField(null=True, blank=True, editable=False)
-    # Null until the message is with the broker; the release task publishes jobs that stay unpublished.
+    # Null until the message is with the broker (on Redis set as the row is written, for the publish that
+    # follows: jobs.publish.marked_before_sending); the release task publishes jobs that stay unpublished.
     published_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
