@@ -313,7 +313,13 @@ CELERY_TASK_TRACK_STARTED = True
 # Our tasks are seconds to minutes long (SMTP, images, HTTP pages): a worker
 # reserves one message per process so a slow task never holds others hostage.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=1, min_value=1)
-CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=2, min_value=1)
+# One pool process per core this process may run on (a container's CPU set, not the host's count), as
+# Celery's own default: it was a fixed 2, which left bigger machines idle (issue 18).
+CELERY_WORKER_CONCURRENCY = env.int(
+    "CELERY_WORKER_CONCURRENCY",
+    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    min_value=1,
+)
 # Memory growth from Pillow and large payloads is bounded by max_memory_per_child (checked after every
 # task): a pool process past it is replaced. Recycling every N tasks as well cost a 120-360 ms stall
 # per recycle (issue 18) for no bound the memory limit does not give: off unless set. (Not "0 = off":
