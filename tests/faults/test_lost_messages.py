@@ -21,6 +21,7 @@ from jobs.registry import parse_job
 from tasks.models import DeadLetter
 from tests import queues
 from tests.faults import oracle
+from tests.jobs.letters import dead_letter_of
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -66,14 +67,7 @@ def test_a_replay_whose_message_was_lost_is_sent_again_and_still_writes_its_outc
 ) -> None:
     settings.JOBS_RECONCILE_AFTER_SECONDS = 0
     failed = Job.objects.create(type="default.ping", queue="default", task_id=uuid4().hex, status="failed")
-    letter = DeadLetter.objects.create(
-        task_id=failed.task_id,
-        task_name=failed.type,
-        exception_type="x.Boom",
-        first_failed_at="2026-01-01T00:00Z",
-        last_failed_at="2026-01-01T00:00Z",
-        job=failed,
-    )
+    letter = dead_letter_of(failed)
     task_id = services.replay(letter)
     assert _delete_every_message(celery_app) == 1
 

@@ -21,6 +21,7 @@ from jobs import tree
 from jobs.models import Job, JobDependency
 from tasks.models import DataSource, DeadLetter, SyncedRecord, SyncRun
 from tests.jobs.conftest import ApiClient
+from tests.jobs.letters import dead_letter_of
 from tests.smtp import SmtpServer
 from tests.tasks.upstream import Upstream, make_records
 from tests.waiting import wait_for
@@ -245,17 +246,6 @@ def test_the_jobs_above_a_retried_child_wait_for_it_before_its_message_is_sent(
     assert seen == [{str(top.pk): "running", str(middle.pk): "running"}]
     assert final(staff_client, str(top.pk))["status"] == "succeeded"
     assert Job.objects.get(pk=middle.pk).status == "succeeded"
-
-
-def dead_letter_of(job: Job) -> DeadLetter:
-    return DeadLetter.objects.create(
-        task_id=job.task_id,
-        task_name=job.type,
-        exception_type="x.Boom",
-        first_failed_at="2026-01-01T00:00Z",
-        last_failed_at="2026-01-01T00:00Z",
-        job=job,
-    )
 
 
 def test_replaying_a_childs_dead_letter_runs_that_job_again_and_its_parent_settles(
