@@ -140,9 +140,11 @@ def _update(
             text += f" AND {commits.NO_FLUSH_CONDITION}"
         if followed:
             assert then is not None
-            # PostgreSQL runs the statements of one simple query as one transaction, which COMMIT ends:
-            # the question after it is asked after the outcome is committed, as if asked apart.
-            text += f"; COMMIT; {then.sql()}"
+            # One simple query: the outcome's transaction, then the question, asked after the outcome is
+            # committed, as if asked apart. The BEGIN makes the transaction an explicit one: a COMMIT
+            # ending PostgreSQL's implicit one is obeyed but logged as a WARNING ("there is no
+            # transaction in progress"), a line in the server's log for every job.
+            text = f"BEGIN; {text}; COMMIT; {then.sql()}"
         return text
 
     statement = sql.statement(("job update", key, tuple(changes), unflushed, followed), build)
@@ -155,14 +157,32 @@ def _update(
         assert then is not None
         params += then.params()
     with connection.cursor() as cursor:
-        cursor.execute(statement, params)
+        if not followed:
+            cursor.execute(statement, params)
+            return int(cursor.rowcount)
+        assert then is not None
+        try:
+            cursor.execute(statement, params)
+        except Exception:
+            # A statement that failed after the BEGIN leaves the explicit transaction open and aborted
+            # (the rest of the query is skipped): ended here, so the connection serves the next job.
+            _roll_back_failed(connection)
+            raise
+        cursor.nextset()  # BEGIN's, then the UPDATE's
         changed = int(cursor.rowcount)
-        if followed:
-            assert then is not None
-            cursor.nextset()  # COMMIT
-            cursor.nextset()
-            then.rows = [row[0] for row in cursor.fetchall()]
+        cursor.nextset()  # COMMIT
+        cursor.nextset()
+        then.rows = [row[0] for row in cursor.fetchall()]
         return changed
+
+
+def _roll_back_failed(conn: Any) -> None:
+    import psycopg
+
+    raw = conn.connection
+    if raw is not None and raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        with contextlib.suppress(Exception):
+            raw.rollback()
 
 
 def _finish(job_id: str, task_id: str, **changes: Any) -> tuple[int, list[Any] | None]:

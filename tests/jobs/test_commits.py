@@ -50,3 +50,66 @@ def test_inside_a_transaction_its_commit_decides() -> None:
 
     assert not any(NO_FLUSH in query["sql"] for query in queries)
     assert Job.objects.get(pk=job.pk).status == Job.Status.RUNNING
+
+
+def postgresql_only() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the outcome's one-query form is PostgreSQL's")
+
+
+def test_an_outcome_and_its_waiters_are_one_query_that_postgresql_logs_no_warning_for() -> None:
+    """The outcome's UPDATE, its COMMIT and the question after it go in one simple query. Without a BEGIN
+    of its own, PostgreSQL obeyed the COMMIT but sent (and logged) `WARNING: there is no transaction
+    in progress` for every job: 200,000 lines in its log after a benchmark."""
+    postgresql_only()
+    from jobs import tracking
+    from jobs.models import JobDependency
+
+    job, waiter = job_row(Job.Status.RUNNING), job_row(Job.Status.WAITING)
+    JobDependency.objects.create(job=waiter, prerequisite=job)
+    connection.ensure_connection()
+    notices: list[str] = []
+    connection.connection.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
+
+    with CaptureQueriesContext(connection) as queries:
+        changed, waiters = tracking._finish(
+            str(job.pk), job.task_id, status=Job.Status.SUCCEEDED, finished_at=job.created_at
+        )
+
+    assert (changed, [str(pk) for pk in waiters or []]) == (1, [str(waiter.pk)])
+    assert len(queries) == 1
+    assert notices == []
+    assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED  # committed: read on the same session
+    assert not connection.in_atomic_block and connection.connection.info.transaction_status == 0  # IDLE
+
+
+def test_an_outcome_whose_statement_fails_leaves_the_connection_ready_for_the_next_job() -> None:
+    postgresql_only()
+    from django.db import OperationalError, connections
+
+    from jobs import tracking
+
+    job = job_row(Job.Status.RUNNING)
+    holder = connections.create_connection("default")
+    try:
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:  # another session holds the row: the outcome's UPDATE waits
+            cursor.execute(f"SELECT 1 FROM {Job._meta.db_table} WHERE id = %s FOR UPDATE", [job.pk])  # noqa: S608
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 200")
+        with pytest.raises(OperationalError):
+            tracking._finish(
+                str(job.pk), job.task_id, status=Job.Status.SUCCEEDED, finished_at=job.created_at
+            )
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 0")
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert connection.connection.info.transaction_status == 0  # IDLE, not an aborted transaction
+    changed, _ = tracking._finish(
+        str(job.pk), job.task_id, status=Job.Status.SUCCEEDED, finished_at=job.created_at
+    )
+    assert changed == 1
+    assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 def statement_kind(sql: str) -> str:
     """INSERT, UPDATE, ...: "unflushed INSERT" when sent after SET LOCAL synchronous_commit TO OFF;
-    "UPDATE; COMMIT; SELECT" for statements sent together in one query."""
+    "BEGIN; UPDATE; COMMIT; SELECT" for statements sent together in one query."""
     kind = "; ".join(part.split()[0] for part in sql.removeprefix(NO_FLUSH_PREFIX).split("; "))
     return f"unflushed {kind}" if sql.startswith(NO_FLUSH_PREFIX) else kind
 
@@ -107,9 +107,8 @@ def test_a_job_costs_its_worker_two_round_trips_and_one_flushed_commit(
         # whether any job waits for this one (one SELECT): on PostgreSQL in the same round trip
         # (jobs.tracking). Each its own transaction; no django-celery-results row.
         kinds = [statement_kind(sql) for sql, _ in ran]
-        expected = (
-            ["unflushed INSERT", "UPDATE; COMMIT; SELECT"] if postgresql else ["INSERT", "UPDATE", "SELECT"]
-        )
+        outcome = ["BEGIN; UPDATE; COMMIT; SELECT"] if postgresql else ["UPDATE", "SELECT"]
+        expected = ["unflushed INSERT" if postgresql else "INSERT", *outcome]
         assert kinds == expected, ran
         assert not any(in_block for _, in_block in ran), ran
         assert "synchronous_commit" not in ran[1][0], ran  # the outcome's commit is flushed
@@ -127,7 +126,11 @@ def test_a_claim_through_the_api_is_one_unflushed_update(
     postgresql = connection.vendor == "postgresql"
     assert [(statement_kind(sql), in_block) for sql, in_block in ran] == [
         ("UPDATE", False),
-        *([("UPDATE; COMMIT; SELECT", False)] if postgresql else [("UPDATE", False), ("SELECT", False)]),
+        *(
+            [("BEGIN; UPDATE; COMMIT; SELECT", False)]
+            if postgresql
+            else [("UPDATE", False), ("SELECT", False)]
+        ),
     ], ran
     if postgresql:
         assert "set_config('synchronous_commit', 'off', true)" in ran[0][0], ran
