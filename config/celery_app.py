@@ -6,6 +6,7 @@ import importlib
 import logging.config
 import math
 import os
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -112,11 +113,33 @@ def drop_rabbitmqs_dead_lettering_history(headers: dict[str, Any] | None = None,
 
 
 @setup_logging.connect
-def configure_logging_from_django(**kwargs: Any) -> None:
-    """Celery's logging goes through Django's LOGGING instead of Celery's own setup."""
+def configure_logging_from_django(loglevel: int | str | None = None, **kwargs: Any) -> None:
+    """Celery's logging goes through Django's LOGGING instead of Celery's own setup.
+
+    A level given on the command line (`celery -A config worker --loglevel=WARNING`) is obeyed: it
+    sets the root logger's and Celery's loggers' levels, as Celery's own setup would. Without one,
+    LOG_LEVEL decides (Celery's default, WARNING, would hide the worker's "ready" line)."""
+    import copy
+
     from django.conf import settings
 
-    logging.config.dictConfig(settings.LOGGING)
+    config = settings.LOGGING
+    if loglevel is not None and loglevel_on_command_line(sys.argv):
+        level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else str(loglevel).upper()
+        config = copy.deepcopy(config)
+        config.setdefault("root", {})["level"] = level
+        config.setdefault("loggers", {}).setdefault("celery", {})["level"] = level
+    logging.config.dictConfig(config)
+
+
+def loglevel_on_command_line(argv: list[str]) -> bool:
+    """Whether a celery command line gives -l/--loglevel (`-l INFO`, `-lINFO`, `--loglevel=INFO`)."""
+    for arg in argv[1:]:
+        if arg in ("-l", "--loglevel") or arg.startswith("--loglevel="):
+            return True
+        if arg.startswith("-l") and len(arg) > 2:
+            return True
+    return False
 
 
 def import_task_modules() -> None:
