@@ -123,7 +123,7 @@ def configure_logging_from_django(loglevel: int | str | None = None, **kwargs: A
 
     from django.conf import settings
 
-    config = settings.LOGGING
+    config: dict[str, Any] = settings.LOGGING
     if loglevel is not None and loglevel_on_command_line(sys.argv):
         level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else str(loglevel).upper()
         config = copy.deepcopy(config)
