@@ -33,19 +33,24 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
     def where() -> str:
         # A retry whose "retrying" could not be written (the database was away) finds the row still
         # running from the attempt before; a redelivered message finds it running from its own first
-        # delivery.
+        # delivery. A retrying row waits for its next attempt's message: an earlier attempt's
+        # message, delivered again because its worker died before acknowledging it, must not start
+        # it before its backoff is over (a held retry would have run at once).
         running_since = "" if redelivered else f" AND {_column('attempts')} < %s"
-        startable = ", ".join(["%s"] * len(Job.STARTABLE))
+        status, attempts = _column("status"), _column("attempts")
         return (
-            f"{_column('id')} = %s AND {_column('task_id')} = %s AND ({_column('status')} IN "
-            f"({startable}) OR ({_column('status')} = %s{running_since}))"
+            f"{_column('id')} = %s AND {_column('task_id')} = %s AND ({status} IN (%s, %s) OR "
+            f"({status} = %s AND {attempts} < %s) OR ({status} = %s{running_since}))"
         )
 
     claimed = _update(
         ("claim", redelivered),
         {"status": Job.Status.RUNNING, "attempts": attempt, "started_at": now, "finished_at": None},
         where,
-        [job_id, task_id, *Job.STARTABLE, Job.Status.RUNNING, *([] if redelivered else [attempt])],
+        [
+            *(job_id, task_id, Job.Status.QUEUED, Job.Status.SCHEDULED, Job.Status.RETRYING, attempt),
+            *(Job.Status.RUNNING, *([] if redelivered else [attempt])),
+        ],
         # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL
         # leaves the row as the unacknowledged message found it.
         flush=False,

@@ -209,3 +209,42 @@ def test_a_worker_keeps_its_connection_and_replaces_one_the_database_dropped(cel
 
     assert set(third.get(timeout=30)) == {"pong", "at"}  # claimed and finished over a new connection
     assert Job.objects.get(task_id=third.id).status == Job.Status.SUCCEEDED
+
+
+def test_an_earlier_attempts_message_delivered_again_does_not_start_a_retry_before_it_is_due(
+    celery_worker: object,
+) -> None:
+    """A retry held in the row (status retrying, due later, attempts 1) and the first attempt's message
+    delivered again (its worker died after holding the retry, before acknowledging): the old message
+    is skipped, and the job runs when its retry is released, as attempt 2. Before, the old message's
+    claim took any retrying row and ran the job at once, ahead of its backoff."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs import publish
+    from jobs.protocol import JOB_HEADER
+
+    job = enqueue(ping)
+    ping.AsyncResult(job.task_id).get(timeout=30)
+    Job.objects.filter(pk=job.pk).update(  # what tracking.hold_retry leaves after attempt 1
+        status=Job.Status.RETRYING,
+        attempts=1,
+        run_at=timezone.now() + timedelta(hours=1),
+        published_at=None,
+        result=None,
+        finished_at=None,
+    )
+
+    ping.apply_async(task_id=job.task_id, headers={JOB_HEADER: str(job.pk)}, arguments_checked=True)
+    ping.apply_async().get(timeout=30)  # the worker (solo) took the stale message before this one
+
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.result) == (Job.Status.RETRYING, 1, None)
+
+    Job.objects.filter(pk=job.pk).update(run_at=timezone.now())  # due now
+    job.refresh_from_db()
+    publish.publish([job])  # what default.release_jobs sends when it is due
+    ping.AsyncResult(job.task_id).get(timeout=30)
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == (Job.Status.SUCCEEDED, 2)
