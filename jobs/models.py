@@ -69,6 +69,10 @@ class Job(models.Model):
     # The Celery task id of the current run: retries keep it, a retry through the API gets a new one.
     task_id = models.CharField(max_length=255, unique=True)
     attempts = models.PositiveIntegerField(default=0)
+    # Deliveries of the current attempt's message whose run claimed this row: 1, or more when the
+    # broker delivered it again after its worker died. Counted here for the brokers that do not count
+    # them (RabbitMQ's classic queues): JOBS_MAX_DELIVERIES then applies there too (jobs.tracking).
+    deliveries = models.PositiveIntegerField(default=0, editable=False)
     result = models.JSONField(null=True, blank=True)
     error_type = models.CharField(max_length=255, blank=True)
     error_message = models.TextField(blank=True)

@@ -26,8 +26,11 @@ from jobs.protocol import effective_priority, storable
 logger = logging.getLogger(__name__)
 
 
-def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
-    """Marks the job running for this message; False when the message must not run it."""
+def claim(job_id: str, task_id: str, attempt: int, redelivered: bool, *, counted: bool = False) -> int:
+    """Marks the job running for this message: the deliveries of this attempt's message that claimed
+    the row (1 the first time), or 0 when the message must not run it. `counted`: the broker says it
+    delivered this message before (a worker died running it), so this delivery counts one more; a
+    copy sent again by a worker (a deferral, a resend) does not."""
     now = timezone.now()
 
     def where() -> str:
@@ -43,9 +46,22 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
             f"({status} = %s AND {attempts} < %s) OR ({status} = %s{running_since}))"
         )
 
+    # Against the row as it was: running for this very attempt means this message ran before.
+    status, attempts, deliveries = _column("status"), _column("attempts"), _column("deliveries")
+    counting = Expression(
+        f"CASE WHEN {status} = %s AND {attempts} = %s THEN {deliveries} + %s ELSE 1 END",
+        [Job.Status.RUNNING, attempt, 1 if counted else 0],
+    )
+    returned: list[Any] = []
     claimed = _update(
         ("claim", redelivered),
-        {"status": Job.Status.RUNNING, "attempts": attempt, "started_at": now, "finished_at": None},
+        {
+            "status": Job.Status.RUNNING,
+            "attempts": attempt,
+            "started_at": now,
+            "finished_at": None,
+            "deliveries": counting,
+        },
         where,
         [
             *(job_id, task_id, Job.Status.QUEUED, Job.Status.SCHEDULED, Job.Status.RETRYING, attempt),
@@ -54,6 +70,7 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
         # Without waiting for the WAL flush (jobs.commits): a claim lost in a crash of PostgreSQL
         # leaves the row as the unacknowledged message found it.
         flush=False,
+        returning=("deliveries", returned),
     )
     if not claimed:
         current = Job.objects.filter(pk=job_id).values_list("status", "task_id").first()
@@ -63,7 +80,8 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool) -> bool:
             task_id,
             "no such job" if current is None else f"it is {current[0]} (task {current[1]})",
         )
-    return bool(claimed)
+        return 0
+    return max(1, int(returned[0])) if returned else 1
 
 
 def record_and_claim(
@@ -74,12 +92,14 @@ def record_and_claim(
     attempt: int,
     redelivered: bool,
     priority: int | None = None,
-) -> str | None:
+    *,
+    counted: bool = False,
+) -> tuple[str, int] | None:
     """The record of a task sent without one (plain apply_async, beat), made when it starts.
 
     `priority` is the message's: a retry of the job through the API sends it with the same one.
-    Returns the job's id, or None when the message must not run it (its record says it was
-    cancelled or is done: a duplicate message).
+    Returns the job's id and the deliveries that claimed it (`claim`), or None when the message
+    must not run it (its record says it was cancelled or is done: a duplicate message).
     """
     now = timezone.now()
     fields = {
@@ -91,6 +111,7 @@ def record_and_claim(
         "attempts": attempt,
         "started_at": now,
         "published_at": now,
+        "deliveries": 1,
     }
     # One INSERT: the first delivery of a message (nearly all of them) has no row yet. A redelivered
     # or duplicate one finds it there (the unique task_id) and claims it instead.
@@ -99,14 +120,21 @@ def record_and_claim(
     try:
         with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
             _insert(job, flush=False)
-        return str(job.pk)
+        return str(job.pk), 1
     except IntegrityError:
         existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
         if existing is None:
             raise
-    if claim(str(existing), task_id, attempt, redelivered):
-        return str(existing)
-    return None
+    deliveries = claim(str(existing), task_id, attempt, redelivered, counted=counted)
+    return (str(existing), deliveries) if deliveries else None
+
+
+class Expression:
+    """A SET value computed by the database: SQL with %s placeholders, and their values (as given)."""
+
+    def __init__(self, sql: str, params: list[Any]) -> None:
+        self.sql = sql
+        self.params = params
 
 
 def _column(name: str) -> str:
@@ -129,20 +157,31 @@ def _update(
     *,
     flush: bool = True,
     then: tree.Followed | None = None,
+    returning: tuple[str, list[Any]] | None = None,
 ) -> int:
     """UPDATE the job's row: SET `changes` WHERE `where()` (its %s filled by `where_values`, the first two
     of which are the job's id and task id; `key` names its shape, for the statement's cache); the rows
     changed. `flush=False`: its commit does not wait for the WAL flush (jobs.commits), when it is one of
     its own. `then`: a question asked after the commit, in the same round trip when it can be
-    (jobs.tree.Followed), its answer left in `then.rows`."""
+    (jobs.tree.Followed), its answer left in `then.rows`. `returning` (a field, a list): the field's
+    new value is appended to the list when a row changed (RETURNING on PostgreSQL, a SELECT after
+    it elsewhere). A value of `changes` may be an `Expression`."""
     unflushed = not flush and commits.applies(connection)
     followed = then is not None and commits.one_query(connection)
+    returned_here = returning is not None and connection.vendor == "postgresql"
+    assert not (followed and returning), "one or the other"
 
     def build() -> str:
-        assignments = ", ".join(f"{_column(name)} = %s" for name in changes)
+        assignments = ", ".join(
+            f"{_column(name)} = {value.sql if isinstance(value, Expression) else '%s'}"
+            for name, value in changes.items()
+        )
         text = f"UPDATE {sql.table(Job)} SET {assignments} WHERE {where()}"  # noqa: S608 (model names)
         if unflushed:
             text += f" AND {commits.NO_FLUSH_CONDITION}"
+        if returned_here:
+            assert returning is not None
+            text += f" RETURNING {_column(returning[0])}"
         if followed:
             assert then is not None
             # One simple query: the outcome's transaction, then the question, asked after the outcome is
@@ -152,19 +191,30 @@ def _update(
             text = f"BEGIN; {text}; COMMIT; {then.sql()}"
         return text
 
-    statement = sql.statement(("job update", key, tuple(changes), unflushed, followed), build)
-    params = [
-        *sql.values(Job, tuple(changes), list(changes.values())),
-        *sql.values(Job, ("id", "task_id"), where_values[:2]),
-        *where_values[2:],
-    ]
+    statement = sql.statement(
+        ("job update", key, tuple(changes), unflushed, followed, returning and returning[0]), build
+    )
+    params: list[Any] = []
+    for name, value in changes.items():
+        if isinstance(value, Expression):
+            params += value.params
+        else:
+            params += sql.values(Job, (name,), [value])
+    params += [*sql.values(Job, ("id", "task_id"), where_values[:2]), *where_values[2:]]
     if followed:
         assert then is not None
         params += then.params()
     with connection.cursor() as cursor:
         if not followed:
             cursor.execute(statement, params)
-            return int(cursor.rowcount)
+            changed = int(cursor.rowcount)
+            if returning is not None and changed:
+                name, into = returning
+                if returned_here:
+                    into.extend(row[0] for row in cursor.fetchall())
+                else:
+                    into.extend(Job.objects.filter(pk=where_values[0]).values_list(name, flat=True))
+            return changed
         assert then is not None
         try:
             cursor.execute(statement, params)

@@ -365,21 +365,23 @@ class JobTask(Task):
 
     # --- jobs sent through the API (jobs.tracking) ---------------------------
 
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        from celery.exceptions import Ignore
-
-        if self.deferred:  # the STARTED state could not be written: this delivery ends here
-            raise Ignore()
-        deliveries = self.delivery_count()
+    def _check_deliveries(self, deliveries: int) -> None:
         if deliveries > settings.JOBS_MAX_DELIVERIES:
-            # A message that kills whatever runs it (out of memory, a crash, the hard time limit)
-            # would otherwise go round for ever: it fails for good and leaves a dead letter.
             raise DeliveryLimitExceeded(
                 f"{self.name}: delivered {deliveries} times (JOBS_MAX_DELIVERIES is "
                 f"{settings.JOBS_MAX_DELIVERIES}); each time, the worker running it was lost "
                 "(killed, out of memory, or past the hard time limit). Not run again: replay the "
                 "dead letter once the cause is fixed."
             )
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        from celery.exceptions import Ignore
+
+        if self.deferred:  # the STARTED state could not be written: this delivery ends here
+            raise Ignore()
+        # A message that kills whatever runs it (out of memory, a crash, the hard time limit) would
+        # otherwise go round for ever: it fails for good and leaves a dead letter.
+        self._check_deliveries(self.delivery_count())
         from jobs import connections, tracking
 
         job_id = self.request_header(JOB_HEADER)
@@ -388,13 +390,15 @@ class JobTask(Task):
             self.request_header(name) for name in (DEFERRED_HEADER, RESENT_HEADER)
         )
         attempt = (self.request.retries or 0) + 1
+        # The broker delivered this very message before (its worker died): the row counts it.
+        counted = bool((self.request.delivery_info or {}).get("redelivered"))
         try:
             if job_id is None:
                 # Sent with plain apply_async (or by beat): the job's record is made now, and
                 # travels with its retries from here on.
                 delivery = self.request.delivery_info or {}
                 arguments = self.bind_arguments(args or (), kwargs or {})
-                job_id = connections.claiming(
+                recorded = connections.claiming(
                     lambda again: tracking.record_and_claim(
                         self.name,
                         task_id,
@@ -403,19 +407,25 @@ class JobTask(Task):
                         attempt,
                         redelivered or again,
                         priority=delivery.get("priority"),
+                        counted=counted,
                     )
                 )
-                claimed = job_id is not None
-                if claimed:
+                job_id, row_deliveries = recorded if recorded is not None else (None, 0)
+                if job_id is not None:
                     setattr(self.request, JOB_HEADER, job_id)
             else:
                 known = str(job_id)
-                claimed = connections.claiming(
-                    lambda again: tracking.claim(known, task_id, attempt, redelivered or again)
+                row_deliveries = connections.claiming(
+                    lambda again: tracking.claim(
+                        known, task_id, attempt, redelivered or again, counted=counted
+                    )
                 )
+            claimed = row_deliveries > 0
         except reliability.DATABASE_ERRORS as exc:
             self._defer_if_outage(exc)
             raise
+        # A broker that counts no deliveries (RabbitMQ's classic queues): the job's row did.
+        self._check_deliveries(row_deliveries)
         if not claimed:
             # Cancelled (or already done): the result says so, and the message is acknowledged.
             self.backend.mark_as_revoked(

@@ -113,3 +113,22 @@ def test_an_outcome_whose_statement_fails_leaves_the_connection_ready_for_the_ne
     )
     assert changed == 1
     assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED
+
+
+def test_a_claim_counts_the_deliveries_of_its_attempts_message() -> None:
+    """The row counts what RabbitMQ's classic queues do not: each time the broker delivered this
+    attempt's message again after its worker died. A copy a worker sent again (a deferral) claims
+    without counting; the next attempt starts again at 1; a message that must not run it gets 0."""
+    from jobs import tracking
+
+    job = job_row(Job.Status.QUEUED)
+    claim = tracking.claim
+
+    assert claim(str(job.pk), job.task_id, 1, False) == 1
+    assert claim(str(job.pk), job.task_id, 1, True, counted=True) == 2
+    assert claim(str(job.pk), job.task_id, 1, True, counted=False) == 2  # a deferral's copy
+    assert claim(str(job.pk), job.task_id, 1, True, counted=True) == 3
+    assert claim(str(job.pk), job.task_id, 2, False) == 1  # a retry: a new message
+    assert Job.objects.values_list("deliveries", "attempts").get(pk=job.pk) == (1, 2)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.SUCCEEDED)
+    assert claim(str(job.pk), job.task_id, 2, True, counted=True) == 0
