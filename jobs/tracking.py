@@ -164,11 +164,12 @@ def _update(
     changed. `flush=False`: its commit does not wait for the WAL flush (jobs.commits), when it is one of
     its own. `then`: a question asked after the commit, in the same round trip when it can be
     (jobs.tree.Followed), its answer left in `then.rows`. `returning` (a field, a list): the field's
-    new value is appended to the list when a row changed (RETURNING on PostgreSQL, a SELECT after
-    it elsewhere). A value of `changes` may be an `Expression`."""
+    new value is appended to the list when a row changed (RETURNING where the database has it, a
+    SELECT after it elsewhere). A value of `changes` may be an `Expression`."""
     unflushed = not flush and commits.applies(connection)
     followed = then is not None and commits.one_query(connection)
-    returned_here = returning is not None and connection.vendor == "postgresql"
+    # UPDATE ... RETURNING: PostgreSQL, SQLite from 3.35 (as INSERT ... RETURNING, which Django checks).
+    returned_here = returning is not None and connection.features.can_return_columns_from_insert
     assert not (followed and returning), "one or the other"
 
     def build() -> str:
@@ -207,13 +208,16 @@ def _update(
     with connection.cursor() as cursor:
         if not followed:
             cursor.execute(statement, params)
+            if returned_here:
+                assert returning is not None
+                # Counted from the rows returned: SQLite's rowcount is known only once they are read.
+                rows = cursor.fetchall()
+                returning[1].extend(row[0] for row in rows)
+                return len(rows)
             changed = int(cursor.rowcount)
             if returning is not None and changed:
                 name, into = returning
-                if returned_here:
-                    into.extend(row[0] for row in cursor.fetchall())
-                else:
-                    into.extend(Job.objects.filter(pk=where_values[0]).values_list(name, flat=True))
+                into.extend(Job.objects.filter(pk=where_values[0]).values_list(name, flat=True))
             return changed
         assert then is not None
         try:
