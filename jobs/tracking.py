@@ -2,10 +2,12 @@
 
 Called by tasks.base.JobTask for messages that carry the `x_job_id` header (jobs
 sent through the API). The claim is one conditional UPDATE: a message may start
-the job only while the row is queued, scheduled or retrying with the same task
-id — or running, when the broker redelivers it after a worker died. Anything
-else (cancelled, finished, retried under a new id, a duplicate message) is
-skipped, which is what makes a cancel durable across worker restarts.
+the job only while the row is queued or scheduled with the same task id, retrying
+for an earlier attempt than the message's, or running, when the broker redelivers
+it after a worker died. Anything else (cancelled, finished, retried under a new
+id, a duplicate or stale message) is skipped, which is what makes a cancel durable
+across worker restarts. The same UPDATE counts the deliveries of the attempt's
+message (`Job.deliveries`), for the brokers that count none.
 """
 
 from __future__ import annotations
