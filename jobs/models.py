@@ -101,6 +101,10 @@ class Job(models.Model):
     # When the job's own task returned, for a job with children: from then on it is `running`
     # only while it waits for them, and jobs.tree.settle_parent finishes it.
     own_finished_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When a cancel reached the job while its task ran (or while its children did): the job stays
+    # `running` until its worker says how the run ended (jobs.services.cancel): `cancelled` when it was
+    # stopped, or the outcome it reached before the cancel could stop it. A status is never a guess.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
     # For a `waiting` job: what its prerequisites must have done before it runs.
     run_after = models.CharField(max_length=10, choices=RunAfter.choices, blank=True, editable=False)
     idempotency_key = models.CharField(max_length=255, blank=True)

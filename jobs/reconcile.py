@@ -142,6 +142,43 @@ def finish_from_results(limit: int = 1000) -> int:
     return finished
 
 
+def finish_cancel_requests(limit: int = 1000) -> int:
+    """Cancels `running` jobs whose cancel was requested longer ago than their task's hard time
+    limit (and JOBS_RECONCILE_AFTER_SECONDS more): no run of theirs can still be going, and none
+    said how it ended (its worker's main process could not write `cancelled` when it terminated
+    the run, tasks.requests). Returns how many. On Redis the resend of their lost message usually
+    got there first (jobs.tracking.claim cancels a redelivered run whose cancel was requested)."""
+    from jobs import tracking
+
+    now = timezone.now()
+    grace = timedelta(seconds=settings.JOBS_RECONCILE_AFTER_SECONDS)
+    default_limit = app.conf.task_time_limit or 0
+    shortest = min(
+        [default_limit, *(getattr(task, "time_limit", None) or default_limit for task in app.tasks.values())]
+    )
+    rows = Job.objects.filter(
+        status=Job.Status.RUNNING,
+        own_finished_at__isnull=True,
+        cancel_requested_at__lte=now - timedelta(seconds=shortest) - grace,
+    ).values_list("task_id", "type", "cancel_requested_at")[:limit]
+    finished = 0
+    for task_id, job_type, requested in rows:
+        limit_seconds = getattr(app.tasks.get(job_type), "time_limit", None) or default_limit
+        if (
+            requested is not None
+            and requested <= now - timedelta(seconds=limit_seconds) - grace
+            and tracking.cancelled_while_running(
+                task_id, "its run was cancelled and nothing was heard of it within its hard time limit"
+            )
+        ):
+            finished += 1
+    if finished:
+        logger.warning(
+            "reconciler: %d job(s) whose cancel was requested are cancelled (their run is over)", finished
+        )
+    return finished
+
+
 class _StoredError(Exception):
     """An error as the result backend stored it, named as the task's exception was."""
 

@@ -233,57 +233,86 @@ def cancel(job: Job) -> Job:
     """Cancels a waiting, queued, scheduled, retrying or running job and every job below it that is
     not final yet (its children, theirs, ...); a final job is a Conflict.
 
-    The rows are what stop them: a worker claims a job's row before running it (jobs.tracking.claim)
-    and finds it cancelled. Running ones are also terminated where they run.
+    What is not running is `cancelled` at once: the rows are what stop it (a worker claims a job's
+    row before running it, jobs.tracking.claim, and finds it cancelled). What is running is asked to
+    stop: its row gets `cancel_requested_at` and stays `running`, and its task is terminated where it
+    runs (revoke with terminate). Its worker then writes how the run ended: `cancelled` when it was
+    stopped (tasks.requests), or the outcome it reached before the cancel could stop it (a run that
+    finished first, a pool that cannot interrupt a task). A parent waiting for children still
+    running becomes final with them: `cancelled` unless all of them succeeded after all. So the
+    returned job is final, or `running` with its cancel requested; never a guess.
     """
     now = timezone.now()
     with transaction.atomic():
         # The status as it is now, locked: a worker's claim (an UPDATE of this row) waits for the
-        # commit and then finds it cancelled, so "was it running?" cannot change under us. The
+        # commit and then finds it cancelled, so "is it running?" cannot change under us. The
         # caller's copy may be stale: a job claimed since it was read must still be terminated.
-        before = (
-            Job.objects.select_for_update().filter(pk=job.pk).values_list("status", "own_finished_at").first()
-        )
-        updated = Job.objects.filter(pk=job.pk, status__in=CANCELLABLE).update(
-            status=Job.Status.CANCELLED, finished_at=now
-        )
-        below = tree.descendants(job.pk) if updated else []
-        running = Job.objects.filter(pk__in=below, status=Job.Status.RUNNING, own_finished_at__isnull=True)
-        running_below = list(running.values_list("task_id", flat=True))
-        Job.objects.filter(pk__in=below, status__in=CANCELLABLE).update(
+        before = Job.objects.select_for_update().filter(pk=job.pk).values_list("status", flat=True).first()
+        if before not in CANCELLABLE:
+            job.refresh_from_db()
+            raise Conflict(
+                f"job {job.id} is {job.status}; only waiting, queued, scheduled, retrying or running jobs "
+                "can be cancelled"
+            )
+        below = _locked_descendants(job.pk)
+        running = Job.objects.filter(pk__in=[job.pk, *below], status=Job.Status.RUNNING)
+        stopping = list(running.values_list("pk", "task_id", "own_finished_at"))
+        running.filter(cancel_requested_at__isnull=True).update(cancel_requested_at=now)
+        if before != Job.Status.RUNNING:
+            Job.objects.filter(pk=job.pk).update(status=Job.Status.CANCELLED, finished_at=now)
+        Job.objects.filter(pk__in=below, status__in=CANCELLABLE).exclude(status=Job.Status.RUNNING).update(
             status=Job.Status.CANCELLED,
             finished_at=now,
             error_type="Cancelled",
             error_message=f"job {job.pk} above it was cancelled",
         )
-    # A parent waiting for its children runs no task of its own any more.
-    was_running = before is not None and before[0] == Job.Status.RUNNING and before[1] is None
-    job.refresh_from_db()
-    if not updated:
-        raise Conflict(
-            f"job {job.id} is {job.status}; only waiting, queued, scheduled, retrying or running jobs "
-            "can be cancelled"
-        )
     try:
-        # Drops it from workers' reserved and ETA lists now, and kills it where it runs. Best
-        # effort: the rows decide either way.
-        app.control.revoke(job.task_id, terminate=was_running, signal="SIGTERM")
-        if running_below:
-            app.control.revoke(running_below, terminate=True, signal="SIGTERM")
-        app.backend.mark_as_revoked(job.task_id, reason="cancelled through the API")
+        # Drops them from workers' reserved and ETA lists now, and kills the runs where they run.
+        # Best effort: the rows decide either way.
+        if before != Job.Status.RUNNING:
+            app.control.revoke(job.task_id)
+        runs = [task_id for _, task_id, own_finished_at in stopping if own_finished_at is None]
+        if runs:
+            app.control.revoke(runs, terminate=True, signal="SIGTERM")
+        if before != Job.Status.RUNNING:
+            app.backend.mark_as_revoked(job.task_id, reason="cancelled through the API")
     except Exception:
         logger.warning("job %s cancelled; telling the workers failed (the row still stops it)", job.id)
-    task = app.tasks.get(job.type)
-    if isinstance(task, JobTask):
-        try:
-            task.on_cancelled(job.task_id, (), job.payload)
-        except Exception:
-            logger.exception("job %s cancelled; its task's clean-up failed", job.id)
+    if before != Job.Status.RUNNING:
+        task = app.tasks.get(job.type)
+        if isinstance(task, JobTask):
+            try:
+                task.on_cancelled(job.task_id, (), job.payload)
+            except Exception:
+                logger.exception("job %s cancelled; its task's clean-up failed", job.id)
     try:
-        tree.after_final(job.pk, job.parent_id)  # its parent may be done now; jobs waiting on it
+        # Parents waiting only for children that are final now settle now, the deepest first; then
+        # what the job being final finishes (its parent, jobs waiting on it).
+        depth = {pk: index for index, pk in enumerate([job.pk, *below])}
+        waiting = [pk for pk, _, own_finished_at in stopping if own_finished_at is not None]
+        for pk in sorted(waiting, key=lambda pk: -depth[pk]):
+            tree.settle_parent(pk)
+        if before != Job.Status.RUNNING:
+            tree.after_final(job.pk, job.parent_id)
     except Exception:
         logger.exception("job %s cancelled; settling what it finishes failed (the reconciler will)", job.id)
+    job.refresh_from_db()
     return job
+
+
+def _locked_descendants(job_id: Any) -> list[Any]:
+    """The ids of the jobs below `job_id`, each row locked (in the caller's transaction), deepest
+    generations last. A parent running its own task spawns under a lock on its own row (jobs.tree.
+    spawn): once every row found is locked, no child can appear under them any more. Asked again
+    until nothing new is found, so children committed while we locked are cancelled too."""
+    locked: set[Any] = set()
+    while True:
+        below = tree.descendants(job_id)
+        fresh = [pk for pk in below if pk not in locked]
+        if not fresh:
+            return below
+        list(Job.objects.select_for_update().filter(pk__in=fresh).values_list("pk", flat=True))
+        locked.update(fresh)
 
 
 def retry(job: Job, *, task_id: str | None = None, headers: dict[str, Any] | None = None) -> Job:
@@ -317,6 +346,7 @@ def retry(job: Job, *, task_id: str | None = None, headers: dict[str, Any] | Non
             started_at=None,
             finished_at=None,
             own_finished_at=None,
+            cancel_requested_at=None,
         )
         if updated:
             Job.objects.filter(parent_id=job.pk).delete()
@@ -395,7 +425,11 @@ def _reopen_ancestors(parent_id: Any) -> None:
     forever (until the reconciler's sweep)."""
     while parent_id is not None:
         Job.objects.filter(pk=parent_id, status__in=RETRYABLE, own_finished_at__isnull=False).update(
-            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+            status=Job.Status.RUNNING,
+            error_type="",
+            error_message="",
+            finished_at=None,
+            cancel_requested_at=None,
         )
         parent_id = Job.objects.filter(pk=parent_id).values_list("parent_id", flat=True).first()
 
@@ -415,20 +449,28 @@ def _retry_children(job: Job) -> Job:
 
     with transaction.atomic():
         updated = Job.objects.filter(pk=job.pk, status__in=RETRYABLE).update(
-            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+            status=Job.Status.RUNNING,
+            error_type="",
+            error_message="",
+            finished_at=None,
+            cancel_requested_at=None,
         )
         if not updated:
             job.refresh_from_db()
             raise Conflict(f"job {job.id} is {job.status}; {_ONLY_RETRYABLE}")
         collect(job.pk)
         Job.objects.filter(pk__in=reopened).update(
-            status=Job.Status.RUNNING, error_type="", error_message="", finished_at=None
+            status=Job.Status.RUNNING,
+            error_type="",
+            error_message="",
+            finished_at=None,
+            cancel_requested_at=None,
         )
         for child in rerun:
             child.status, child.task_id, child.attempts = Job.Status.QUEUED, uuid(), 0
             child.result, child.error_type, child.error_message = None, "", ""
             child.run_at = child.published_at = child.started_at = child.finished_at = None
-            child.own_finished_at = None
+            child.own_finished_at = child.cancel_requested_at = None
         Job.objects.bulk_update(rerun, [*_RETRY_FIELDS, "own_finished_at"], batch_size=500)
         Job.objects.filter(parent_id__in=[child.pk for child in rerun]).delete()
         _reopen_ancestors(job.parent_id)
@@ -457,6 +499,7 @@ _RETRY_FIELDS = (
     "published_at",
     "started_at",
     "finished_at",
+    "cancel_requested_at",
 )
 
 

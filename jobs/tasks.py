@@ -35,7 +35,7 @@ def release_jobs(self: JobTask) -> dict[str, Any]:
     RabbitMQ dead-lettered as dead letters (tasks.dead_lettered)."""
     released = services.release_due()
     # Finished first: a running job whose outcome is stored has no message left, and is not lost.
-    finished = reconcile.finish_from_results()
+    finished = reconcile.finish_from_results() + reconcile.finish_cancel_requests()
     resent = reconcile.resend_lost()
     # Parents whose last child's worker died before settling them; jobs waiting on finished ones.
     settled = tree.sweep()

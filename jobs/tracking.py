@@ -43,9 +43,12 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool, *, counted
         # it before its backoff is over (a held retry would have run at once).
         running_since = "" if redelivered else f" AND {_column('attempts')} < %s"
         status, attempts = _column("status"), _column("attempts")
+        # A running row whose cancel was requested is not run again: its run was stopped (or its
+        # worker died) before it ended, and the row becomes `cancelled` (below).
+        requested = _column("cancel_requested_at")
         return (
             f"{_column('id')} = %s AND {_column('task_id')} = %s AND ({status} IN (%s, %s) OR "
-            f"({status} = %s AND {attempts} < %s) OR ({status} = %s{running_since}))"
+            f"({status} = %s AND {attempts} < %s) OR ({status} = %s AND {requested} IS NULL{running_since}))"
         )
 
     # Against the row as it was: running for this very attempt means this message ran before.
@@ -75,7 +78,14 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool, *, counted
         returning=("deliveries", returned),
     )
     if not claimed:
-        current = Job.objects.filter(pk=job_id).values_list("status", "task_id").first()
+        current = (
+            Job.objects.filter(pk=job_id).values_list("status", "task_id", "cancel_requested_at").first()
+        )
+        if current is not None and current[0] == Job.Status.RUNNING and current[2] is not None:
+            # Delivered again (its worker died, or the reconciler sent it again) after a cancel was
+            # requested: the run it was part of is over, and did not end. It is not run again.
+            cancelled_while_running(task_id, "its worker was lost after the cancel was requested")
+            current = (Job.Status.CANCELLED, current[1], current[2])
         logger.info(
             "job %s not started by task %s: %s",
             job_id,
@@ -271,11 +281,17 @@ def _unfinished(job_id: str, task_id: str) -> Any:
 
 def retrying(job_id: str, task_id: str, exc: BaseException, attempt: int | None = None) -> None:
     """Attempt `attempt` failed and will be retried. Written after the retry was sent (or held):
-    a row the next attempt has claimed already (its `attempts` is higher) is left running."""
+    a row the next attempt has claimed already (its `attempts` is higher) is left running. A run
+    whose cancel was requested meanwhile is not retried: the row becomes `cancelled` (the retry's
+    message then finds it so and does not run)."""
     rows = _unfinished(job_id, task_id)
     if attempt is not None:
         rows = rows.filter(attempts__lte=attempt)
-    rows.update(status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000])
+    if rows.filter(cancel_requested_at__isnull=True).update(
+        status=Job.Status.RETRYING, error_type=type(exc).__name__, error_message=str(exc)[:2000]
+    ):
+        return
+    cancelled_while_running(task_id, f"cancelled instead of retried ({type(exc).__name__}: {exc})"[:2000])
 
 
 def hold_retry(
@@ -286,15 +302,22 @@ def hold_retry(
     `default.release_jobs` (jobs.services.release_due) publishes it when it is due (within
     JOBS_BROKER_MAX_DELAY_SECONDS), as retry number `attempts` with `headers` (jobs.publish). Until
     then the reconciler leaves it alone (nothing was published, nothing is lost) and a cancel stops
-    it like any other retrying job. False when the row is cancelled or finished: nothing to hold.
+    it like any other retrying job. False when the row is cancelled or finished, or its cancel was
+    requested (it is then cancelled): nothing to hold.
     """
-    updated = _unfinished(job_id, task_id).update(
-        status=Job.Status.RETRYING,
-        run_at=timezone.now() + timedelta(seconds=countdown),
-        published_at=None,
-        held_headers=headers or None,
-        error_type=type(exc).__name__ if exc is not None else "",
-        error_message=str(exc)[:2000] if exc is not None else "",
+    if cancelled_while_running(task_id, "cancelled instead of retried" + (f" ({exc})" if exc else "")):
+        return False
+    updated = (
+        _unfinished(job_id, task_id)
+        .filter(cancel_requested_at__isnull=True)
+        .update(
+            status=Job.Status.RETRYING,
+            run_at=timezone.now() + timedelta(seconds=countdown),
+            published_at=None,
+            held_headers=headers or None,
+            error_type=type(exc).__name__ if exc is not None else "",
+            error_message=str(exc)[:2000] if exc is not None else "",
+        )
     )
     return bool(updated)
 
@@ -359,3 +382,41 @@ def failed(job_id: str, task_id: str, exc: BaseException, *, parent_id: str | No
     )
     if updated:
         _then(tree.after_final, job_id, parent_id, waiters)
+
+
+def cancelled_while_running(task_id: str, why: str) -> bool:
+    """The run of `task_id`, whose cancel was requested while it ran (jobs.services.cancel), ended
+    without an outcome of its own: it was terminated (tasks.base.JobRequest, in the worker's main
+    process, once its pool process is gone), its worker was lost, or it was to be retried. The row
+    becomes `cancelled`; its task's `on_cancelled` hook runs and what it finishes is settled. False
+    when there is no such run (it reached its own outcome first: that outcome stands)."""
+    now = timezone.now()
+    rows = Job.objects.filter(
+        task_id=task_id,
+        status=Job.Status.RUNNING,
+        cancel_requested_at__isnull=False,
+        own_finished_at__isnull=True,
+    )
+    found = rows.values_list("pk", "parent_id", "type", "payload").first()
+    if found is None:
+        return False
+    job_id, parent_id, job_type, payload = found
+    if not rows.filter(pk=job_id).update(
+        status=Job.Status.CANCELLED, finished_at=now, error_type="Cancelled", error_message=why[:2000]
+    ):
+        return False
+    logger.info("job %s cancelled: %s", job_id, why)
+    from config.celery_app import app
+
+    task = app.tasks.get(job_type)
+    hook = getattr(task, "on_cancelled", None)
+    if hook is not None:
+        try:
+            hook(task_id, (), payload if isinstance(payload, dict) else {})
+        except Exception:
+            logger.exception("job %s cancelled; its task's clean-up failed", job_id)
+    try:
+        tree.after_final(job_id, parent_id)
+    except Exception:
+        logger.exception("job %s cancelled; settling what it finishes failed (the reconciler will)", job_id)
+    return True

@@ -80,43 +80,55 @@ def spawn(
     """
     if not children:
         return []
-    parent = (
-        Job.objects.filter(pk=parent_job_id).values("priority", "token_id").first() if parent_job_id else None
-    ) or {"priority": None, "token_id": None}
     now = timezone.now()
-    rows = []
-    for index, spec in enumerate(children, start=first_index):
-        run_at = now + timedelta(seconds=spec.countdown) if spec.countdown > 0 else None
-        identity = child_id(parent_task_id, index)
-        rows.append(
-            Job(
-                id=identity,
-                task_id=str(identity),
-                type=spec.task,
-                queue=queue_for(spec.task),
-                payload=spec.kwargs,
-                priority=parent["priority"],
-                status=Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,
-                run_at=run_at,
-                parent_id=parent_job_id,
-                token_id=parent["token_id"],
-            )
-        )
-    # The parent ran before: its children are there (all of them, or, for a parent that spawns in
-    # several calls and whose rerun groups them otherwise, some of them).
-    ran_before = set(Job.objects.filter(pk__in=[row.id for row in rows]).values_list("pk", flat=True))
-    fresh = [row for row in rows if row.id not in ran_before]
-    if fresh:
-        try:
+    ran_before: set[Any] = set()
+    try:
+        with transaction.atomic():
+            # The parent's row locked while its children are inserted: a cancel (jobs.services.cancel)
+            # either sees them all, or has already asked the parent to stop (its children are then
+            # recorded cancelled and never sent).
+            parent = (
+                Job.objects.select_for_update()
+                .filter(pk=parent_job_id)
+                .values("priority", "token_id", "status", "cancel_requested_at")
+                .first()
+                if parent_job_id
+                else None
+            ) or {"priority": None, "token_id": None, "status": None, "cancel_requested_at": None}
+            stopped = parent["cancel_requested_at"] is not None or parent["status"] in Job.FINAL
+            rows = []
+            for index, spec in enumerate(children, start=first_index):
+                run_at = now + timedelta(seconds=spec.countdown) if spec.countdown > 0 else None
+                identity = child_id(parent_task_id, index)
+                row = Job(
+                    id=identity,
+                    task_id=str(identity),
+                    type=spec.task,
+                    queue=queue_for(spec.task),
+                    payload=spec.kwargs,
+                    priority=parent["priority"],
+                    status=Job.Status.SCHEDULED if run_at else Job.Status.QUEUED,
+                    run_at=run_at,
+                    parent_id=parent_job_id,
+                    token_id=parent["token_id"],
+                )
+                if stopped:
+                    row.status, row.finished_at, row.error_type = Job.Status.CANCELLED, now, "Cancelled"
+                    row.error_message = f"job {parent_job_id} above it was cancelled"
+                rows.append(row)
+            # The parent ran before: its children are there (all of them, or, for a parent that spawns
+            # in several calls and whose rerun groups them otherwise, some of them).
+            ran_before = set(Job.objects.filter(pk__in=[row.id for row in rows]).values_list("pk", flat=True))
+            fresh = [row for row in rows if row.id not in ran_before]
             # In statements of 100 rows: one statement holding every child's arguments (a sync's
             # 100,000 records) would be built whole in memory.
-            with transaction.atomic():
+            if fresh:
                 sql.insert_all(fresh, batch_size=100)
-        except IntegrityError:  # another delivery of the parent inserted them just now
-            ran_before.add(fresh[0].id)
+    except IntegrityError:  # another delivery of the parent inserted them just now
+        ran_before.add(rows[0].id)
     if ran_before:
         rows = _unsent(rows)
-    _send(rows, now)
+    _send([row for row in rows if row.status != Job.Status.CANCELLED], now)
     return rows
 
 
@@ -265,6 +277,16 @@ def settle_parent(parent_id: Any) -> bool:
             for row in Job.objects.filter(parent_id=parent_id).values_list("id", "type", "status", "result")
         ]
         outcome = _outcome(job, children)
+        if job.cancel_requested_at is not None and outcome.status != Job.Status.SUCCEEDED:
+            # Cancelled while its children ran: what they did is in the family's result; the job
+            # is what the cancel made it (unless the cancel came too late to stop any of them).
+            outcome = Outcome(
+                Job.Status.CANCELLED,
+                outcome.result,
+                "Cancelled",
+                "cancelled while its children ran"
+                + (f": {outcome.error_message}" if outcome.error_message else ""),
+            )
         Job.objects.filter(pk=parent_id).update(
             status=outcome.status,
             result=storable(outcome.result),

@@ -145,6 +145,9 @@ class JobTask(Task):
     # `running` is written by the job's claim (before_start), in its row: no STARTED result as well
     # (tasks.backends records a job once per state change).
     track_started = False
+    # The worker's request: a run terminated by a cancel writes `cancelled` to its row once its pool
+    # process is gone (tasks.requests). A string: imported by workers only.
+    Request = "tasks.requests:JobRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -487,8 +490,10 @@ class JobTask(Task):
         self._track("retrying", exc, attempt=(self.request.retries or 0) + 1)
 
     def on_cancelled(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """A job of this task was cancelled through the API (called where it was cancelled, not in
-        the worker: a terminated task runs no handler). Tasks with records of their own close them."""
+        """A job of this task was cancelled through the API: called where its row became `cancelled`
+        (the API for a job that was not running; for a running one, the worker's main process once
+        the run was terminated, or whatever found it stopped: jobs.tracking.cancelled_while_running),
+        never in the terminated run itself. Tasks with records of their own close them."""
 
     # --- outcomes -----------------------------------------------------------
 

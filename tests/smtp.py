@@ -58,6 +58,8 @@ class _Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.server.rcpt_delay:  # a slow server: the client waits for its answer
+            await asyncio.sleep(self.server.rcpt_delay)
         reply = self.server._take_failure("RCPT", address)
         if reply:
             return reply
@@ -98,6 +100,8 @@ class SmtpServer:
         host: str = "127.0.0.1",
     ) -> None:
         self.host = host
+        # Seconds each RCPT waits before it is answered (a slow server; set it at any time).
+        self.rcpt_delay = 0.0
         self.messages: list[ReceivedMessage] = []
         self.refused: list[tuple[str, str]] = []
         # time.monotonic() of each refusal and of each accepted message, in order.

@@ -134,6 +134,7 @@ def job_out(
         "run_at": job.run_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "cancel_requested_at": job.cancel_requested_at,
         "parent": job.parent_id,
         **relatives,
     }
@@ -605,18 +606,24 @@ def retry_job(request: HttpRequest, job_id: UUID) -> Status:
 @router.delete(
     "/{job_id}",
     auth=StaffTokenAuth(),
-    response={200: JobOut, 400: Error, 404: Error, 409: Error, **STAFF_ERRORS},
+    response={200: JobOut, 202: JobOut, 400: Error, 404: Error, 409: Error, **STAFF_ERRORS},
     summary="Cancel a job and every job below it not final yet (staff)",
     openapi_extra=STAFF_ONLY,
 )
-def cancel_job(request: HttpRequest, job_id: UUID) -> dict[str, Any]:
+def cancel_job(request: HttpRequest, job_id: UUID) -> Status:
     """Waiting, queued, scheduled, retrying or running jobs can be cancelled; so are the job's children
     (and theirs) that are not final yet. A cancelled job never starts later, even after a worker
-    restart: the job's row says so and every worker checks it before running. A running job is also
-    terminated where it runs."""
+    restart: the job's row says so and every worker checks it before running.
+
+    `200`: the job is final now (`cancelled`). `202`: it was running (its task, or children of it):
+    the run is terminated where it runs, and the job stays `running` with `cancel_requested_at` until
+    its worker says how the run ended: `cancelled` when it was stopped, or the outcome it reached
+    before the cancel could stop it (a run that finished first; the solo pool, which cannot
+    interrupt a task)."""
     job = _job_or_404(request, job_id)
     try:
         job = services.cancel(job)
     except services.Conflict as exc:
         raise ApiError(409, str(exc)) from None
-    return job_out(job, token_of(request), with_progress=False)
+    final = job.status in Job.FINAL
+    return Status(200 if final else 202, job_out(job, token_of(request), with_progress=False))

@@ -59,6 +59,11 @@ class JobOut(Schema):
     run_at: datetime | None = Field(description="For a delayed job: when it is due.")
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested_at: datetime | None = Field(
+        default=None,
+        description="When a cancel reached the job while it ran. It stays `running` until its worker says "
+        "how the run ended: `cancelled` when it was stopped, or the outcome it reached first.",
+    )
     parent: UUID | None = Field(default=None, description="The job whose task spawned this one.")
     children: ChildrenOut | None = Field(
         default=None, description="The jobs this one spawned, per status (GET /api/jobs/{id}/children)."

@@ -37,6 +37,7 @@ JOB_FIELDS = {
     "status",
     "priority",
     "parent",
+    "cancel_requested_at",
     "children",
     "depends_on",
     "progress",

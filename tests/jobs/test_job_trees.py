@@ -168,21 +168,55 @@ def test_a_sync_reports_its_counts_only_once_its_last_batch_is_stored(
     assert (run.status, run.created, run.failed) == (SyncRun.Status.SUCCEEDED, 10, 1)
 
 
-def test_cancelling_a_newsletter_cancels_its_batches_not_yet_sent(
+def test_cancelling_a_newsletter_between_batches_cancels_those_not_yet_sent(
     celery_worker: object, smtp_server: SmtpServer, api_client: ApiClient, staff_client: ApiClient
 ) -> None:
     job_id = enqueue(api_client, newsletter(readers(30), window_seconds=8))  # batches at 0, 2.7, 5.3 s
-    wait_for(lambda: sum(delivered(smtp_server).values()) >= 10, what="the first batch")
+    wait_for(
+        lambda: Job.objects.filter(parent_id=UUID(job_id), status="succeeded").exists(),
+        what="the first batch",
+    )
 
     response = staff_client.delete(f"/api/jobs/{job_id}")
 
+    # Nothing of it was running: final at once, with what its batches did.
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["status"] == "cancelled"
     assert body["children"]["counts"] == {"cancelled": 2, "succeeded": 1}
+    assert (body["result"]["sent"], body["result"]["undelivered"]) == (10, 20)
     time.sleep(6)  # past the window: nothing more is sent
     assert sum(delivered(smtp_server).values()) == 10
     assert api_client.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_a_batch_running_when_its_newsletter_is_cancelled_keeps_the_outcome_it_reached(
+    celery_worker: object, smtp_server: SmtpServer, api_client: ApiClient, staff_client: ApiClient
+) -> None:
+    # The in-process worker's pool (solo) cannot interrupt a task: the running batch ends on its own.
+    smtp_server.rcpt_delay = 0.15  # a batch of 10 takes 1.5 s
+    job_id = enqueue(api_client, newsletter(readers(30), window_seconds=8))
+    wait_for(
+        lambda: Job.objects.filter(parent_id=UUID(job_id), status="running").exists(), what="a running batch"
+    )
+
+    response = staff_client.delete(f"/api/jobs/{job_id}")
+
+    # Not final yet: one of its batches runs, and how that run ends is not known yet.
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert (body["status"], body["finished_at"]) == ("running", None)
+    assert body["cancel_requested_at"] is not None
+    assert body["children"]["counts"] == {"cancelled": 2, "running": 1}
+    body = final(api_client, job_id)
+    # The batch that was running sent its 10 messages and says so; the newsletter is cancelled.
+    assert body["status"] == "cancelled"
+    assert body["children"]["counts"] == {"cancelled": 2, "succeeded": 1}
+    assert (body["result"]["sent"], body["result"]["undelivered"]) == (10, 20)
+    assert body["error"]["type"] == "Cancelled"
+    assert sum(delivered(smtp_server).values()) == 10
+    batch = Job.objects.get(parent_id=UUID(job_id), status="succeeded")
+    assert isinstance(batch.result, dict) and batch.result["sent"] == 10
 
 
 def backfill(parent: Job | None = None) -> Job:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from django.core.files.base import ContentFile
@@ -32,6 +33,7 @@ from tasks.models import DataSource, SyncRun
 from tests.conftest import WorkerProcess, broker_is_amqp
 from tests.jobs.conftest import ApiClient, secrets_in
 from tests.processes import descendants
+from tests.smtp import SmtpServer
 from tests.tasks import images as make
 from tests.tasks.upstream import Upstream
 from tests.waiting import wait_for
@@ -67,11 +69,14 @@ def enqueue(client: ApiClient, job_type: str, payload: dict[str, Any]) -> str:
     return str(response.json()["id"])
 
 
-def cancel(staff_client: ApiClient, job_id: str) -> dict[str, Any]:
+def cancel(staff_client: ApiClient, job_id: str, *, running: bool = False) -> dict[str, Any]:
+    """DELETE the job: final at once (200, cancelled), or, for a `running` one, asked to stop (202:
+    still running, with its cancel requested, until its worker says how the run ended)."""
     response = staff_client.delete(f"/api/jobs/{job_id}")
-    assert response.status_code == 200, response.content
+    assert response.status_code == (202 if running else 200), response.content
     body: dict[str, Any] = response.json()
-    assert body["status"] == "cancelled"
+    assert body["status"] == ("running" if running else "cancelled")
+    assert (body["cancel_requested_at"] is not None) == running
     return body
 
 
@@ -237,7 +242,7 @@ def test_a_job_cancelled_while_queued_never_runs_on_a_worker_started_afterwards(
 # --- 2. cancel during a run --------------------------------------------------------------
 
 
-def test_cancelling_a_running_job_terminates_it_and_it_stays_cancelled(
+def test_cancelling_a_running_job_terminates_it_and_its_worker_then_records_it_cancelled(
     workers: StartWorker, upstream: Upstream, api_client: ApiClient, staff_client: ApiClient
 ) -> None:
     held = HeldResponses(upstream, hold=20)
@@ -248,11 +253,17 @@ def test_cancelling_a_running_job_terminates_it_and_it_stays_cancelled(
     assert held.arrived.wait(15), "the sync never reached the upstream"
     child = descendants(worker.process.pid)
 
-    cancel(staff_client, job_id)
+    cancel(staff_client, job_id, running=True)
 
     assert held.hung_up.wait(15), "the running task was not terminated (its request is still open)"
     assert not held.answered_held.is_set()
     wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in child), what="the pool child to exit")
+    # The worker's main process saw its pool process terminated before the run returned.
+    stopped = wait_status(job_id, "cancelled")
+    assert (stopped.error_type, stopped.error_message) == (
+        "Cancelled",
+        "terminated by the cancel while it ran",
+    )
     # The worker goes on (a new pool child) and holds nothing of the cancelled job.
     follow_up = enqueue(api_client, "default.ping", {})
     wait_status(follow_up, "succeeded")
@@ -263,7 +274,7 @@ def test_cancelling_a_running_job_terminates_it_and_it_stays_cancelled(
     job = Job.objects.get(pk=job_id)
     assert job.status == "cancelled"
     assert job.result is None
-    assert TaskResult.objects.get(task_id=job.task_id).status == "REVOKED"
+    assert app.AsyncResult(job.task_id).state == "REVOKED"
     assert held.count == 1  # it never ran again
     # Its sync run is closed, not left "running" forever.
     run = SyncRun.objects.get(task_id=job.task_id)
@@ -283,10 +294,68 @@ def test_a_job_claimed_after_the_cancel_request_read_it_is_still_terminated(
     wait_status(job_id, "running")  # claimed in between
     assert held.arrived.wait(15)
 
-    services.cancel(as_read)
+    assert services.cancel(as_read).status == "running"  # and asked to stop
 
     assert held.hung_up.wait(15), "a job claimed after the cancel read it went on running"
-    assert status_of(job_id) == "cancelled"
+    wait_status(job_id, "cancelled")
+
+
+def test_a_run_the_cancel_cannot_stop_is_recorded_as_it_ended_not_as_cancelled(
+    workers: StartWorker, upstream: Upstream, api_client: ApiClient, staff_client: ApiClient
+) -> None:
+    # The solo pool cannot interrupt its task: the run goes on, and its row says how it ended.
+    held = HeldResponses(upstream, hold=3)
+    source = held_source(upstream)
+    workers("solo", "-Q", "data_sync", "-P", "solo")
+    job_id = enqueue(api_client, "data_sync.sync", {"source_id": source.pk})
+    wait_status(job_id, "running")
+    assert held.arrived.wait(15)
+
+    body = cancel(staff_client, job_id, running=True)
+
+    assert held.answered_held.wait(15), "the held request was not answered"
+    job = wait_for(
+        lambda: Job.objects.filter(pk=job_id).exclude(status="running").first(), what="the run to end"
+    )
+    assert job.status == "succeeded", (job.status, job.error_message)
+    assert job.cancel_requested_at is not None
+    assert job.cancel_requested_at.isoformat()[:19] == body["cancel_requested_at"][:19]
+    assert SyncRun.objects.get(task_id=job.task_id).status == "succeeded"
+
+
+def test_a_running_child_is_terminated_by_its_parents_cancel_and_the_parent_ends_cancelled(
+    workers: StartWorker,
+    smtp_server: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+    api_client: ApiClient,
+    staff_client: ApiClient,
+) -> None:
+    monkeypatch.setenv("EMAIL_URL", f"smtp://{smtp_server.host}:{smtp_server.port}")
+    smtp_server.rcpt_delay = 8  # the first batch's first recipient waits (EMAIL_TIMEOUT is 10 s)
+    workers("mailer", "-Q", "email", "-P", "prefork", "-c", "1")
+    campaign = {
+        "campaign": f"cancel-{time.monotonic_ns()}",
+        "template": "newsletter",
+        "recipients": [f"reader{i}@example.com" for i in range(20)],
+        "context": {"title": "Trees", "body": "News"},
+        "batch_size": 10,
+        "window_seconds": 6,
+    }
+    job_id = enqueue(api_client, "email.newsletter", campaign)
+    batch = wait_for(
+        lambda: Job.objects.filter(parent_id=UUID(job_id), status="running").first(), what="a running batch"
+    )
+
+    body = cancel(staff_client, job_id, running=True)
+
+    assert body["children"]["counts"] == {"cancelled": 1, "running": 1}
+    done = wait_status(job_id, "cancelled", timeout=20)
+    stopped = Job.objects.get(pk=batch.pk)
+    assert (stopped.status, stopped.error_message) == ("cancelled", "terminated by the cancel while it ran")
+    assert isinstance(done.result, dict)
+    assert (done.result["sent"], done.result["undelivered"]) == (0, 20)
+    time.sleep(1)
+    assert smtp_server.messages == []
 
 
 # --- 3. pause and resume -----------------------------------------------------------------

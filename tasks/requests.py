@@ -1,0 +1,52 @@
+"""The worker's request for a job's task: a run terminated by a cancel records that it was.
+
+`DELETE /api/jobs/<id>` on a running job asks for the run to stop (jobs.services.cancel): the row
+keeps `running` with `cancel_requested_at`, and the worker's pool process running it is sent
+SIGTERM (Celery's revoke with `terminate=True`). Whether the run was stopped or reached its own
+outcome first is known here, in the worker's main process: billiard reports a job whose process
+it terminated as `Terminated` once that process is gone and only if it never returned (a run that
+returned first recorded its own outcome, which stands). Celery itself then only marks the result
+REVOKED; this writes `cancelled` to the job's row (jobs.tracking.cancelled_while_running).
+
+If that write fails (the database away at that moment), the row stays `running` with its cancel
+requested and nothing to deliver it: the reconciler settles it (jobs.reconcile).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.exceptions import Terminated
+from celery.worker.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class JobRequest(Request):
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # celery's ExceptionWithTraceback wraps what the pool raised
+        if isinstance(exc, Terminated):
+            record_terminated(self.id)
+
+
+def record_terminated(task_id: str) -> None:
+    from django.db import connection
+
+    from jobs import tracking
+    from tasks.reliability import DATABASE_ERRORS
+
+    try:
+        tracking.cancelled_while_running(task_id, "terminated by the cancel while it ran")
+    except DATABASE_ERRORS:
+        logger.warning(
+            "task %s was terminated by a cancel; its job's row could not be written (the reconciler will)",
+            task_id,
+            exc_info=True,
+        )
+    finally:
+        # The main process writes seldom (a cancel): no connection is kept open in it between
+        # them, nor handed to the pool processes it forks next (the one replacing the terminated).
+        connection.close()
