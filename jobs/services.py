@@ -274,8 +274,6 @@ def cancel(job: Job) -> Job:
         runs = [task_id for _, task_id, own_finished_at in stopping if own_finished_at is None]
         if runs:
             app.control.revoke(runs, terminate=True, signal="SIGTERM")
-        if before != Job.Status.RUNNING:
-            app.backend.mark_as_revoked(job.task_id, reason="cancelled through the API")
     except Exception:
         logger.warning("job %s cancelled; telling the workers failed (the row still stops it)", job.id)
     if before != Job.Status.RUNNING:

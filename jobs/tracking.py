@@ -141,6 +141,17 @@ def record_and_claim(
     return (str(existing), deliveries) if deliveries else None
 
 
+def done_with(job_id: str | None, task_id: str) -> bool:
+    """No message of `task_id` may run its job any more: the row is final, or (for `job_id`, the
+    job a message names) it runs under another task id now. False when there is no row yet (a
+    task sent without one whose claim never made it): the message has a run to fail."""
+    if job_id is not None:
+        row = Job.objects.filter(pk=job_id).values_list("status", "task_id").first()
+        return row is not None and (row[0] in Job.FINAL or row[1] != task_id)
+    status = Job.objects.filter(task_id=task_id).values_list("status", flat=True).first()
+    return status in Job.FINAL
+
+
 class Expression:
     """A SET value computed by the database: SQL with %s placeholders, and their values (as given)."""
 

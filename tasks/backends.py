@@ -8,7 +8,8 @@
   with its outcome lost. Anywhere else (web, shell) errors are raised as before.
 - A task that has a job's row (every JobTask run by a worker: the `x_job_id` header, or the row its
   claim just made) is recorded once per state change, in that row: `running` by its claim
-  (JobTask does not store STARTED), `retrying` by JobTask.on_retry, `cancelled` by the API, and
+  (JobTask does not store STARTED), `retrying` by JobTask.on_retry, `cancelled` by the API or the
+  worker that terminated it (REVOKED is never stored for a task that has a row, header or not), and
   its success with its result by one UPDATE here. No django-celery-results row is written for
   those states. A failure, a result the row cannot hold as it is (tracking.storable: over
   64 KiB, or not JSON), the result of a job that spawned children (its row's result gains their
@@ -75,6 +76,12 @@ class DatabaseBackend(_DatabaseBackend):
     ) -> Any:
         try:
             job_id = _job_of(request)
+            if job_id is None and state == states.REVOKED and Job.objects.filter(task_id=task_id).exists():
+                # A task sent without a job header has a row from its first claim on: a duplicate
+                # delivery skipped by the claim (its job done), or Celery revoking a run it
+                # terminated, must not store REVOKED over the row's outcome (reads take a stored
+                # final state first: a job that succeeded would read REVOKED).
+                return result
             if job_id is None:
                 return super().store_result(task_id, result, state, traceback, request, **kwargs)
             if state in RECORDED_BY_THE_ROW:

@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 from billiard.exceptions import Terminated
+from celery.signals import task_revoked
 from celery.worker.request import Request
 
 logger = logging.getLogger(__name__)
@@ -32,17 +33,37 @@ class JobRequest(Request):
             record_terminated(self.id)
 
 
+@task_revoked.connect(weak=False, dispatch_uid="tasks.requests.discarded")
+def _discarded(
+    sender: Any = None, request: Any = None, terminated: bool = False, expired: bool = False, **kwargs: Any
+) -> None:
+    """A worker told to revoke a task id discards its messages unrun (Celery's revoke list): one
+    delivered again after its run was asked to stop (its worker died) ends that run here, as the
+    claim would have (jobs.tracking.claim). The `terminated` case is JobRequest's, once the process
+    is gone: this signal comes as the signal is sent."""
+    from tasks.base import JobTask
+
+    task_id = getattr(request, "id", None)
+    if terminated or expired or not isinstance(sender, JobTask) or not task_id:
+        return
+    record_stopped(str(task_id), "its worker was lost after the cancel was requested")
+
+
 def record_terminated(task_id: str) -> None:
+    record_stopped(task_id, "terminated by the cancel while it ran")
+
+
+def record_stopped(task_id: str, why: str) -> None:
     from django.db import connection
 
     from jobs import tracking
     from tasks.reliability import DATABASE_ERRORS
 
     try:
-        tracking.cancelled_while_running(task_id, "terminated by the cancel while it ran")
+        tracking.cancelled_while_running(task_id, why)
     except DATABASE_ERRORS:
         logger.warning(
-            "task %s was terminated by a cancel; its job's row could not be written (the reconciler will)",
+            "task %s was stopped by a cancel; its job's row could not be written (the reconciler will)",
             task_id,
             exc_info=True,
         )

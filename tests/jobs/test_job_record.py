@@ -248,3 +248,79 @@ def test_an_earlier_attempts_message_delivered_again_does_not_start_a_retry_befo
     ping.AsyncResult(job.task_id).get(timeout=30)
     job.refresh_from_db()
     assert (job.status, job.attempts) == (Job.Status.SUCCEEDED, 2)
+
+
+def test_a_duplicate_of_a_plain_tasks_message_does_not_turn_its_result_into_revoked(
+    celery_worker: object,
+) -> None:
+    """A task sent with plain apply_async gets its row at its first claim. The same message delivered
+    again after it succeeded is skipped by the claim; Celery's REVOKED for that skip is not stored
+    (the row records the job): before, it was, and reads (which take a stored final state first)
+    said REVOKED for a job that had succeeded."""
+    first = ping.apply_async()
+    first.get(timeout=30)
+
+    ping.apply_async(task_id=first.id)  # the same message again, as a broker redelivering it
+    ping.apply_async().get(timeout=30)  # the worker (solo) took the duplicate before this one
+
+    assert Job.objects.get(task_id=first.id).status == Job.Status.SUCCEEDED
+    assert ping.AsyncResult(first.id).state == "SUCCESS"
+    assert not TaskResult.objects.filter(task_id=first.id).exists()
+
+
+def test_a_message_of_a_finished_job_delivered_too_often_is_skipped_without_a_dead_letter(
+    celery_worker: object, settings: Any
+) -> None:
+    """Its workers died after the outcome was written and before the ack, again and again: the job
+    is done, so the message is a duplicate, not a poison message. Before, the delivery limit was
+    checked before the row and left a dead letter (a replay of which the API then refused)."""
+    from jobs.protocol import JOB_HEADER
+
+    job = enqueue(ping)
+    ping.AsyncResult(job.task_id).get(timeout=30)
+    headers = {JOB_HEADER: str(job.pk), "x_delivery_count": settings.JOBS_MAX_DELIVERIES + 1}
+
+    ping.apply_async(task_id=job.task_id, headers=headers, arguments_checked=True)
+    ping.apply_async().get(timeout=30)  # the worker (solo) took the duplicate before this one
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.SUCCEEDED
+    assert not DeadLetter.objects.filter(task_id=job.task_id).exists()
+    assert ping.AsyncResult(job.task_id).state == "SUCCESS"
+
+
+def test_a_message_the_revoke_list_discards_ends_a_run_whose_cancel_was_requested(
+    celery_worker: object,
+) -> None:
+    """The run was asked to stop and its worker died; its message, delivered again, reaches a worker
+    that was told to revoke the task id and discards it unrun (Celery's revoke list), so no claim
+    sees it: the worker ends the run there (tasks.requests), instead of leaving the row running
+    until the reconciler gives up on it."""
+    from celery import uuid
+    from django.utils import timezone
+
+    from config.celery_app import app
+    from jobs.protocol import JOB_HEADER
+
+    task_id = uuid()
+    job = Job.objects.create(
+        type="default.ping",
+        queue="default",
+        task_id=task_id,
+        status=Job.Status.RUNNING,
+        attempts=1,
+        deliveries=1,
+        started_at=timezone.now(),
+        published_at=timezone.now(),
+        cancel_requested_at=timezone.now(),
+    )
+    app.control.revoke(task_id)
+    wait_for(
+        lambda: any(task_id in ids for ids in (app.control.inspect(timeout=1).revoked() or {}).values()),
+        what="the worker to hold the revoke",
+    )
+
+    ping.apply_async(task_id=task_id, headers={JOB_HEADER: str(job.pk)}, arguments_checked=True)
+
+    stopped = wait_for(lambda: Job.objects.filter(pk=job.pk, status=Job.Status.CANCELLED).first())
+    assert stopped.error_message == "its worker was lost after the cancel was requested"
