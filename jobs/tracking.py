@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
@@ -28,12 +28,22 @@ from jobs.protocol import effective_priority, storable
 logger = logging.getLogger(__name__)
 
 
-def claim(job_id: str, task_id: str, attempt: int, redelivered: bool, *, counted: bool = False) -> int:
+def claim(
+    job_id: str,
+    task_id: str,
+    attempt: int,
+    redelivered: bool,
+    *,
+    counted: bool = False,
+    at: datetime | None = None,
+) -> int:
     """Marks the job running for this message: the deliveries of this attempt's message that claimed
     the row (1 the first time), or 0 when the message must not run it. `counted`: the broker says it
     delivered this message before (a worker died running it), so this delivery counts one more; a
-    copy sent again by a worker (a deferral, a resend) does not."""
-    now = timezone.now()
+    copy sent again by a worker (a deferral, a resend) does not. `at`: this delivery's claim time,
+    the same for a claim sent again on a new connection (jobs.connections.claiming): a row that
+    already holds it holds this very claim, and the delivery is not counted twice."""
+    now = at or timezone.now()
 
     def where() -> str:
         # A retry whose "retrying" could not be written (the database was away) finds the row still
@@ -53,9 +63,18 @@ def claim(job_id: str, task_id: str, attempt: int, redelivered: bool, *, counted
 
     # Against the row as it was: running for this very attempt means this message ran before.
     status, attempts, deliveries = _column("status"), _column("attempts"), _column("deliveries")
+    started = _column("started_at")
     counting = Expression(
-        f"CASE WHEN {status} = %s AND {attempts} = %s THEN {deliveries} + %s ELSE 1 END",
-        [Job.Status.RUNNING, attempt, 1 if counted else 0],
+        f"CASE WHEN {status} = %s AND {attempts} = %s AND {started} = %s THEN {deliveries} "
+        f"WHEN {status} = %s AND {attempts} = %s THEN {deliveries} + %s ELSE 1 END",
+        [
+            Job.Status.RUNNING,
+            attempt,
+            *sql.values(Job, ("started_at",), [now]),
+            Job.Status.RUNNING,
+            attempt,
+            1 if counted else 0,
+        ],
     )
     returned: list[Any] = []
     claimed = _update(
@@ -106,6 +125,7 @@ def record_and_claim(
     priority: int | None = None,
     *,
     counted: bool = False,
+    at: datetime | None = None,
 ) -> tuple[str, int] | None:
     """The record of a task sent without one (plain apply_async, beat), made when it starts.
 
@@ -113,7 +133,7 @@ def record_and_claim(
     Returns the job's id and the deliveries that claimed it (`claim`), or None when the message
     must not run it (its record says it was cancelled or is done: a duplicate message).
     """
-    now = timezone.now()
+    now = at or timezone.now()
     fields = {
         "type": task_name,
         "queue": queue,
@@ -137,7 +157,7 @@ def record_and_claim(
         existing = Job.objects.filter(task_id=task_id).values_list("pk", flat=True).first()
         if existing is None:
             raise
-    deliveries = claim(str(existing), task_id, attempt, redelivered, counted=counted)
+    deliveries = claim(str(existing), task_id, attempt, redelivered, counted=counted, at=now)
     return (str(existing), deliveries) if deliveries else None
 
 

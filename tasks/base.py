@@ -402,6 +402,9 @@ class JobTask(Task):
         attempt = (self.request.retries or 0) + 1
         # The broker delivered this very message before (its worker died): the row counts it.
         counted = bool((self.request.delivery_info or {}).get("redelivered"))
+        # One claim time for this delivery, sent again with a claim repeated on a new connection:
+        # a row already holding it was claimed by the first try (jobs.tracking.claim).
+        at = timezone.now()
         try:
             if job_id is None:
                 # Sent with plain apply_async (or by beat): the job's record is made now, and
@@ -418,6 +421,7 @@ class JobTask(Task):
                         redelivered or again,
                         priority=delivery.get("priority"),
                         counted=counted,
+                        at=at,
                     )
                 )
                 job_id, row_deliveries = recorded if recorded is not None else (None, 0)
@@ -427,7 +431,7 @@ class JobTask(Task):
                 known = str(job_id)
                 row_deliveries = connections.claiming(
                     lambda again: tracking.claim(
-                        known, task_id, attempt, redelivered or again, counted=counted
+                        known, task_id, attempt, redelivered or again, counted=counted, at=at
                     )
                 )
             claimed = row_deliveries > 0

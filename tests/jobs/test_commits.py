@@ -132,3 +132,22 @@ def test_a_claim_counts_the_deliveries_of_its_attempts_message() -> None:
     assert Job.objects.values_list("deliveries", "attempts").get(pk=job.pk) == (1, 2)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.SUCCEEDED)
     assert claim(str(job.pk), job.task_id, 2, True, counted=True) == 0
+
+
+def test_a_claim_sent_again_on_a_new_connection_does_not_count_its_delivery_twice() -> None:
+    """jobs.connections.claiming repeats a claim whose connection the database dropped mid-statement:
+    the first try may have committed. Both carry the delivery's claim time; a row that already holds
+    it was claimed by this delivery, and it is not counted again (before, it was: a message the broker
+    redelivered once could be dead-lettered a delivery early)."""
+    from django.utils import timezone
+
+    from jobs import tracking
+
+    job = job_row(Job.Status.QUEUED)
+    assert tracking.claim(str(job.pk), job.task_id, 1, False) == 1
+    redelivery = timezone.now()  # its worker died; the broker delivers the message again
+
+    assert tracking.claim(str(job.pk), job.task_id, 1, True, counted=True, at=redelivery) == 2
+    # The connection was dropped after the commit: sent again, as a redelivery, with the same time.
+    assert tracking.claim(str(job.pk), job.task_id, 1, True, counted=True, at=redelivery) == 2
+    assert Job.objects.values_list("deliveries", "started_at").get(pk=job.pk) == (2, redelivery)
