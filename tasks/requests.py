@@ -7,6 +7,9 @@ outcome first is known here, in the worker's main process: billiard reports a jo
 it terminated as `Terminated` once that process is gone and only if it never returned (a run that
 returned first recorded its own outcome, which stands). Celery itself then only marks the result
 REVOKED; this writes `cancelled` to the job's row (jobs.tracking.cancelled_while_running).
+A pool process lost another way (SIGKILL, out of memory) while its run's cancel was requested ends
+that run the same way: when the loss came first, the revoke found no process to terminate and
+acknowledged the message all the same, so no redelivery would.
 
 If that write fails (the database away at that moment), the row stays `running` with its cancel
 requested and nothing to deliver it: the reconciler settles it (jobs.reconcile).
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from billiard.exceptions import Terminated
+from billiard.exceptions import Terminated, WorkerLostError
 from celery.signals import task_revoked
 from celery.worker.request import Request
 
@@ -31,6 +34,11 @@ class JobRequest(Request):
         exc = getattr(exc, "exc", exc)  # celery's ExceptionWithTraceback wraps what the pool raised
         if isinstance(exc, Terminated):
             record_terminated(self.id)
+        elif isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
+            # The pool process went another way (SIGKILL, OOM) before it returned. When that came
+            # first, the revoke found no process to terminate, and acknowledged the message all the
+            # same: no redelivery will end a run whose cancel was requested. It is over: recorded.
+            record_stopped(self.id, "its pool process was lost after the cancel was requested")
 
 
 @task_revoked.connect(weak=False, dispatch_uid="tasks.requests.discarded")

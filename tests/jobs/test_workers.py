@@ -23,6 +23,7 @@ from uuid import UUID
 
 import pytest
 from django.core.files.base import ContentFile
+from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from config.celery_app import app
@@ -321,6 +322,30 @@ def test_a_run_the_cancel_cannot_stop_is_recorded_as_it_ended_not_as_cancelled(
     assert job.cancel_requested_at is not None
     assert job.cancel_requested_at.isoformat()[:19] == body["cancel_requested_at"][:19]
     assert SyncRun.objects.get(task_id=job.task_id).status == "succeeded"
+
+
+def test_a_run_asked_to_stop_whose_pool_process_is_killed_first_is_recorded_cancelled_by_its_worker(
+    workers: StartWorker, upstream: Upstream, api_client: ApiClient
+) -> None:
+    # The pool process dies another way (SIGKILL, OOM) before the terminate reaches it: the
+    # worker's main process ends the run there. (When the revoke comes after the loss, it
+    # acknowledges the message: no redelivery would; the fault suite's cancels scenario met it.)
+    held = HeldResponses(upstream, hold=20)
+    source = held_source(upstream)
+    worker = workers("runner", "-Q", "data_sync", "-P", "prefork", "-c", "1")
+    job_id = enqueue(api_client, "data_sync.sync", {"source_id": source.pk})
+    wait_status(job_id, "running")
+    assert held.arrived.wait(15)
+    Job.objects.filter(pk=job_id).update(cancel_requested_at=timezone.now())  # as the API asks
+
+    for pid in descendants(worker.process.pid):
+        os.kill(pid, signal.SIGKILL)
+
+    stopped = wait_status(job_id, "cancelled")
+    assert stopped.error_message == "its pool process was lost after the cancel was requested"
+    time.sleep(1)
+    assert held.count == 1  # not run again
+    assert worker.process.poll() is None
 
 
 def test_a_running_child_is_terminated_by_its_parents_cancel_and_the_parent_ends_cancelled(
