@@ -24,13 +24,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from config.celery_app import app
-from jobs import sql, tree
+from jobs import sql, tracking, tree
 from jobs.models import ApiToken, Job, JobDependency
 from jobs.protocol import BROKER_ERRORS, REPLAY_HEADER
 from jobs.publish import BrokerUnavailable, mark_published, marked_before_sending, publish
 from jobs.registry import JobRequest
 from tasks import deadletters
-from tasks.base import JobTask
 from tasks.errors import PermanentJobError
 from tasks.models import DeadLetter
 
@@ -277,12 +276,7 @@ def cancel(job: Job) -> Job:
     except Exception:
         logger.warning("job %s cancelled; telling the workers failed (the row still stops it)", job.id)
     if before != Job.Status.RUNNING:
-        task = app.tasks.get(job.type)
-        if isinstance(task, JobTask):
-            try:
-                task.on_cancelled(job.task_id, (), job.payload)
-            except Exception:
-                logger.exception("job %s cancelled; its task's clean-up failed", job.id)
+        tracking.after_cancel(job.pk, job.type, job.task_id, job.payload)
     try:
         # Parents waiting only for children that are final now settle now, the deepest first; then
         # what the job being final finishes (its parent, jobs waiting on it).

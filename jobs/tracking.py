@@ -437,17 +437,23 @@ def cancelled_while_running(task_id: str, why: str) -> bool:
     ):
         return False
     logger.info("job %s cancelled: %s", job_id, why)
-    from config.celery_app import app
-
-    task = app.tasks.get(job_type)
-    hook = getattr(task, "on_cancelled", None)
-    if hook is not None:
-        try:
-            hook(task_id, (), payload if isinstance(payload, dict) else {})
-        except Exception:
-            logger.exception("job %s cancelled; its task's clean-up failed", job_id)
+    after_cancel(job_id, job_type, task_id, payload)
     try:
         tree.after_final(job_id, parent_id)
     except Exception:
         logger.exception("job %s cancelled; settling what it finishes failed (the reconciler will)", job_id)
     return True
+
+
+def after_cancel(job_id: Any, job_type: str, task_id: str, payload: Any) -> None:
+    """The clean-up of a job that became `cancelled`: its task's `on_cancelled` hook, wherever the row
+    became so (the API, a worker); a failing hook is logged, never raised."""
+    from config.celery_app import app
+
+    hook = getattr(app.tasks.get(job_type), "on_cancelled", None)
+    if hook is None:
+        return
+    try:
+        hook(task_id, (), payload if isinstance(payload, dict) else {})
+    except Exception:
+        logger.exception("job %s cancelled; its task's clean-up failed", job_id)

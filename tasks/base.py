@@ -389,12 +389,13 @@ class JobTask(Task):
         # otherwise go round for ever: it fails for good and leaves a dead letter. Unless its job
         # is done already (its workers died after its outcome, before the ack) or ran again under
         # a new task id: then it is a duplicate like any other, skipped without a dead letter.
-        if self.delivery_count() > settings.JOBS_MAX_DELIVERIES and tracking.done_with(
+        deliveries = self.delivery_count()
+        if deliveries > settings.JOBS_MAX_DELIVERIES and tracking.done_with(
             None if job_id is None else str(job_id), task_id
         ):
             self.backend.mark_as_revoked(task_id, reason="job already handled", request=self.request)
             raise Ignore()
-        self._check_deliveries(self.delivery_count())
+        self._check_deliveries(deliveries)
         # A copy sent again during a database outage may find its row still running.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or any(
             self.request_header(name) for name in (DEFERRED_HEADER, RESENT_HEADER)
